@@ -1,0 +1,37 @@
+"""Shared fixtures: parity vectors, offline W&B, small threads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def parity_dir() -> Path:
+    """Directory of the reference-code vectors: $TVR_PARITY_DIR or ../shared/parity."""
+    return Path(os.environ.get("TVR_PARITY_DIR", REPO_ROOT.parent / "shared" / "parity"))
+
+
+def load_parity(name: str) -> dict:
+    """Load one parity file with weights_only=True, or skip the test with the reason."""
+    path = parity_dir() / name
+    if not path.exists():
+        pytest.skip(f"parity file {path} not found (set TVR_PARITY_DIR)")
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_wandb(tmp_path, monkeypatch):
+    """Keep W&B off the network and out of the home directory in every test."""
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "disabled"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
