@@ -1,0 +1,219 @@
+"""RetrievalEvaluator: the one evaluation callback every method shares.
+
+It collects the features each eval step returns, gathers them from every DDP rank, drops duplicates
+by sample key (Lightning and WebDataset may pad or repeat), sorts by key so the order never depends
+on the number of ranks or workers, scores the text x video matrix in memory-bounded blocks (each
+rank scores a share of the text rows, then the rows are gathered), computes the metrics and logs them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+from tvr_bench.metrics import dual_softmax, retrieval_metrics
+
+Features = dict[str, Tensor]
+
+
+def concat_features(chunks: list[Features]) -> Features:
+    """Concatenate a list of feature dicts along the batch dimension."""
+    if not chunks:
+        return {}
+    return {k: torch.cat([c[k] for c in chunks], dim=0) for k in chunks[0]}
+
+
+def select_features(feats: Features, index: Tensor) -> Features:
+    """Rows `index` of every tensor of a feature dict."""
+    return {k: v.index_select(0, index) for k, v in feats.items()}
+
+
+def block_sizes(n_text: int, n_video: int, pair_bytes: int, budget_bytes: float) -> tuple[int, int]:
+    """Block shape (texts, videos) whose pairs fit the budget; all videos at once when they fit."""
+    pairs = max(1, int(budget_bytes // max(1, pair_bytes)))
+    bv = min(n_video, pairs)
+    bt = max(1, min(n_text, pairs // max(1, bv)))
+    return bt, bv
+
+
+@torch.no_grad()
+def blocked_similarity(
+    method: Any, text: Features, video: Features, budget_mb: float, rows: Tensor | None = None
+) -> Tensor:
+    """Score `text` (or only its `rows`) against every video in blocks under `budget_mb`."""
+    n_text = text[next(iter(text))].shape[0]
+    n_video = video[next(iter(video))].shape[0]
+    rows = torch.arange(n_text) if rows is None else rows
+    out = torch.empty(len(rows), n_video, dtype=torch.float32)
+    if len(rows) == 0 or n_video == 0:
+        return out
+    probe_t = select_features(text, rows[:1])
+    probe_v = select_features(video, torch.arange(1))
+    bt, bv = block_sizes(len(rows), n_video, method.pair_cost_bytes(probe_t, probe_v), budget_mb * 2**20)
+    for i in range(0, len(rows), bt):
+        t_block = select_features(text, rows[i : i + bt])
+        for j in range(0, n_video, bv):
+            v_block = select_features(video, torch.arange(j, min(n_video, j + bv)))
+            out[i : i + bt, j : j + bv] = method.similarity(t_block, v_block).float().cpu()
+    return out
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    """All-gather a picklable object from every rank (a one-element list without DDP)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class RetrievalEvaluator(L.Callback):
+    """Collects eval features, scores all pairs exactly once and logs R@1/5/10, MdR, MnR both ways."""
+
+    def __init__(self, dsl: bool = False, print_table: bool = True, device: str = "auto"):
+        super().__init__()
+        self.dsl = dsl
+        self.print_table = print_table
+        self.device = device
+        self._chunks: list[dict[str, Any]] = []
+        self.last_metrics: dict[str, float] = {}
+        self.last_eval_seconds: float = 0.0
+        self.last_counts: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ collection
+    def _reset(self) -> None:
+        self._chunks = []
+
+    def _collect(self, outputs: dict[str, Any]) -> None:
+        to_cpu = lambda f: {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in f.items()}  # noqa: E731
+        self._chunks.append(
+            {
+                "text": to_cpu(outputs["text"]),
+                "video": to_cpu(outputs["video"]),
+                "video_key": list(outputs["video_key"]),
+                "caption_key": list(outputs["caption_key"]),
+                "caption_video": outputs["caption_video"].detach().cpu(),
+            }
+        )
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start a fresh collection."""
+        self._reset()
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start a fresh collection."""
+        self._reset()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        """Keep the features of one validation batch."""
+        self._collect(outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        """Keep the features of one test batch."""
+        self._collect(outputs)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Score and log `val/...` metrics (skipped during the sanity check)."""
+        if trainer.sanity_checking:
+            self._reset()
+            return
+        self._evaluate(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Score and log `test/...` metrics and print the table."""
+        metrics = self._evaluate(trainer, pl_module, "test")
+        if self.print_table:
+            self._print(pl_module, metrics)
+
+    # ------------------------------------------------------------------ evaluation
+    def assemble(self) -> tuple[Features, Features, list[str], list[str], Tensor]:
+        """Merge every rank's chunks, drop duplicate keys and sort videos and captions by key."""
+        local = self._chunks
+        gathered = [c for rank_chunks in _gather_objects(local) for c in rank_chunks]
+        videos: dict[str, int] = {}
+        captions: dict[str, tuple[int, str]] = {}
+        v_offset = t_offset = 0
+        for chunk in gathered:
+            for vi, key in enumerate(chunk["video_key"]):
+                videos.setdefault(key, v_offset + vi)
+            for ti, key in enumerate(chunk["caption_key"]):
+                vkey = chunk["video_key"][int(chunk["caption_video"][ti])]
+                captions.setdefault(key, (t_offset + ti, vkey))
+            v_offset += len(chunk["video_key"])
+            t_offset += len(chunk["caption_key"])
+        video_keys = sorted(videos)
+        caption_keys = sorted(captions, key=lambda k: (captions[k][1], _caption_order(k)))
+        all_video = concat_features([c["video"] for c in gathered])
+        all_text = concat_features([c["text"] for c in gathered])
+        video_feats = select_features(all_video, torch.tensor([videos[k] for k in video_keys], dtype=torch.long))
+        text_feats = select_features(all_text, torch.tensor([captions[k][0] for k in caption_keys], dtype=torch.long))
+        col = {k: i for i, k in enumerate(video_keys)}
+        text_to_video = torch.tensor([col[captions[k][1]] for k in caption_keys], dtype=torch.long)
+        return text_feats, video_feats, video_keys, caption_keys, text_to_video
+
+    def score(self, pl_module: Any, text: Features, video: Features) -> Tensor:
+        """Full similarity matrix: this rank scores its share of rows, then rows are gathered."""
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        n_text = text[next(iter(text))].shape[0]
+        rows = torch.arange(rank, n_text, world)
+        device = pl_module.device
+        text_d = {k: v.to(device) for k, v in text.items()}
+        video_d = {k: v.to(device) for k, v in video.items()}
+        part = blocked_similarity(pl_module, text_d, video_d, pl_module.hparams.eval_memory_mb, rows)
+        parts = _gather_objects((rows, part))
+        sim = torch.empty(n_text, part.shape[1], dtype=torch.float32)
+        for r, p in parts:
+            sim[r] = p
+        return sim
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:
+        start = time.perf_counter()
+        was_training = pl_module.training
+        pl_module.eval()
+        text, video, video_keys, caption_keys, t2v = self.assemble()
+        self._reset()
+        if not video_keys:
+            raise RuntimeError(f"the {stage} set yielded no videos: check the shards and the split name")
+        for feats, n in ((text, len(caption_keys)), (video, len(video_keys))):
+            feats["index"] = torch.arange(n)
+        sim = self.score(pl_module, text, video)
+        metrics = retrieval_metrics(sim, t2v)
+        if self.dsl:
+            metrics.update({f"dsl/{k}": v for k, v in retrieval_metrics(dual_softmax(sim), t2v).items()})
+        if was_training:
+            pl_module.train()
+        self.last_eval_seconds = time.perf_counter() - start
+        self.last_counts = {"texts": len(caption_keys), "videos": len(video_keys)}
+        self.last_metrics = dict(metrics)
+        for key, value in metrics.items():
+            pl_module.log(f"{stage}/{key}", value, prog_bar=key == "t2v/R@1", sync_dist=False, rank_zero_only=False)
+        pl_module.log(f"{stage}/eval_seconds", self.last_eval_seconds, sync_dist=False)
+        return metrics
+
+    @rank_zero_only
+    def _print(self, pl_module: Any, metrics: dict[str, float]) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        name = getattr(pl_module, "method_name", type(pl_module).__name__)
+        table = Table(title=f"{name}: {self.last_counts.get('texts')} texts x {self.last_counts.get('videos')} videos")
+        table.add_column("direction")
+        for col in ("R@1", "R@5", "R@10", "MdR", "MnR"):
+            table.add_column(col, justify="right")
+        prefixes = ["t2v", "v2t"] + (["dsl/t2v", "dsl/v2t"] if self.dsl else [])
+        for prefix in prefixes:
+            table.add_row(prefix, *(f"{metrics[f'{prefix}/{c}']:.1f}" for c in ("R@1", "R@5", "R@10", "MdR", "MnR")))
+        Console().print(table)
+
+
+def _caption_order(caption_key: str) -> tuple[int, str]:
+    """Sort captions of one video by their position in the sample (`key#j`)."""
+    _, _, tail = caption_key.rpartition("#")
+    return (int(tail), "") if tail.isdigit() else (0, caption_key)

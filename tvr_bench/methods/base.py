@@ -1,0 +1,196 @@
+"""RetrievalModule: the LightningModule every method shares (optimisation, gathering, eval hooks)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from tvr_bench.backbones.clip import CLIPBackbone
+from tvr_bench.functional.losses import MAX_LOGIT_SCALE, clamp_logit_scale_
+
+Features = dict[str, Tensor]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a training loss is NaN or infinite, naming the samples of the batch."""
+
+
+class RetrievalModule(L.LightningModule):
+    """Shared training and evaluation logic; subclasses supply the method's features, score and loss.
+
+    Subclasses implement `encode_text`, `encode_video`, `similarity` and `training_loss`
+    (see docs/INTERFACES.md). The backbone's parameters form the `backbone` learning-rate group
+    (`backbone_lr`); everything else the `head` group (`lr`).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tiny",
+        max_words: int = 32,
+        lr: float = 1e-4,
+        backbone_lr: float = 1e-7,
+        weight_decay: float = 0.2,
+        no_decay_norm_bias: bool = True,
+        betas: tuple[float, float] = (0.9, 0.98),
+        adam_eps: float = 1e-6,
+        warmup_ratio: float = 0.1,
+        freeze: str = "none",
+        gradient_checkpointing: bool = False,
+        eval_memory_mb: float = 1024.0,
+        logit_scale_max: float = MAX_LOGIT_SCALE,
+    ):
+        super().__init__()
+        if max_words < 3:
+            raise ValueError(f"max_words must be at least 3 (start, one word, end), got {max_words}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if lr <= 0 or backbone_lr < 0:
+            raise ValueError(f"learning rates must be positive (lr={lr}, backbone_lr={backbone_lr})")
+        self.save_hyperparameters()
+        self.backbone = CLIPBackbone(backbone, freeze=freeze, gradient_checkpointing=gradient_checkpointing)
+
+    # ------------------------------------------------------------------ method interface
+    @property
+    def method_name(self) -> str:
+        """Short name of the method, used in logs and leaderboards."""
+        return type(self).__name__.lower()
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Features:
+        """Text features of a batch of token ids (batch-first tensors)."""
+        raise NotImplementedError
+
+    def encode_video(self, frames: Tensor, frame_mask: Tensor) -> Features:
+        """Video features of a batch of frames [B, F, 3, H, W] with mask [B, F]."""
+        raise NotImplementedError
+
+    def similarity(self, text: Features, video: Features) -> Tensor:
+        """Evaluation scores [n_text, n_video] of any slice of texts and videos."""
+        raise NotImplementedError
+
+    def training_loss(self, text: Features, video: Features) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss of a batch where text i is paired with video i, and extra scalars to log."""
+        raise NotImplementedError
+
+    def pair_cost_bytes(self, text: Features, video: Features) -> int:
+        """Bytes one (text, video) pair costs inside `similarity`; sizes the evaluator's blocks."""
+        return 4 * 64
+
+    # ------------------------------------------------------------------ shared helpers
+    def encode_frames(self, frames: Tensor) -> Tensor:
+        """Per-frame CLIP embeddings: [B, F, 3, H, W] -> [B, F, D]."""
+        b, f = frames.shape[:2]
+        return self.backbone.encode_frames(frames.flatten(0, 1)).view(b, f, -1)
+
+    def tokenize(self, captions: list[str]) -> dict[str, Tensor]:
+        """Token ids and attention mask of captions on this module's device."""
+        return self.backbone.tokenize(captions, self.hparams.max_words, self.device)
+
+    def gather_features(self, feats: Features) -> Features:
+        """All-gather features from every DDP rank with gradients (identity on one process)."""
+        if self.trainer is None or self.trainer.world_size <= 1:
+            return feats
+        out = {}
+        for key, value in feats.items():
+            gathered = self.all_gather(value, sync_grads=True)
+            out[key] = gathered.flatten(0, 1)
+        return out
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """Encode, gather across ranks, compute the method's loss, refuse non-finite values."""
+        text = self.encode_text(**self.tokenize(batch["captions"]))
+        video = self.encode_video(batch["frames"], batch["frame_mask"])
+        loss, extra = self.training_loss(self.gather_features(text), self.gather_features(video))
+        if not torch.isfinite(loss):
+            keys = ", ".join(map(str, batch.get("video_key", [])))
+            raise NonFiniteLossError(
+                f"non-finite training loss {loss.item()} at step {self.global_step}; samples in the batch: {keys}"
+            )
+        bs = len(batch["captions"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for name, value in extra.items():
+            self.log(f"train/{name}", value, batch_size=bs)
+        self.log("train/logit_scale", self.backbone.logit_scale.detach().exp(), batch_size=bs)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Clamp the temperature at ln(100) after each step, as every reference does."""
+        clamp_logit_scale_(self.backbone.logit_scale, self.hparams.logit_scale_max)
+
+    def _eval_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        text = self.encode_text(**self.tokenize(batch["captions"]))
+        video = self.encode_video(batch["frames"], batch["frame_mask"])
+        return {
+            "text": text,
+            "video": video,
+            "video_key": list(batch["video_key"]),
+            "caption_key": list(batch["caption_key"]),
+            "caption_video": batch["caption_video"],
+        }
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Encode one evaluation batch; the RetrievalEvaluator callback collects and scores."""
+        return self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Encode one evaluation batch; the RetrievalEvaluator callback collects and scores."""
+        return self._eval_step(batch)
+
+    # ------------------------------------------------------------------ optimisation
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: backbone vs head learning rate, without weight decay on norms and biases."""
+        hp = self.hparams
+        groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            part = "backbone" if name.startswith("backbone.") else "head"
+            no_decay = hp.no_decay_norm_bias and (p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias"))
+            if name.endswith("logit_scale"):
+                no_decay = True
+            groups.setdefault((part, no_decay), []).append(p)
+        out = []
+        for (part, no_decay), params in sorted(groups.items()):
+            out.append(
+                {
+                    "params": params,
+                    "lr": hp.backbone_lr if part == "backbone" else hp.lr,
+                    "weight_decay": 0.0 if no_decay else hp.weight_decay,
+                    "name": f"{part}{'_no_decay' if no_decay else ''}",
+                }
+            )
+        return out
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with linear warm-up then cosine decay, stepped every optimisation step."""
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.param_groups(), betas=tuple(hp.betas), eps=hp.adam_eps)
+        total = self._total_steps()
+        warmup = int(hp.warmup_ratio * total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / max(1, warmup)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        trainer = self.trainer
+        if trainer is None:
+            return 1
+        steps = trainer.estimated_stepping_batches
+        if not math.isfinite(steps) or steps <= 0:
+            if trainer.max_steps and trainer.max_steps > 0:
+                return int(trainer.max_steps)
+            raise ValueError(
+                "cannot size the cosine schedule: the training dataloader has no length and "
+                "trainer.max_steps is not set"
+            )
+        return int(steps)
