@@ -1,0 +1,96 @@
+"""The `tvr-bench` command: Lightning's CLI (fit/validate/test/bench) plus data and report tools."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from tvr_bench.callbacks.evaluator import RetrievalEvaluator
+from tvr_bench.data.datamodule import RetrievalDataModule
+from tvr_bench.methods.base import RetrievalModule
+
+#: Subcommands handled outside LightningCLI: name -> "module:function" taking argv and returning an exit code.
+TOOL_COMMANDS: dict[str, str] = {
+    "synth": "tvr_bench.data.commands:synth_main",
+    "prepare": "tvr_bench.data.commands:prepare_main",
+    "leaderboard": "tvr_bench.report:leaderboard_main",
+    "perf": "tvr_bench.perf.run:perf_main",
+}
+
+
+class LoggerSaveConfigCallback(SaveConfigCallback):
+    """Write `config.yaml` (overwriting a previous run's) and copy the resolved config into W&B."""
+
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Log the full resolved config to every logger that accepts hyperparameters."""
+        config = self.parser.dump(self.config, skip_none=False, format="yaml")
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            cfg = getattr(experiment, "config", None)
+            if cfg is not None and hasattr(cfg, "update"):
+                import yaml
+
+                cfg.update({"tvr_bench_config": yaml.safe_load(config)}, allow_val_change=True)
+
+
+class TVRBenchCLI(LightningCLI):
+    """LightningCLI with the shared evaluator always attached and a `bench` subcommand (fit then test)."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Force the shared RetrievalEvaluator callback (configured under `evaluator:`)."""
+        parser.add_lightning_class_args(RetrievalEvaluator, "evaluator")
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands plus `bench` (fit, then test the best checkpoint)."""
+        commands = dict(LightningCLI.subcommands())
+        commands["bench"] = {"model", "train_dataloaders", "val_dataloaders", "datamodule"}
+        return commands
+
+
+def _bench(trainer: Any, model: Any, datamodule: Any = None, **_: Any) -> None:
+    """Fit, then test with the best checkpoint (or the final weights when none was saved)."""
+    ckpt = trainer.checkpoint_callback
+    trainer.fit(model, datamodule=datamodule)
+    best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+
+
+def _dispatch_tool(name: str, argv: list[str]) -> int:
+    module_name, func_name = TOOL_COMMANDS[name].split(":")
+    module = __import__(module_name, fromlist=[func_name])
+    return int(getattr(module, func_name)(argv) or 0)
+
+
+def cli_main(args: list[str] | None = None) -> TVRBenchCLI:
+    """Run the Lightning part of the CLI (testable: pass `args`)."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import lightning.pytorch as pl
+
+    if not hasattr(pl.Trainer, "bench"):
+        pl.Trainer.bench = _bench  # type: ignore[attr-defined]
+    return TVRBenchCLI(
+        RetrievalModule,
+        RetrievalDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=LoggerSaveConfigCallback,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `tvr-bench` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOL_COMMANDS:
+        return _dispatch_tool(argv[0], argv[1:])
+    cli_main(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
