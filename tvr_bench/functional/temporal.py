@@ -114,9 +114,7 @@ def temporal_state_from_reference(state: dict[str, Tensor], prefix: str = "") ->
 
 def _text_transformer(text_model: nn.Module) -> nn.Module:
     """The module holding `embeddings` and `encoder` in a CLIPTextModel, CLIPTextTransformer or CLIPModel."""
-    for attr in ("text_model",):
-        if hasattr(text_model, attr):
-            text_model = getattr(text_model, attr)
+    text_model = getattr(text_model, "text_model", text_model)
     if not (hasattr(text_model, "embeddings") and hasattr(text_model, "encoder")):
         raise TypeError(f"expected a transformers CLIP text model, got {type(text_model).__name__}")
     return text_model
@@ -124,17 +122,19 @@ def _text_transformer(text_model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def init_temporal_from_clip_text(module: TemporalTransformer, text_model: nn.Module) -> bool:
-    """Copy CLIP's text position embedding and first layers into `module` when widths match; return whether it did."""
+    """Copy CLIP's text position embedding and first layers into `module` when widths match; return whether it did.
+
+    Accepts a transformers CLIPModel, CLIPTextModel or CLIPTextTransformer. HF keeps q/k/v
+    projections separate (OpenAI fuses them as `in_proj`); they are concatenated into `qkv`.
+    """
     text = _text_transformer(text_model)
     pos = text.embeddings.position_embedding.weight
     if pos.shape[1] != module.width:
         return False
     rows = min(pos.shape[0], module.max_positions)
     module.position_embedding.weight[:rows].copy_(pos[:rows])
-    layers = text.encoder.layers
-    if len(layers) < module.layers:
-        raise ValueError(f"CLIP text model has {len(layers)} layers, the temporal module needs {module.layers}")
-    for block, layer in zip(module.blocks, layers):
+    # like the reference, a temporal module deeper than CLIP keeps its extra blocks' random init
+    for block, layer in zip(module.blocks, text.encoder.layers):
         attn = layer.self_attn
         if getattr(attn, "num_heads", block.heads) != block.heads:
             raise ValueError(f"CLIP text layers have {attn.num_heads} heads, the temporal module {block.heads}")
