@@ -15,6 +15,7 @@ from tvr_bench.functional.drl import (
     dp_similarity,
     drl_training_terms,
     normalise_masked,
+    paired_best_matches,
     random_valid_index,
     token_weights,
     uniform_weights,
@@ -301,3 +302,76 @@ def test_gradients_flow(interaction, cdcr):
     if interaction == "wti":
         for p in list(mlp_t.parameters()) + list(mlp_v.parameters()):
             assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+# ------------------------------------------------------------------------------------ module
+@pytest.mark.parametrize("interaction,cdcr,temporal", [("wti", 3, "seqTransf"), ("ti", 1, "meanP"), ("dp", 1, "seqTransf")])
+def test_module_blockwise_similarity_and_training_loss(interaction, cdcr, temporal):
+    from tvr_bench.methods.drl import DRL
+
+    torch.manual_seed(0)
+    model = DRL(backbone="tiny", interaction=interaction, cdcr=cdcr, temporal=temporal, cdcr_alpha2=0.06)
+    assert model.hparams.interaction == interaction and model.hparams.cdcr == cdcr
+    size = model.backbone.image_size
+    frames = torch.randn(3, 4, 3, size, size)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    tok = model.backbone.tokenize(["a red circle", "a blue square spins slowly", "green"], 12)
+    model.eval()
+    with torch.no_grad():
+        text, video = model.encode_text(**tok), model.encode_video(frames, mask)
+        full = model.similarity(text, video)
+        block = model.similarity({k: v[1:] for k, v in text.items()}, {k: v[:2] for k, v in video.items()})
+        torch.testing.assert_close(block, full[1:, :2], atol=1e-6, rtol=0)
+        frames2 = frames.clone()
+        frames2[1, 2:] = 7.0  # padded frames change nothing
+        torch.testing.assert_close(model.similarity(text, model.encode_video(frames2, mask)), full, atol=1e-5, rtol=0)
+    assert model.pair_cost_bytes(text, video) > 0
+    model.train()
+    loss, extra = model.training_loss(model.encode_text(**tok), model.encode_video(frames, mask))
+    assert torch.isfinite(loss) and set(extra) == {"infonce", "cdcr"}
+    loss.backward()
+    assert model.backbone.logit_scale.grad is not None
+    assert model.backbone.clip.visual_projection.weight.grad is not None
+    if temporal == "seqTransf":
+        assert model.temporal.blocks[0].qkv.weight.grad is not None
+    if interaction == "wti":
+        assert model.text_weight_fc[0].weight.grad is not None and model.video_weight_fc[2].weight.grad is not None
+
+
+def test_module_loads_reference_weight_mlps_and_inits_temporal_from_clip():
+    from tvr_bench.methods.drl import DRL
+
+    data = load_parity("drl_eval.pt")
+    model = DRL(backbone="tiny")
+    tower = model.backbone.clip.text_model
+    torch.testing.assert_close(model.temporal.position_embedding.weight, tower.embeddings.position_embedding.weight)
+    q = tower.encoder.layers[0].self_attn.q_proj.weight
+    torch.testing.assert_close(model.temporal.blocks[0].qkv.weight[: q.shape[0]], q)
+    width = data["text_feat"].shape[-1]
+    small = {k: v for k, v in data["state_dict"].items() if "weight_fc" in k}
+    model.text_weight_fc, model.video_weight_fc = weight_mlp(width), weight_mlp(width)
+    missing = model.load_state_dict(small, strict=False)
+    assert not missing.unexpected_keys
+    tf, tm, vf, vm = _inputs(data)
+    with torch.no_grad():
+        text = {"tokens": tf, "token_mask": tm, "token_weights": token_weights(tf, tm, model.text_weight_fc)}
+        video = {"frames": vf, "frame_mask": vm, "frame_weights": token_weights(vf, vm, model.video_weight_fc)}
+        torch.testing.assert_close(model.similarity(text, video), data["sim_matrix"], atol=ATOL, rtol=0)
+
+
+def test_cdcr_is_finite_when_every_frame_picks_the_same_token():
+    """Start tokens are identical across captions; if every frame's best token is one, no NaN (the reference gives NaN)."""
+    gen = torch.Generator().manual_seed(6)
+    tf, tm, vf, vm = _random_batch(4, 4, 5, 3, 8, gen)
+    tm[:, 0] = True
+    tf[:, 0] = 0.0
+    tf[:, 0, 0] = 100.0  # one shared start token, close to every frame
+    vf[..., 0] = vf[..., 0].abs() + 50.0
+    _, best_token = paired_best_matches(tf, tm, vf, vm)
+    assert (best_token == 0).all()
+    tf.requires_grad_(True)
+    for mode in (2, 3):
+        w = uniform_weights(tm), uniform_weights(vm)
+        loss = cdcr_loss(mode, tf, tm, vf, vm, 0.11, 0.06, *w)
+        (grad,) = torch.autograd.grad(loss, tf)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), mode

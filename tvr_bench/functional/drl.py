@@ -184,9 +184,20 @@ def dp_similarity(text_tokens: Tensor, text_mask: Tensor, video_feats: Tensor, v
 
 
 # ------------------------------------------------------------------------------------- CDCR
+#: Variance floor of `standardise`: channels constant over the rows get z ~ 0 instead of NaN.
+STD_FLOOR = 1e-6
+
+
 def standardise(x: Tensor) -> Tensor:
-    """Channel-wise z-score over rows with the unbiased std, as `(x - x.mean(0)) / x.std(0)`."""
-    return (x - x.mean(0)) / x.std(0)
+    """Channel-wise z-score over rows with the unbiased std, `(x - x.mean(0)) / x.std(0)`, NaN-free.
+
+    A channel that is constant over the rows (e.g. every frame's best token is the start token,
+    whose state is the same in every caption) makes the reference divide 0 by 0; here its std is
+    floored at STD_FLOOR, which leaves every other channel, and its gradient, unchanged.
+    """
+    centred = x - x.mean(0)
+    var = centred.pow(2).sum(0) / max(1, x.shape[0] - 1)
+    return centred / var.clamp_min(STD_FLOOR**2).sqrt()
 
 
 def decorrelation(c: Tensor, alpha1: float, alpha2: float) -> Tensor:
