@@ -122,3 +122,31 @@ def test_init_from_clip_text_skips_other_widths():
     assert not init_temporal_from_clip_text(module, transformers.CLIPTextModel(cfg))
     for k, v in module.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_clip4clip_seqtransf_head_module():
+    from tvr_bench.methods.clip4clip import CLIP4Clip
+
+    torch.manual_seed(0)
+    model = CLIP4Clip(backbone="tiny", head="seqTransf")
+    assert model.method_name == "clip4clip_seqtransf"
+    tower = model.backbone.clip.text_model
+    torch.testing.assert_close(model.temporal.position_embedding.weight, tower.embeddings.position_embedding.weight)
+    size = model.backbone.image_size
+    frames = torch.randn(3, 4, 3, size, size)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    tok = model.backbone.tokenize(["a red circle", "a blue square spins", "green"], 16)
+    text, video = model.encode_text(**tok), model.encode_video(frames, mask)
+    full = model.similarity(text, video)
+    torch.testing.assert_close(
+        model.similarity({k: v[1:] for k, v in text.items()}, {k: v[:2] for k, v in video.items()}), full[1:, :2]
+    )
+    frames2 = frames.clone()
+    frames2[1, 2:] = 7.0
+    torch.testing.assert_close(model.encode_video(frames2, mask)["embeds"], video["embeds"], atol=1e-5, rtol=0)
+    loss, _ = model.training_loss(text, video)
+    loss.backward()
+    assert model.temporal.blocks[0].qkv.weight.grad is not None
+    names = {g["name"]: g for g in model.param_groups()}
+    head_params = {id(p) for n, g in names.items() if n.startswith("head") for p in g["params"]}
+    assert all(id(p) in head_params for p in model.temporal.parameters())

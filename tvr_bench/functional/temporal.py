@@ -148,3 +148,21 @@ def init_temporal_from_clip_text(module: TemporalTransformer, text_model: nn.Mod
         block.fc.load_state_dict(layer.mlp.fc1.state_dict())
         block.proj.load_state_dict(layer.mlp.fc2.state_dict())
     return True
+
+
+def temporal_for_backbone(
+    backbone: nn.Module, layers: int = 4, heads: int | None = None, init_from_clip: bool = True
+) -> TemporalTransformer:
+    """seqTransf at the backbone's embedding width, initialised from its CLIP text transformer when widths match.
+
+    `backbone` is a `CLIPBackbone` (`embed_dim`, `clip`). Heads default to CLIP's text heads when
+    the widths match (the reference uses text width // 64), else width // 64 (at least 1).
+    """
+    width = int(backbone.embed_dim)
+    text_cfg = backbone.clip.config.text_config
+    if heads is None:
+        heads = int(text_cfg.num_attention_heads) if int(text_cfg.hidden_size) == width else max(1, width // 64)
+    module = TemporalTransformer(width, layers=layers, heads=heads, max_positions=int(text_cfg.max_position_embeddings))
+    if init_from_clip:
+        init_temporal_from_clip_text(module, backbone.clip)
+    return module

@@ -1,4 +1,4 @@
-"""CLIP4Clip (Luo et al. 2022): the parameter-free meanP baseline."""
+"""CLIP4Clip (Luo et al. 2022): the parameter-free meanP baseline and the seqTransf head."""
 
 from __future__ import annotations
 
@@ -7,17 +7,20 @@ from torch import Tensor
 
 from tvr_bench.functional.losses import symmetric_infonce
 from tvr_bench.functional.pooling import mean_pool_normalised
+from tvr_bench.functional.temporal import temporal_for_backbone
 from tvr_bench.methods.base import Features, RetrievalModule
 
 
 class CLIP4Clip(RetrievalModule):
     """Cosine of the text embedding with the masked mean of normalised frame embeddings."""
 
-    def __init__(self, *args, head: str = "meanP", **kwargs):
+    def __init__(self, *args, head: str = "meanP", temporal_layers: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
-        if head not in {"meanP"}:
-            raise ValueError(f"unknown CLIP4Clip head {head!r}; choose 'meanP'")
+        if head not in {"meanP", "seqTransf"}:
+            raise ValueError(f"unknown CLIP4Clip head {head!r}; choose 'meanP' or 'seqTransf'")
         self.head = head
+        # seqTransf: frame transformer initialised from CLIP's text layers 0..temporal_layers-1
+        self.temporal = temporal_for_backbone(self.backbone, temporal_layers) if head == "seqTransf" else None
 
     @property
     def method_name(self) -> str:
@@ -30,8 +33,8 @@ class CLIP4Clip(RetrievalModule):
         return {"embeds": F.normalize(embeds, dim=-1)}
 
     def aggregate_frames(self, frames: Tensor, frame_mask: Tensor) -> Tensor:
-        """Temporal aggregation before pooling (identity for meanP)."""
-        return frames
+        """Temporal aggregation before pooling (identity for meanP, the frame transformer for seqTransf)."""
+        return frames if self.temporal is None else self.temporal(frames, frame_mask.bool())
 
     def encode_video(self, frames: Tensor, frame_mask: Tensor) -> Features:
         """Normalised masked mean of normalised frame embeddings per video."""

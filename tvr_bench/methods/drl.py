@@ -18,22 +18,10 @@ from tvr_bench.functional.drl import (
     wti_similarity_blocked,
 )
 from tvr_bench.functional.losses import symmetric_infonce
-from tvr_bench.functional.temporal import TemporalTransformer, init_temporal_from_clip_text
+from tvr_bench.functional.temporal import temporal_for_backbone
 from tvr_bench.methods.base import Features, RetrievalModule
 
 TEMPORAL = ("seqTransf", "meanP")
-
-
-def build_temporal(backbone: nn.Module, layers: int, heads: int | None, init_from_clip: bool) -> TemporalTransformer:
-    """seqTransf over the backbone's embedding width, initialised from its text transformer when widths match."""
-    width = int(backbone.embed_dim)
-    text_cfg = backbone.clip.config.text_config
-    if heads is None:
-        heads = int(text_cfg.num_attention_heads) if int(text_cfg.hidden_size) == width else max(1, width // 64)
-    module = TemporalTransformer(width, layers=layers, heads=heads, max_positions=int(text_cfg.max_position_embeddings))
-    if init_from_clip:
-        init_temporal_from_clip_text(module, backbone.clip)
-    return module
 
 
 class DRL(RetrievalModule):
@@ -65,7 +53,7 @@ class DRL(RetrievalModule):
         self.cdcr_alpha1, self.cdcr_alpha2, self.cdcr_lambda, self.cdcr_seed = cdcr_alpha1, cdcr_alpha2, cdcr_lambda, cdcr_seed
         width = self.backbone.embed_dim
         self.temporal = (
-            build_temporal(self.backbone, temporal_layers, temporal_heads, temporal_init_from_clip)
+            temporal_for_backbone(self.backbone, temporal_layers, temporal_heads, temporal_init_from_clip)
             if temporal == "seqTransf"
             else None
         )
