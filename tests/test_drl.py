@@ -375,3 +375,22 @@ def test_cdcr_is_finite_when_every_frame_picks_the_same_token():
         loss = cdcr_loss(mode, tf, tm, vf, vm, 0.11, 0.06, *w)
         (grad,) = torch.autograd.grad(loss, tf)
         assert torch.isfinite(loss) and torch.isfinite(grad).all(), mode
+
+
+@pytest.mark.parametrize("recipe", ["drl", "clip4clip_seqtransf"])
+def test_method_recipes_instantiate(recipe):
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "methods"
+    cfg = yaml.safe_load((root / f"{recipe}.yaml").read_text())["model"]
+    module_name, cls_name = cfg["class_path"].rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    args = dict(cfg["init_args"])
+    for extra in sorted(root.glob(f"{recipe}_*.yaml")):  # per-dataset overrides only touch known args
+        over = yaml.safe_load(extra.read_text()).get("model", {}).get("init_args", {})
+        assert set(over) <= set(args), (extra.name, set(over) - set(args))
+    model = cls(**args)
+    assert model.hparams.max_words == args["max_words"]
