@@ -1,0 +1,445 @@
+"""LeaderboardWriter: after every test, one self-describing result JSON per run, the local leaderboard
+rebuilt from all of them, and the same row logged to W&B (table + run summary).
+
+The metrics come from the RetrievalEvaluator callback (found in `trainer.callbacks`, read in `on_test_end`,
+so the order of the callbacks does not matter). Timings are measured here: fit wall time, training pairs per
+second (fit time minus validation time), and the wall time of the whole test loop (encoding + scoring).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from tvr_bench.loggers import OfflineWandbLogger, run_directory, slug
+
+SCHEMA = "tvr-bench/result/v1"
+RESULTS_SUBDIR = "results"
+
+__all__ = [
+    "LeaderboardWriter",
+    "SCHEMA",
+    "atomic_write",
+    "canonical_backbone",
+    "dataset_name",
+    "find_evaluator",
+    "flat_row",
+    "git_info",
+    "device_info",
+    "result_filename",
+]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def canonical_backbone(name: str | None) -> str:
+    """Backbone label used in leaderboards: `ViT-B/32` for any CLIP B/32 (hub name or folder), else the name."""
+    if not name:
+        return "unknown"
+    text = str(name).rstrip("/\\")
+    low = text.lower().replace("_", "-")
+    for pattern, label in (("large-patch14", "ViT-L/14"), ("l-14", "ViT-L/14"), ("l/14", "ViT-L/14"),
+                           ("patch32", "ViT-B/32"), ("b-32", "ViT-B/32"), ("b/32", "ViT-B/32"), ("b32", "ViT-B/32"),
+                           ("patch16", "ViT-B/16"), ("b-16", "ViT-B/16"), ("b/16", "ViT-B/16"), ("b16", "ViT-B/16")):
+        if pattern in low:
+            return label
+    return os.path.basename(text) or text
+
+
+def dataset_name(datamodule: Any) -> str:
+    """The datamodule's `name` (or `dataset`/`dataset_name`), else its class name without `DataModule`."""
+    if datamodule is None:
+        return "unknown"
+    for attr in ("name", "dataset_name", "dataset"):
+        value = getattr(datamodule, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    cls = type(datamodule).__name__
+    return (cls[: -len("DataModule")] if cls.endswith("DataModule") and cls != "DataModule" else cls).lower()
+
+
+def _lookup(objs: list[Any], names: tuple[str, ...]) -> Any:
+    """First non-None attribute or hparam called one of `names` on any of `objs`."""
+    for obj in objs:
+        if obj is None:
+            continue
+        hparams = getattr(obj, "hparams", None) or {}
+        for name in names:
+            value = getattr(obj, name, None)
+            if value is None and hasattr(hparams, "get"):
+                value = hparams.get(name)
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                return value
+    return None
+
+
+def git_info(cwd: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Current git commit and whether the tree is dirty; `None`s when git or a repository is missing."""
+    root = cwd or os.getcwd()
+    info: dict[str, Any] = {"commit": None, "dirty": None}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return info
+        info["commit"] = commit.stdout.strip() or None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        info["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def device_info(trainer: Any) -> dict[str, Any]:
+    """Accelerator, device name, world size, precision and library versions of this run."""
+    root = getattr(getattr(trainer, "strategy", None), "root_device", torch.device("cpu"))
+    if root.type == "cuda" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(root)
+    else:
+        name = platform.processor() or platform.machine() or root.type
+    return {
+        "type": root.type,
+        "name": name,
+        "world_size": int(getattr(trainer, "world_size", 1) or 1),
+        "precision": str(getattr(trainer, "precision", "")),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def find_evaluator(callbacks: list[Any]) -> Any | None:
+    """The evaluation callback among `callbacks`: the one holding `last_metrics` (RetrievalEvaluator)."""
+    for cb in callbacks:
+        if isinstance(getattr(cb, "last_metrics", None), dict):
+            return cb
+    return None
+
+
+def result_filename(method: str, dataset: str, backbone: str, seed: int | None) -> str:
+    """File name of one run's result JSON: unique per (method, dataset, backbone, seed)."""
+    return f"{slug(method)}__{slug(dataset)}__{slug(backbone)}__seed{'none' if seed is None else seed}.json"
+
+
+def _json_safe(value: Any) -> Any:
+    """A JSON-serialisable copy (tensors to lists, unknown objects to strings)."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return json.loads(json.dumps(value, default=str))
+
+
+def flat_row(result: dict[str, Any]) -> dict[str, Any]:
+    """The flat leaderboard row of a result JSON (one scalar per column): CSV, W&B table, summary."""
+    row: dict[str, Any] = {k: result.get(k) for k in ("method", "dataset", "backbone", "frames", "words", "seed")}
+    row.update({k: float(v) for k, v in sorted((result.get("metrics") or {}).items())})
+    row.update({f"dsl/{k}": float(v) for k, v in sorted((result.get("dsl_metrics") or {}).items())})
+    params = result.get("params") or {}
+    train = result.get("train") or {}
+    ev = result.get("eval") or {}
+    row.update(
+        {
+            "params": params.get("total"),
+            "trainable_params": params.get("trainable"),
+            "train_seconds": train.get("seconds"),
+            "train_pairs_per_s": train.get("pairs_per_s"),
+            "eval_seconds": ev.get("seconds"),
+            "eval_ms_per_query": ev.get("ms_per_query"),
+            "n_texts": ev.get("texts"),
+            "n_videos": ev.get("videos"),
+            "git_commit": (result.get("git") or {}).get("commit"),
+            "timestamp": result.get("timestamp"),
+            "device": (result.get("device") or {}).get("name"),
+        }
+    )
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- callback
+class LeaderboardWriter(L.Callback):
+    """Writes `runs_dir/results/<method>__<dataset>__<backbone>__seed<k>.json` after each test, rebuilds
+    `runs_dir/leaderboard.{csv,md,png}` and logs the row to W&B (table `leaderboard` + run summary).
+
+    Args:
+        runs_dir: folder of the leaderboard; result JSONs go to its `results/` subfolder.
+        enabled: switch the whole callback off.
+        rebuild: rebuild the CSV/Markdown/PNG after writing the JSON.
+        expected_dir: folder of the paper numbers (`recipes/expected`; default: found next to the package).
+        seed: the run's seed; default: the one Lightning's `seed_everything` recorded (`PL_GLOBAL_SEED`).
+        wandb_table_key: key of the W&B table.
+    """
+
+    def __init__(
+        self,
+        runs_dir: str = "runs",
+        enabled: bool = True,
+        rebuild: bool = True,
+        expected_dir: str | None = None,
+        seed: int | None = None,
+        wandb_table_key: str = "leaderboard",
+    ) -> None:
+        super().__init__()
+        self.runs_dir = runs_dir
+        self.enabled = enabled
+        self.rebuild = rebuild
+        self.expected_dir = expected_dir
+        self.seed = seed
+        self.wandb_table_key = wandb_table_key
+        self._fit_start: float | None = None
+        self._val_start: float | None = None
+        self._fit_val_seconds = 0.0
+        self._train_pairs = 0
+        self._train_steps = 0
+        self.fit_stats: dict[str, Any] = {}
+        self._test_start: float | None = None
+        self._metrics_before: Any = None
+        self._train_epochs = 0
+        self.last_result: dict[str, Any] | None = None
+        self.last_path: Path | None = None
+
+    # ------------------------------------------------------------------ identity
+    def run_seed(self) -> int | None:
+        """The seed of this run (explicit `seed`, else `PL_GLOBAL_SEED`)."""
+        if self.seed is not None:
+            return int(self.seed)
+        env = os.environ.get("PL_GLOBAL_SEED")
+        return int(env) if env not in (None, "") else None
+
+    def identity(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+        """Method, dataset, backbone (canonical and as configured), frames, words and seed of this run."""
+        datamodule = getattr(trainer, "datamodule", None)
+        hparams = getattr(pl_module, "hparams", {}) or {}
+        backbone_source = hparams.get("backbone") if hasattr(hparams, "get") else None
+        return {
+            "method": str(getattr(pl_module, "method_name", type(pl_module).__name__.lower())),
+            "dataset": dataset_name(datamodule),
+            "backbone": canonical_backbone(backbone_source),
+            "backbone_source": None if backbone_source is None else str(backbone_source),
+            "frames": _lookup([datamodule], ("num_frames", "frames", "max_frames", "n_frames")),
+            "words": _lookup([pl_module, datamodule], ("max_words", "words")),
+            "seed": self.run_seed(),
+        }
+
+    # ------------------------------------------------------------------ timing hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Name the W&B run from method and dataset (a no-op when the CLI already did before it started)."""
+        if not self.enabled:
+            return
+        ident = self.identity(trainer, pl_module)
+        for logger in trainer.loggers:
+            if isinstance(logger, OfflineWandbLogger):
+                logger.describe(ident["method"], ident["dataset"], ident["backbone"], ident["seed"])
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the fit clock."""
+        self._fit_start = time.perf_counter()
+        self._fit_val_seconds = 0.0
+        self._train_pairs = 0
+        self._train_steps = 0
+        self._train_epochs = 0
+        self.fit_stats = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Count the (text, video) pairs of the global batch."""
+        self._train_pairs += _batch_pairs(batch) * int(getattr(trainer, "world_size", 1) or 1)
+        self._train_steps += 1
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Count finished training epochs."""
+        self._train_epochs += 1
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the validation clock (time spent validating during fit is not training time)."""
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Stop the validation clock."""
+        if self._val_start is not None and self._fit_start is not None:
+            self._fit_val_seconds += time.perf_counter() - self._val_start
+        self._val_start = None
+
+    def _current_fit_stats(self) -> dict[str, Any]:
+        if self._fit_start is None:
+            return dict(self.fit_stats)
+        seconds = time.perf_counter() - self._fit_start
+        train_only = max(seconds - self._fit_val_seconds, 1e-9)
+        return {
+            "seconds": seconds,
+            "validation_seconds": self._fit_val_seconds,
+            "pairs": self._train_pairs,
+            "steps": self._train_steps,
+            "epochs": self._train_epochs,
+            "pairs_per_s": self._train_pairs / train_only if self._train_pairs else None,
+        }
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Stop the fit clock and keep the training statistics for the test that follows."""
+        self.fit_stats = self._current_fit_stats()
+        self._fit_start = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Training statistics so far, stored in checkpoints so that a later `test --ckpt_path` can report them."""
+        return {"fit_stats": self._current_fit_stats()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take the checkpoint's training statistics unless this process measured its own fit."""
+        if not self.fit_stats and self._fit_start is None:
+            self.fit_stats = dict(state_dict.get("fit_stats") or {})
+            if self.fit_stats:
+                self.fit_stats["from_checkpoint"] = True
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the test clock and remember the evaluator's previous metrics (to detect a missing result)."""
+        self._test_start = time.perf_counter()
+        evaluator = find_evaluator(trainer.callbacks)
+        self._metrics_before = None if evaluator is None else evaluator.last_metrics
+
+    # ------------------------------------------------------------------ the result
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Assemble the result, write the JSON and the leaderboard (rank 0), log it to W&B."""
+        if not self.enabled:
+            return
+        eval_seconds = time.perf_counter() - self._test_start if self._test_start is not None else None
+        evaluator = find_evaluator(trainer.callbacks)
+        if evaluator is None or not evaluator.last_metrics or evaluator.last_metrics is self._metrics_before:
+            warnings.warn("LeaderboardWriter: no fresh test metrics from the evaluator; no result written")
+            return
+        run_dir = run_directory(trainer)  # collective call: before any rank-0-only branch
+        if not trainer.is_global_zero:
+            return
+        result = self.build_result(trainer, pl_module, evaluator, eval_seconds, run_dir)
+        self.last_result = result
+        self.last_path = self.write_result(result)
+        if self.rebuild:
+            from tvr_bench.report import build_leaderboard
+
+            try:
+                build_leaderboard(self.runs_dir, self.expected_dir)
+            except Exception as err:  # a broken foreign JSON must not lose this run's result
+                warnings.warn(f"LeaderboardWriter: could not rebuild the leaderboard: {err}")
+        self.log_to_wandb(trainer, result)
+
+    def build_result(self, trainer: Any, pl_module: Any, evaluator: Any, eval_seconds: float | None,
+                     run_dir: str | None = None) -> dict[str, Any]:
+        """The self-describing result dict of this run."""
+        ident = self.identity(trainer, pl_module)
+        metrics = {k: float(v) for k, v in evaluator.last_metrics.items() if not k.startswith("dsl/")}
+        dsl = {k[len("dsl/"):]: float(v) for k, v in evaluator.last_metrics.items() if k.startswith("dsl/")}
+        counts = dict(getattr(evaluator, "last_counts", {}) or {})
+        n_texts = counts.get("texts")
+        params = list(pl_module.parameters())
+        fit = dict(self.fit_stats)
+        datamodule = getattr(trainer, "datamodule", None)
+        loggers = [
+            {"type": type(lg).__name__, "save_dir": getattr(lg, "save_dir", None), "version": _safe_version(lg)}
+            for lg in trainer.loggers
+        ]
+        result = {
+            "schema": SCHEMA,
+            **ident,
+            "metrics": metrics,
+            "dsl_metrics": dsl or None,
+            "params": {
+                "total": int(sum(p.numel() for p in params)),
+                "trainable": int(sum(p.numel() for p in params if p.requires_grad)),
+            },
+            "train": {
+                "seconds": fit.get("seconds"),
+                "validation_seconds": fit.get("validation_seconds"),
+                "pairs": fit.get("pairs"),
+                "steps": fit.get("steps"),
+                "pairs_per_s": fit.get("pairs_per_s"),
+                "epochs": fit.get("epochs"),
+                "from_checkpoint": bool(fit.get("from_checkpoint", False)),
+            },
+            "eval": {
+                "seconds": eval_seconds,
+                "score_seconds": float(getattr(evaluator, "last_eval_seconds", 0.0) or 0.0),
+                "ms_per_query": 1000.0 * eval_seconds / n_texts if eval_seconds is not None and n_texts else None,
+                "texts": n_texts,
+                "videos": counts.get("videos"),
+                "ckpt_path": getattr(trainer, "ckpt_path", None),
+            },
+            "git": git_info(),
+            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "device": device_info(trainer),
+            "run_dir": run_dir,
+            "loggers": loggers,
+            "hparams": _json_safe(dict(getattr(pl_module, "hparams", {}) or {})),
+            "datamodule": {
+                "class": None if datamodule is None else f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
+                "hparams": _json_safe(dict(getattr(datamodule, "hparams", {}) or {})) if datamodule is not None else {},
+            },
+            "evaluator": {"dsl": bool(getattr(evaluator, "dsl", bool(dsl)))},
+        }
+        return _json_safe(result)
+
+    def write_result(self, result: dict[str, Any]) -> Path:
+        """Write one result JSON atomically under `runs_dir/results/` and return its path."""
+        name = result_filename(result["method"], result["dataset"], result["backbone"], result.get("seed"))
+        return atomic_write(Path(self.runs_dir) / RESULTS_SUBDIR / name, json.dumps(result, indent=2, sort_keys=False) + "\n")
+
+    def log_to_wandb(self, trainer: Any, result: dict[str, Any]) -> None:
+        """Log the leaderboard row as a W&B table and put its numbers into the run summary."""
+        row = flat_row(result)
+        for logger in trainer.loggers:
+            if not isinstance(logger, WandbLogger):
+                continue
+            logger.log_table(key=self.wandb_table_key, columns=list(row), data=[list(row.values())])
+            summary = getattr(logger.experiment, "summary", None)
+            if summary is not None and hasattr(summary, "update"):
+                summary.update({f"result/{k}": v for k, v in row.items() if v is not None})
+
+
+def _batch_pairs(batch: Any) -> int:
+    """Number of (text, video) pairs in a training batch (captions, else the first tensor's length)."""
+    if isinstance(batch, dict):
+        if "captions" in batch:
+            return len(batch["captions"])
+        for value in batch.values():
+            if isinstance(value, torch.Tensor) and value.ndim > 0:
+                return int(value.shape[0])
+    if isinstance(batch, (list, tuple)) and batch:
+        first = batch[0]
+        return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.ndim > 0 else len(batch)
+    if isinstance(batch, torch.Tensor) and batch.ndim > 0:
+        return int(batch.shape[0])
+    return 0
+
+
+def _safe_version(logger: Any) -> Any:
+    """A logger's version without creating anything (W&B: the run id)."""
+    try:
+        version = logger.version
+    except Exception:
+        return None
+    return version if isinstance(version, (str, int)) or version is None else str(version)
