@@ -6,11 +6,16 @@ import os
 import sys
 from typing import Any
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from tvr_bench.callbacks.evaluator import RetrievalEvaluator
+from tvr_bench.callbacks.leaderboard import LeaderboardWriter, canonical_backbone, dataset_name
 from tvr_bench.data.datamodule import RetrievalDataModule
+from tvr_bench.loggers import OfflineWandbLogger, RunConfigCallback, finish_wandb
 from tvr_bench.methods.base import RetrievalModule
+
+#: Kept for compatibility: the config callback that writes `<run dir>/config.yaml` and fills the W&B config.
+LoggerSaveConfigCallback = RunConfigCallback
 
 #: Subcommands handled outside LightningCLI: name -> "module:function" taking argv and returning an exit code.
 TOOL_COMMANDS: dict[str, str] = {
@@ -21,27 +26,37 @@ TOOL_COMMANDS: dict[str, str] = {
 }
 
 
-class LoggerSaveConfigCallback(SaveConfigCallback):
-    """Write `config.yaml` (overwriting a previous run's) and copy the resolved config into W&B."""
-
-    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Log the full resolved config to every logger that accepts hyperparameters."""
-        config = self.parser.dump(self.config, skip_none=False, format="yaml")
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            cfg = getattr(experiment, "config", None)
-            if cfg is not None and hasattr(cfg, "update"):
-                import yaml
-
-                cfg.update({"tvr_bench_config": yaml.safe_load(config)}, allow_val_change=True)
-
-
 class TVRBenchCLI(LightningCLI):
-    """LightningCLI with the shared evaluator always attached and a `bench` subcommand (fit then test)."""
+    """LightningCLI with the shared evaluator and leaderboard writer always attached and a `bench` subcommand."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Force the shared RetrievalEvaluator callback (configured under `evaluator:`)."""
+        """Force the shared RetrievalEvaluator (`evaluator:`) and LeaderboardWriter (`leaderboard:`) callbacks."""
         parser.add_lightning_class_args(RetrievalEvaluator, "evaluator")
+        parser.add_lightning_class_args(LeaderboardWriter, "leaderboard")
+
+    def after_instantiate_classes(self) -> None:
+        """Name the W&B run (group, tags, job type, folder) from method and dataset before it starts."""
+        hparams = getattr(self.model, "hparams", {}) or {}
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        for logger in self.trainer.loggers:
+            if isinstance(logger, OfflineWandbLogger):
+                logger.describe(
+                    method=str(getattr(self.model, "method_name", type(self.model).__name__.lower())),
+                    dataset=dataset_name(self.datamodule),
+                    backbone=canonical_backbone(hparams.get("backbone") if hasattr(hparams, "get") else None),
+                    seed=int(seed) if seed else None,
+                    job_type=self.subcommand,
+                    save_dir=self.trainer.default_root_dir,
+                )
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand, then close its W&B run so a later run in this process gets its own."""
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            finish_wandb(self.trainer.loggers, exit_code=1)
+            raise
+        finish_wandb(self.trainer.loggers)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -77,7 +92,7 @@ def cli_main(args: list[str] | None = None) -> TVRBenchCLI:
         RetrievalDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        save_config_callback=LoggerSaveConfigCallback,
+        save_config_callback=RunConfigCallback,
         save_config_kwargs={"overwrite": True},
         args=args,
     )
