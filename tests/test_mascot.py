@@ -335,3 +335,24 @@ def test_training_step_runs_in_a_lightning_trainer(tmp_path):
     trainer.fit(model, train_dataloaders=loader)
     assert not torch.equal(before, model.predictor.head.weight.detach())
     assert {"train/nce_full", "train/completion", "train/colearn"} <= set(trainer.callback_metrics)
+
+
+def test_recipes_instantiate_and_overrides_touch_known_args():
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "methods"
+    cfg = yaml.safe_load((root / "mascot.yaml").read_text())["model"]
+    module_name, cls_name = cfg["class_path"].rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    args = dict(cfg["init_args"])
+    overrides = sorted(root.glob("mascot_*.yaml"))
+    assert {p.stem for p in overrides} >= {"mascot_msrvtt", "mascot_lsmdc", "mascot_activitynet", "mascot_didemo"}
+    for extra in overrides:
+        over = yaml.safe_load(extra.read_text()).get("model", {}).get("init_args", {})
+        assert set(over) <= set(args), (extra.name, set(over) - set(args))
+    model = cls(**args)
+    assert isinstance(model, MASCOT) and model.hparams.max_words == args["max_words"]
+    assert model.predictor is not None and model.active_views == ("high", "low")
