@@ -26,7 +26,7 @@ ANNOTATION_FILE = "annotations.json"
 FPS = 2
 FRAME_SIZE = 64
 EVENT_FRAMES = (12, 16)
-NOISE_STD = 5.0
+NOISE_STD = 4.0
 SIZES: dict[str, dict[str, int]] = {
     "tiny": {"train": 48, "val": 16, "test": 16},
     "default": {"train": 1000, "val": 100, "test": 200},
@@ -208,9 +208,12 @@ def make_specs(size: str = "tiny", seed: int = 0) -> list[VideoSpec]:
     return specs
 
 
+_GRID_Y, _GRID_X = np.mgrid[0:FRAME_SIZE, 0:FRAME_SIZE]
+
+
 def _background(name: str) -> np.ndarray:
-    """The 64x64x3 float background image."""
-    yy, xx = np.mgrid[0:FRAME_SIZE, 0:FRAME_SIZE]
+    """The 64x64x3 float32 background image."""
+    yy, xx = _GRID_Y, _GRID_X
     if name == "black":
         level = np.full((FRAME_SIZE, FRAME_SIZE), 18.0)
     elif name == "gray":
@@ -221,13 +224,12 @@ def _background(name: str) -> np.ndarray:
         level = np.where(((yy // 8) + (xx // 8)) % 2 == 0, 35.0, 95.0)
     else:
         raise ValueError(f"unknown background {name!r}")
-    return np.repeat(level[..., None], 3, axis=2)
+    return np.repeat(level[..., None], 3, axis=2).astype(np.float32)
 
 
 def _shape_mask(shape: str, x: float, y: float, r: float) -> np.ndarray:
-    """Boolean mask of a shape centred at (x, y) with radius r."""
-    yy, xx = np.mgrid[0:FRAME_SIZE, 0:FRAME_SIZE] + 0.5
-    dx, dy = xx - x, yy - y
+    """Boolean mask of a shape centred at (x, y) with radius r (pixel centres at +0.5)."""
+    dx, dy = _GRID_X + 0.5 - x, _GRID_Y + 0.5 - y
     if shape == "circle":
         return dx**2 + dy**2 <= r**2
     if shape == "square":
@@ -244,18 +246,19 @@ def _shape_mask(shape: str, x: float, y: float, r: float) -> np.ndarray:
 def render(spec: VideoSpec) -> np.ndarray:
     """Render a video as uint8 ``[T, 64, 64, 3]`` (deterministic from the spec)."""
     rng = np.random.default_rng(spec.noise_seed)
-    base = _background(spec.background)
-    frames = []
+    frames = np.empty((spec.num_frames, FRAME_SIZE, FRAME_SIZE, 3), dtype=np.float32)
+    frames[:] = _background(spec.background)
+    t_all = 0
     for event in spec.events:
         x0, y0, r0, x1, y1, r1 = event.path
-        colour = np.array(COLOURS[event.colour], dtype=np.float64)
+        colour = np.array(COLOURS[event.colour], dtype=np.float32)
         for t in range(event.num_frames):
             p = t / max(event.num_frames - 1, 1)
-            frame = base.copy()
-            frame[_shape_mask(event.shape, x0 + p * (x1 - x0), y0 + p * (y1 - y0), r0 + p * (r1 - r0))] = colour
-            frame += rng.normal(0.0, NOISE_STD, frame.shape)
-            frames.append(np.clip(frame, 0, 255).astype(np.uint8))
-    return np.stack(frames)
+            mask = _shape_mask(event.shape, x0 + p * (x1 - x0), y0 + p * (y1 - y0), r0 + p * (r1 - r0))
+            frames[t_all][mask] = colour
+            t_all += 1
+    frames += NOISE_STD * rng.standard_normal((*frames.shape[:3], 1), dtype=np.float32)
+    return np.clip(frames, 0, 255).astype(np.uint8)
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int = FPS) -> None:

@@ -1,0 +1,101 @@
+"""The embedded synthetic benchmark: generated on first use, then streamed like any prepared dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from tvr_bench.data import synth
+from tvr_bench.data.datamodule import RetrievalDataModule
+from tvr_bench.data.prepare import PROGRESS_FILE, PrepareConfig, prepare
+from tvr_bench.data.readers import get_reader
+from tvr_bench.data.shards import MANIFEST_FILE
+
+# Shard sizes: several training shards even for the tiny set, so worker/rank splitting is exercised.
+SHARD_SIZES: dict[str, int] = {"tiny": 16, "default": 100}
+
+
+def default_root(size: str, synth_seed: int = 0) -> str:
+    """Where the shards of a synthetic size live unless told otherwise."""
+    return f"data/synthetic-{size}" + ("" if synth_seed == 0 else f"-seed{synth_seed}")
+
+
+def build_synthetic(root: str | Path, size: str = "tiny", synth_seed: int = 0, workers: int | None = None, progress: bool = True) -> Path:
+    """Generate videos into ``{root}/raw`` and prepare shards into ``{root}`` unless already complete."""
+    root = Path(root)
+    if (root / MANIFEST_FILE).is_file():
+        return root
+    workers = workers or min(2, os.cpu_count() or 1)
+    raw = root / "raw"
+    annotation = synth.annotation_path(raw)
+    if not annotation.is_file():
+        synth.generate(raw, size=size, seed=synth_seed, workers=workers, progress=progress)
+    reader = get_reader("synthetic")
+    config = PrepareConfig(
+        dataset="synthetic",
+        num_frames=reader.num_frames,
+        sampling=reader.sampling,
+        short_side=reader.short_side,
+        jpeg_quality=reader.jpeg_quality,
+        shard_size=SHARD_SIZES.get(size, reader.shard_size),
+    )
+    prepare(
+        reader.read(raw / "videos", raw),
+        root,
+        config,
+        source_root=raw / "videos",
+        workers=workers,
+        resume=(root / PROGRESS_FILE).is_file(),
+        progress=progress,
+    )
+    return root
+
+
+class SyntheticDataModule(RetrievalDataModule):
+    """Synthetic shapes benchmark (data_cards/synthetic.md); ``prepare_data`` builds it when missing."""
+
+    def __init__(
+        self,
+        size: Literal["tiny", "default"] = "default",
+        root: str | None = None,
+        synth_seed: int = 0,
+        num_frames: int = 12,
+        image_size: int = 64,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 2,
+        caption_mode: Literal["each", "paragraph"] = "each",
+        train_captions: Literal["random", "all"] = "random",
+        val_split: str | None = "val",
+        test_split: str = "test",
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        pin_memory: bool = False,
+    ) -> None:
+        """``size`` picks tiny (tests) or default (benchmark); ``synth_seed`` the generated content."""
+        if size not in synth.SIZES:
+            raise ValueError(f"size must be one of {', '.join(synth.SIZES)}, got {size!r}")
+        super().__init__(
+            root=root or default_root(size, synth_seed),
+            dataset="synthetic",
+            num_frames=num_frames,
+            image_size=image_size,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            caption_mode=caption_mode,
+            train_captions=train_captions,
+            train_split="train",
+            val_split=val_split,
+            test_split=test_split,
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+            pin_memory=pin_memory,
+        )
+        self.size = size
+        self.synth_seed = synth_seed
+
+    def prepare_data(self) -> None:
+        """Generate and prepare the synthetic set if its shards are missing (runs once per node)."""
+        build_synthetic(self.root, size=self.size, synth_seed=self.synth_seed)

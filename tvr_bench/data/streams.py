@@ -1,0 +1,412 @@
+"""WebDataset pipelines over prepared shards: training streams, exact evaluation splits, collation.
+
+Training: every (rank, worker) slot reads an endless stream of shards (each pass over the shard list
+in a fresh seeded order, positions dealt round-robin to the slots), draws one caption per video
+(or expands all captions), shuffles in a buffer and batches inside the worker; the loader stops after
+a fixed number of batches, identical on every rank, computed from index.json totals.
+
+Evaluation: the samples of a split, in shard order, are cut into ``world_size * num_workers``
+contiguous blocks (sizes differ by at most one); a slot opens only the shards overlapping its block
+and drops other samples before any JPEG is decoded, so every sample is yielded exactly once across
+all ranks and workers, for any number of shards.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from tvr_bench.data.frames import stored_frame_plan
+from tvr_bench.data.shards import ShardError, parse_sample, read_index
+from tvr_bench.data.transforms import decode_jpeg, frames_to_tensor
+
+SHORT_WARNINGS_SHOWN = 5
+_short_warned = 0
+
+
+@dataclass
+class SplitShards:
+    """The shards of one prepared split, from its index.json."""
+
+    directory: Path
+    urls: list[str]
+    counts: list[int]
+    num_samples: int
+    num_captions: int
+    index: dict[str, Any]
+
+    @property
+    def offsets(self) -> list[int]:
+        """Global index of the first sample of each shard."""
+        out, total = [], 0
+        for count in self.counts:
+            out.append(total)
+            total += count
+        return out
+
+
+def load_split(root: str | Path, split: str, dataset: str) -> SplitShards:
+    """Read ``{root}/{split}/index.json`` (clear error naming the directory and data card if absent)."""
+    directory = Path(root) / split
+    index = read_index(directory, dataset)
+    if index["num_samples"] <= 0:
+        raise ValueError(f"{directory} holds no samples (see {Path(root) / 'manifest.json'} for failures)")
+    return SplitShards(
+        directory=directory,
+        urls=[str(directory / s["file"]) for s in index["shards"]],
+        counts=[int(s["num_samples"]) for s in index["shards"]],
+        num_samples=int(index["num_samples"]),
+        num_captions=int(index["num_captions"]),
+        index=index,
+    )
+
+
+@dataclass
+class StreamState:
+    """Per-pass state shared by the stages of one pipeline: epoch (set by the loader) and cursor."""
+
+    epoch: int = 0
+    url: str | None = None
+    last_key: str | None = None
+    shard_seq: int = 0
+
+    def open_shard(self, url: str) -> None:
+        """Called by a source when it hands out a shard (the same url may come again later)."""
+        self.url, self.last_key = url, None
+        self.shard_seq += 1
+
+
+@dataclass
+class SlotPlan:
+    """Where this process sits: DDP rank/world size, and the DataLoader worker (looked up lazily)."""
+
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    state: StreamState = field(default_factory=StreamState)
+
+    def slot(self) -> tuple[int, int]:
+        """(slot, number of slots) over ranks x workers."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def rng(self, purpose: str) -> random.Random:
+        """A generator seeded by (seed, epoch, slot, purpose): reproducible and distinct per slot."""
+        slot, _ = self.slot()
+        return random.Random(f"{self.seed}:{self.state.epoch}:{slot}:{purpose}")
+
+
+def block_range(total: int, slot: int, slots: int) -> tuple[int, int]:
+    """Global sample range [lo, hi) of one evaluation slot (contiguous, sizes differ by <= 1)."""
+    return slot * total // slots, (slot + 1) * total // slots
+
+
+class EvalShardSource(IterableDataset):
+    """Yields the shards overlapping this slot's block of samples."""
+
+    def __init__(self, shards: SplitShards, plan: SlotPlan) -> None:
+        super().__init__()
+        self.shards, self.plan = shards, plan
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        slot, slots = self.plan.slot()
+        lo, hi = block_range(self.shards.num_samples, slot, slots)
+        for url, start, count in zip(self.shards.urls, self.shards.offsets, self.shards.counts):
+            if start < hi and start + count > lo:
+                self.plan.state.open_shard(url)
+                yield {"url": url}
+
+
+class TrainShardSource(IterableDataset):
+    """Endless shard stream: seeded passes over all shards, positions dealt round-robin to slots."""
+
+    def __init__(self, shards: SplitShards, plan: SlotPlan) -> None:
+        super().__init__()
+        self.shards, self.plan = shards, plan
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        slot, slots = self.plan.slot()
+        n = len(self.shards.urls)
+        position, rounds = 0, 0
+        while True:
+            order = random.Random(f"{self.plan.seed}:{self.plan.state.epoch}:shards:{rounds}").sample(range(n), n)
+            for i in order:
+                if position % slots == slot:
+                    self.plan.state.open_shard(self.shards.urls[i])
+                    yield {"url": self.shards.urls[i]}
+                position += 1
+            rounds += 1
+
+
+def _guard(src: Iterable[dict[str, Any]], plan: SlotPlan, expected: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """Turn tar errors into ShardError naming the shard and last good key; check per-shard counts.
+
+    A sample belongs to the shard the source handed out last (readers finish a shard before asking
+    for the next), so ``shard_seq`` marks shard boundaries even when a url repeats.
+    """
+    state = plan.state
+    it = iter(src)
+    current, seq, count = None, None, 0
+    while True:
+        try:
+            sample = next(it)
+        except StopIteration:
+            break
+        except ShardError:
+            raise
+        except Exception as exn:  # noqa: BLE001 - re-raised with the shard named
+            after = f"after sample {state.last_key!r}" if state.last_key else "before its first sample"
+            raise ShardError(
+                f"{state.url}: corrupt or truncated shard ({after}): {type(exn).__name__}: {exn}; "
+                f"re-run `tvr-bench prepare` for this dataset"
+            ) from exn
+        if state.shard_seq != seq:
+            _check_count(current, count, expected)
+            current, seq, count = sample.get("__url__"), state.shard_seq, 0
+        count += 1
+        state.last_key = sample.get("__key__")
+        yield sample
+    _check_count(current, count, expected)
+
+
+def _check_count(url: str | None, count: int, expected: dict[str, int]) -> None:
+    """A fully read shard must hold as many samples as index.json says."""
+    if url is not None and url in expected and count != expected[url]:
+        raise ShardError(
+            f"{url}: corrupt or truncated shard: read {count} samples, index.json says {expected[url]}; "
+            f"re-run `tvr-bench prepare`"
+        )
+
+
+guard = wds.pipelinefilter(_guard)
+
+
+def _select_block(src: Iterable[dict[str, Any]], shards: SplitShards, plan: SlotPlan) -> Iterator[dict[str, Any]]:
+    """Keep only samples whose global index lies in this slot's block (before any decoding)."""
+    slot, slots = plan.slot()
+    lo, hi = block_range(shards.num_samples, slot, slots)
+    offsets = dict(zip(shards.urls, shards.offsets))
+    current, i = None, 0
+    for sample in src:
+        url = sample["__url__"]
+        if url != current:
+            current, i = url, 0
+        index = offsets[url] + i
+        i += 1
+        if index >= hi:
+            return
+        if index >= lo:
+            yield sample
+
+
+select_block = wds.pipelinefilter(_select_block)
+
+
+def _parse(src: Iterable[dict[str, Any]], caption_mode: str) -> Iterator[dict[str, Any]]:
+    """Validate raw samples and keep key, shard, captions and the JPEG bytes."""
+    for sample in src:
+        meta, frames = parse_sample(sample)
+        captions = list(meta["captions"])
+        if caption_mode == "paragraph":
+            captions = [" ".join(captions)]
+        yield {"key": sample["__key__"], "url": sample["__url__"], "captions": captions, "jpegs": frames}
+
+
+parse = wds.pipelinefilter(_parse)
+
+
+def _pick_captions(src: Iterable[dict[str, Any]], plan: SlotPlan, expand: bool) -> Iterator[dict[str, Any]]:
+    """Training: one random caption per video per pass, or one item per caption when ``expand``."""
+    rng = plan.rng("captions")
+    for item in src:
+        captions = item["captions"]
+        chosen = captions if expand else [captions[rng.randrange(len(captions))]]
+        for caption in chosen:
+            yield {**item, "caption": caption}
+
+
+pick_captions = wds.pipelinefilter(_pick_captions)
+
+
+def _shuffle(src: Iterable[dict[str, Any]], plan: SlotPlan, bufsize: int) -> Iterator[dict[str, Any]]:
+    """WebDataset's buffer shuffle with a (seed, epoch, slot) generator."""
+    if bufsize <= 1:
+        yield from src
+        return
+    yield from wds.filters.shuffle(bufsize, initial=min(100, bufsize), rng=plan.rng("shuffle"))(iter(src))
+
+
+seeded_shuffle = wds.pipelinefilter(_shuffle)
+
+
+def decode_clip(jpegs: list[bytes], num_frames: int, image_size: int, key: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
+    """JPEG frames of one clip -> (normalised ``[F, 3, S, S]``, bool mask ``[F]``), uniformly
+    subsampled when more are stored, zero-padded (mask False, warning naming the key) when fewer."""
+    global _short_warned
+    picked, pad = stored_frame_plan(len(jpegs), num_frames)
+    if pad:
+        _short_warned += 1
+        if _short_warned <= SHORT_WARNINGS_SHOWN:
+            warnings.warn(
+                f"sample {key!r} has {len(jpegs)} stored frames, {num_frames} asked: padded with frame_mask=False"
+                + (" (further such warnings suppressed in this process)" if _short_warned == SHORT_WARNINGS_SHOWN else ""),
+                stacklevel=2,
+            )
+    frames = frames_to_tensor([decode_jpeg(jpegs[i], image_size) for i in picked], image_size)
+    mask = torch.zeros(num_frames, dtype=torch.bool)
+    mask[: len(picked)] = True
+    if pad:
+        frames = torch.cat([frames, frames.new_zeros((pad, *frames.shape[1:]))])
+    return frames, mask
+
+
+def _decode(src: Iterable[dict[str, Any]], num_frames: int, image_size: int) -> Iterator[dict[str, Any]]:
+    """Decode the JPEGs of each item into tensors (errors name the shard and key)."""
+    for item in src:
+        try:
+            frames, mask = decode_clip(item["jpegs"], num_frames, image_size, item["key"])
+        except Exception as exn:  # noqa: BLE001 - re-raised with the shard and key named
+            raise ShardError(f"{item['url']}: sample {item['key']!r}: undecodable frame: {type(exn).__name__}: {exn}") from exn
+        out = {k: v for k, v in item.items() if k != "jpegs"}
+        out.update(frames=frames, frame_mask=mask)
+        yield out
+
+
+decode = wds.pipelinefilter(_decode)
+
+
+def collate_train(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Training batch: frames, frame_mask, one caption and the key per video."""
+    return {
+        "frames": torch.stack([i["frames"] for i in items]),
+        "frame_mask": torch.stack([i["frame_mask"] for i in items]),
+        "captions": [i["caption"] for i in items],
+        "video_key": [i["key"] for i in items],
+    }
+
+
+def collate_eval(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Evaluation batch: every caption of every video, flattened, with its video and caption keys."""
+    captions, caption_video, caption_key = [], [], []
+    for v, item in enumerate(items):
+        for j, caption in enumerate(item["captions"]):
+            captions.append(caption)
+            caption_video.append(v)
+            caption_key.append(f"{item['key']}#{j}")
+    return {
+        "frames": torch.stack([i["frames"] for i in items]),
+        "frame_mask": torch.stack([i["frame_mask"] for i in items]),
+        "video_key": [i["key"] for i in items],
+        "captions": captions,
+        "caption_video": torch.tensor(caption_video, dtype=torch.long),
+        "caption_key": caption_key,
+    }
+
+
+def _tar_samples() -> Any:
+    """WebDataset's tar reader (errors propagate to the guard)."""
+    return wds.tarfile_to_samples(handler=wds.reraise_exception)
+
+
+def train_pipeline(
+    shards: SplitShards,
+    plan: SlotPlan,
+    *,
+    num_frames: int,
+    image_size: int,
+    batch_size: int,
+    caption_mode: str,
+    expand_captions: bool,
+    shuffle_buffer: int,
+) -> wds.DataPipeline:
+    """Endless pipeline of training batches for one rank (split further across workers)."""
+    expected = dict(zip(shards.urls, shards.counts))
+    return wds.DataPipeline(
+        TrainShardSource(shards, plan),
+        _tar_samples(),
+        guard(plan, expected),
+        parse(caption_mode),
+        pick_captions(plan, expand_captions),
+        seeded_shuffle(plan, shuffle_buffer),
+        decode(num_frames, image_size),
+        wds.batched(batch_size, collation_fn=collate_train, partial=False),
+    )
+
+
+def eval_pipeline(
+    shards: SplitShards,
+    plan: SlotPlan,
+    *,
+    num_frames: int,
+    image_size: int,
+    batch_size: int,
+    caption_mode: str,
+) -> wds.DataPipeline:
+    """Finite pipeline of evaluation batches for this rank's share of the split."""
+    expected = dict(zip(shards.urls, shards.counts))
+    return wds.DataPipeline(
+        EvalShardSource(shards, plan),
+        _tar_samples(),
+        guard(plan, expected),
+        select_block(shards, plan),
+        parse(caption_mode),
+        decode(num_frames, image_size),
+        wds.batched(batch_size, collation_fn=collate_eval, partial=True),
+    )
+
+
+def eval_batches_on_rank(num_samples: int, rank: int, world_size: int, num_workers: int, batch_size: int) -> int:
+    """Exact number of evaluation batches one rank yields (each worker batches its own block)."""
+    workers = max(1, num_workers)
+    total = 0
+    for worker in range(workers):
+        lo, hi = block_range(num_samples, rank * workers + worker, world_size * workers)
+        total += math.ceil((hi - lo) / batch_size)
+    return total
+
+
+class StreamLoader:
+    """A sized iterable of batches around a :class:`webdataset.WebLoader`.
+
+    Before each pass it stores the epoch (from ``epoch_fn``, else its own pass counter) in the shared
+    stream state, so that workers started for that pass derive their seeds from it.
+    """
+
+    def __init__(self, loader: wds.WebLoader, num_batches: int, state: StreamState, epoch_fn: Any = None) -> None:
+        self.loader, self.num_batches, self.state, self.epoch_fn = loader, num_batches, state, epoch_fn
+        self._passes = 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.epoch_fn() if self.epoch_fn is not None else None
+        self.state.epoch = self._passes if epoch is None else int(epoch)
+        self._passes += 1
+        return iter(self.loader)
+
+
+def make_loader(
+    pipeline: wds.DataPipeline,
+    *,
+    num_workers: int,
+    num_batches: int,
+    state: StreamState,
+    epoch_fn: Any = None,
+    endless: bool = False,
+    pin_memory: bool = False,
+) -> StreamLoader:
+    """Wrap a batch pipeline in a WebLoader (batching already done in the workers)."""
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    if endless:
+        loader = loader.with_epoch(num_batches)
+    return StreamLoader(loader, num_batches, state, epoch_fn)
