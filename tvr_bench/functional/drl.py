@@ -121,7 +121,8 @@ def wti_similarity_blocked(
     Takes features already normalised and zeroed at padding (`normalise_masked`) and weights
     computed once per item. Items are sorted by length so each chunk is cut to its longest
     member; the 0 that padding contributes to the max is restored for items with any padding.
-    The cosine block of a chunk, [bt·L, bv·F], stays under about `max_bytes`.
+    Each chunk is one [bt·L, D] x [D, F·bv] matmul whose result, with its two maxima, stays
+    under about `max_bytes`.
     """
     nt, nl, d = text_n.shape
     nv, nf, _ = video_n.shape
@@ -140,20 +141,24 @@ def wti_similarity_blocked(
     # cosine block plus the two max-reduced copies
     pair_elems = nl * nf + nl + nf
     bt, bv = _chunk_sizes(nt, nv, pair_elems, max(1, max_bytes // itemsize))
+    # video chunks laid out frame-major ([F·bv, D]) so both maxima reduce over outer dimensions
+    v_chunks = []
+    for vs in range(0, nv, bv):
+        vi = v_order[vs:vs + bv]
+        fb = max(1, int(v_ext[vi[0]]))
+        flat_v = video_n[vi, :fb].transpose(0, 1).reshape(fb * len(vi), d)
+        v_chunks.append((vi, fb, flat_v, video_w[vi, :fb], v_floor[vi]))
     for ts in range(0, nt, bt):
         ti = t_order[ts:ts + bt]
         lb = max(1, int(t_ext[ti[0]]))
-        tn, tw, tf = text_n[ti, :lb], text_w[ti, :lb], t_floor[ti]
-        flat_t = tn.reshape(-1, d)
-        for vs in range(0, nv, bv):
-            vi = v_order[vs:vs + bv]
-            fb = max(1, int(v_ext[vi[0]]))
-            vn, vw, vf = video_n[vi, :fb], video_w[vi, :fb], v_floor[vi]
-            cos = (flat_t @ vn.reshape(-1, d).t()).view(len(ti), lb, len(vi), fb)
-            best_frame = torch.maximum(cos.amax(dim=3), vf[None, None, :])
-            best_token = torch.maximum(cos.amax(dim=1), tf[:, None, None])
+        tw, tf = text_w[ti, :lb], t_floor[ti]
+        flat_t = text_n[ti, :lb].reshape(-1, d)
+        for vi, fb, flat_v, vw, vf in v_chunks:
+            cos = (flat_t @ flat_v.t()).view(len(ti), lb, fb, len(vi))
+            best_frame = torch.maximum(cos.amax(dim=2), vf)  # [bt, lb, bv]
+            best_token = torch.maximum(cos.amax(dim=1), tf[:, None, None])  # [bt, fb, bv]
             t2v = torch.einsum("tlv,tl->tv", best_frame, tw)
-            v2t = torch.einsum("tvf,vf->tv", best_token, vw)
+            v2t = torch.einsum("tfv,vf->tv", best_token, vw)
             out[ti[:, None], vi[None, :]] = 0.5 * (t2v + v2t)
     return out
 

@@ -1,0 +1,1 @@
+"""Performance benchmarks run by `make perf` (one module per scorer)."""
