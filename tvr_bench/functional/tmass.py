@@ -31,10 +31,13 @@ from torch import Tensor, nn
 
 from tvr_bench.functional.losses import symmetric_infonce
 from tvr_bench.functional.xpool import (
+    FoldedWeights,
     TextConditionedPool,
+    TextSide,
+    VideoSide,
     cosine,
     fold_weights,
-    pooled_prepared,
+    pair_statistics,
     prepare_text,
     prepare_video,
 )
@@ -194,20 +197,36 @@ def tmass_training_loss(
 
 
 # ------------------------------------------------------------------------------------ inference
-def _trial_cosines(text: Tensor, z: Tensor, log_r: Tensor, eps: Tensor) -> Tensor:
-    """cos(t + eps_m ⊙ R, z) [T, V, M] for eps [T, M, D] (shared by videos) or [T, V, M, D] (per pair)."""
-    r = log_r.exp()
-    tz = (text.unsqueeze(1) * z).sum(-1)  # [T, V]
-    zn = z.norm(dim=-1)
-    tt = text.pow(2).sum(-1)[:, None, None]
-    if eps.dim() == 3:  # per (text, trial): batched matmuls over the text axis
-        rz = (r * z).transpose(1, 2)  # [T, D, V]
-        num = tz.unsqueeze(1) + torch.bmm(eps, rz)
-        den = tt + 2 * torch.bmm(eps * text.unsqueeze(1), r.transpose(1, 2)) + torch.bmm(eps * eps, (r * r).transpose(1, 2))
-        return (num / (den.sqrt() * zn.unsqueeze(1))).transpose(1, 2)
-    num = tz.unsqueeze(-1) + torch.einsum("tvmd,tvd->tvm", eps, r * z)
-    den = tt + 2 * torch.einsum("tvmd,tvd->tvm", eps, r * text.unsqueeze(1)) + torch.einsum("tvmd,tvd->tvm", eps * eps, r * r)
-    return num / (den.sqrt() * zn.unsqueeze(-1))
+def _trial_cosines(
+    fw: FoldedWeights, ts: TextSide, vs: VideoSide, text: Tensor, log_r: Tensor, eps: Tensor
+) -> Tensor:
+    """cos(t + eps_m ⊙ R, z_{v|t}) [T, V, M] without forming z or any per-trial [T, V, D] tensor.
+
+    With z = g3 ⊙ (ytil / s2 + c) / s3 + b3 (ytil = sum_k alpha_k w_k, see `xpool`), the numerator is
+    <t, z> + ((<eps ⊙ g3, R ⊙ ytil> / s2 + <eps ⊙ g3 ⊙ c, R>) / s3 + <eps ⊙ b3, R>) and the squared norm
+    of the sample |t|² + 2 <eps ⊙ t, R> + <eps², R²>: every term is a product over D of a per-(text, trial)
+    vector with a per-pair vector, i.e. a batched matmul over the text axis when eps is per text.
+    """
+    alpha, s2, s3, tz, zz = (x.to(text.dtype) for x in pair_statistics(fw, ts, vs))
+    r = log_r.exp()  # [T, V, D]
+    ry = torch.bmm(alpha.transpose(0, 1), vs.w).transpose(0, 1).mul_(r)  # R ⊙ ytil, [T, V, D] view
+    r2 = r * r
+    m = eps.shape[-2]
+    if eps.dim() == 3:  # [T, M, D]: one set of draws per text
+        b1 = torch.bmm(eps * fw.g3, ry.transpose(1, 2))
+        lin = torch.bmm(torch.cat([eps * (fw.g3 * fw.c), eps * fw.b3, eps * text.unsqueeze(1)], 1), r.transpose(1, 2))
+        b2, b3, bt = lin.split(m, 1)
+        bee = torch.bmm(eps * eps, r2.transpose(1, 2))
+        b1, b2, b3, bt, bee = (x.transpose(1, 2) for x in (b1, b2, b3, bt, bee))  # [T, V, M]
+    else:  # [T, V, M, D]: draws per pair
+        b1 = torch.einsum("tvmd,tvd->tvm", eps * fw.g3, ry)
+        b2 = torch.einsum("tvmd,tvd->tvm", eps * (fw.g3 * fw.c), r)
+        b3 = torch.einsum("tvmd,tvd->tvm", eps * fw.b3, r)
+        bt = torch.einsum("tvmd,tvd->tvm", eps * text[:, None, None], r)
+        bee = torch.einsum("tvmd,tvd->tvm", eps * eps, r2)
+    num = tz.unsqueeze(-1) + (b1 / s2.unsqueeze(-1) + b2) / s3.unsqueeze(-1) + b3
+    den = text.pow(2).sum(-1)[:, None, None] + 2 * bt + bee
+    return num / (den.sqrt() * zz.sqrt().unsqueeze(-1))
 
 
 def _own_pooled(
@@ -262,7 +281,7 @@ def tmass_similarity_reference(
 
 def tmass_pair_bytes(dim: int, trials: int, per_pair_eps: bool = False) -> int:
     """Approximate bytes one (text, video) pair costs inside `tmass_similarity` (pair-wise eps adds M·D)."""
-    return 4 * (8 * dim + 8 * trials + 64) + (4 * 3 * trials * dim if per_pair_eps else 0)
+    return 4 * (4 * dim + 16 * trials + 64) + (4 * 3 * trials * dim if per_pair_eps else 0)
 
 
 def tmass_similarity(
@@ -286,9 +305,8 @@ def tmass_similarity(
     out = []
     for i in range(0, nt, rows):
         t, e = text[i : i + rows], eps[i : i + rows]
-        z = pooled_prepared(fw, prepare_text(pool, fw, t), vs)
         log_r = radius(torch.einsum("td,vfd->tvf", t / t.norm(dim=-1, keepdim=True), unit))
-        cos = _trial_cosines(t, z, log_r, e)
+        cos = _trial_cosines(fw, prepare_text(pool, fw, t), vs, t, log_r, e)
         if z_own is None:
             out.append(cos.amax(-1))
         else:

@@ -250,8 +250,8 @@ def _quad(alpha: Tensor, grams: Tensor) -> Tensor:
     return (ag * a.unsqueeze(2)).sum(-1).transpose(0, 1)
 
 
-def score_prepared(fw: FoldedWeights, ts: TextSide, vs: VideoSide) -> Tensor:
-    """cos(t, z_{v|t}) [T, V] from prepared text and video sides, without any per-pair D-vector."""
+def pair_statistics(fw: FoldedWeights, ts: TextSide, vs: VideoSide) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-pair alpha [T, V, K], std(o) s2, std(y) s3, <t, z> and |z|² ([T, V] each, accumulation dtype)."""
     acc = vs.grams.dtype
     d = fw.c.shape[0]
     alpha = attention_weights(ts, vs)  # [T, V, K]
@@ -268,7 +268,13 @@ def score_prepared(fw: FoldedWeights, ts: TextSide, vs: VideoSide) -> Tensor:
     gy = quad[..., 2] / s2**2 + 2 * lin[..., 1] / s2 + (g3 * c) @ (g3 * c)
     by = lin[..., 2] / s2 + (g3 * b3) @ c
     zz = gy / s3**2 + 2 * by / s3 + b3 @ b3
-    return (tz / (ts.tn.to(acc)[:, None] * zz.sqrt())).to(ts.q.dtype)
+    return alpha, s2, s3, tz, zz
+
+
+def score_prepared(fw: FoldedWeights, ts: TextSide, vs: VideoSide) -> Tensor:
+    """cos(t, z_{v|t}) [T, V] from prepared text and video sides, without any per-pair D-vector."""
+    _, _, _, tz, zz = pair_statistics(fw, ts, vs)
+    return (tz / (ts.tn.to(tz.dtype)[:, None] * zz.sqrt())).to(ts.q.dtype)
 
 
 def pooled_prepared(fw: FoldedWeights, ts: TextSide, vs: VideoSide) -> Tensor:
