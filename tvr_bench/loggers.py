@@ -46,8 +46,10 @@ class OfflineWandbLogger(WandbLogger):
         job_type: str | None = None,
         **kwargs: Any,
     ) -> None:
+        # the CLI passes every wandb.init argument it knows, mostly as None: None means "not set"
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if offline is None:
-            offline = "WANDB_MODE" not in os.environ
+            offline = "WANDB_MODE" not in os.environ and "mode" not in kwargs
         if offline and log_model:
             raise MisconfigurationException(
                 f"log_model={log_model} needs an online run; set offline: false (or WANDB_MODE=online) to log models"

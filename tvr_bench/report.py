@@ -224,8 +224,19 @@ def _fmt_stat(stat: dict[str, Any] | None, digits: int = 1, scale: float = 1.0) 
     return text + (f" ± {stat['std'] * scale:.{digits}f}" if stat.get("std") is not None else "")
 
 
+TEXT_COLUMNS = {"method", "dataset", "backbone", "frames", "words", "source", "seeds", "device", "commit"}
+
+
+def _fmt_const(stat: dict[str, Any] | None, scale: float = 1.0) -> str:
+    """A quantity that should not vary over seeds (parameters): the mean, flagged when it does vary."""
+    if not stat or stat.get("mean") is None:
+        return "–"
+    return f"{stat['mean'] * scale:.2f}" + (" (varies)" if stat.get("std") else "")
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    align = ["---" if i < 6 and not h.startswith(("t2v", "v2t")) else "---:" for i, h in enumerate(header)]
+    """A GitHub Markdown table; text columns left-aligned, numbers right-aligned."""
+    align = ["---" if h in TEXT_COLUMNS else "---:" for h in header]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -281,7 +292,7 @@ def to_markdown(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]]
         s = g["stats"]
         eff_rows.append([
             g["method"], g["dataset"], g["backbone"], ",".join(map(str, g["seeds"])) or str(g["n_runs"]),
-            _fmt_stat(s.get("params"), 2, 1e-6), _fmt_stat(s.get("trainable_params"), 2, 1e-6),
+            _fmt_const(s.get("params"), 1e-6), _fmt_const(s.get("trainable_params"), 1e-6),
             _fmt_stat(s.get("train_seconds")), _fmt_stat(s.get("train_pairs_per_s")),
             _fmt_stat(s.get("eval_seconds"), 2), _fmt_stat(s.get("eval_ms_per_query"), 2),
             _fmt((s.get("n_texts") or {}).get("mean"), 0), _fmt((s.get("n_videos") or {}).get("mean"), 0),
@@ -298,59 +309,57 @@ def to_markdown(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]]
 
 
 def plot_leaderboard(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]], path: str | Path) -> Path:
-    """Bar chart of t2v and v2t R@1 per dataset and method (error bars over seeds, paper values as markers)."""
+    """Bar chart of t2v and v2t R@1 per (dataset, backbone) and method: error bars over seeds, paper values as diamonds."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    datasets = list(dict.fromkeys(g["dataset"] for g in aggregated))
-    series = list(dict.fromkeys((g["method"], g["backbone"]) for g in aggregated))
-    several_backbones = len({b for _, b in series}) > 1
-    width = 0.8 / max(1, len(series))
-    fig = Figure(figsize=(max(6.0, 1.6 + 1.3 * len(datasets) * max(1, len(series)) ** 0.5 * 2), 4.2), dpi=110)
+    groups = list(dict.fromkeys((g["dataset"], g["backbone"]) for g in aggregated))
+    methods = list(dict.fromkeys(g["method"] for g in aggregated))
+    color = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    most = max((sum(1 for g in aggregated if (g["dataset"], g["backbone"]) == grp) for grp in groups), default=1)
+    fig = Figure(figsize=(min(24.0, max(7.0, 2.0 + 2 * len(groups) * (0.6 + 0.45 * most))), 4.6), dpi=110)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, sharey=True)
-    colors = [f"C{i % 10}" for i in range(len(series))]
-    paper_labelled = False
+    labelled: set[str] = set()
     for ax, direction in zip(axes, DIRECTIONS):
         key = f"{direction}/R@1"
-        for si, (method, backbone) in enumerate(series):
-            xs, means, errs = [], [], []
-            for di, dataset in enumerate(datasets):
-                g = next((g for g in aggregated if (g["method"], g["backbone"], g["dataset"]) == (method, backbone, dataset)), None)
-                stat = g["stats"].get(key) if g else None
-                if not stat or stat.get("mean") is None:
-                    continue
-                x = di - 0.4 + width * (si + 0.5)
-                xs.append(x)
-                means.append(stat["mean"])
-                errs.append(stat["std"] or 0.0)
-                for paper in paper_entries(expected, method, dataset, backbone)[:1]:
+        for gi, (dataset, backbone) in enumerate(groups):
+            members = [g for g in aggregated if (g["dataset"], g["backbone"]) == (dataset, backbone)
+                       and (g["stats"].get(key) or {}).get("mean") is not None]
+            width = 0.8 / max(1, len(members))
+            for mi, g in enumerate(members):
+                stat = g["stats"][key]
+                x = gi - 0.4 + width * (mi + 0.5)
+                show = g["method"] not in labelled
+                labelled.add(g["method"])
+                bars = ax.bar([x], [stat["mean"]], width=width * 0.9, color=color[g["method"]],
+                              label=g["method"] if show else None,
+                              yerr=[stat["std"]] if stat.get("std") is not None else None, capsize=4)
+                ax.bar_label(bars, labels=[f"{stat['mean']:.1f}"], label_type="center", fontsize=7, color="white")
+                for paper in paper_entries(expected, g["method"], dataset, backbone)[:1]:
                     if key in paper["metrics"]:
-                        ax.plot([x], [paper["metrics"][key]], marker="_", markersize=18, markeredgewidth=2.5,
-                                color="black", label=None if paper_labelled else "paper", linestyle="none")
-                        paper_labelled = True
-            if not xs:
-                continue
-            label = f"{method} ({backbone})" if several_backbones else method
-            bars = ax.bar(xs, means, width=width * 0.92, color=colors[si], label=label if direction == "t2v" else None,
-                          yerr=errs if any(errs) else None, capsize=4 if any(errs) else 0)
-            ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], fontsize=7, padding=2)
-        ax.set_xticks(range(len(datasets)), datasets)
-        ax.set_title(f"{direction} R@1")
-        ax.set_ylim(0, 100 if not aggregated else min(100.0, max(10.0, _ymax(aggregated, expected) * 1.18)))
+                        show_paper = "paper" not in labelled
+                        labelled.add("paper")
+                        ax.plot([x], [paper["metrics"][key]], marker="D", markersize=6, markeredgecolor="white",
+                                color="black", linestyle="none", label="paper" if show_paper else None)
+        ax.set_xticks(range(len(groups)), [f"{d}\n{b}" for d, b in groups], fontsize=8)
+        ax.set_xlim(-0.6, max(0, len(groups) - 1) + 0.6)
+        ax.set_title(f"{direction} R@1", fontsize=10)
+        ax.set_ylim(0, min(100.0, max(10.0, _ymax(aggregated, expected) * 1.15)))
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("R@1 (%)")
-    if not aggregated:
-        for ax in axes:
+        if not aggregated:
             ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes)
+    axes[0].set_ylabel("R@1 (%)")
     handles, labels = [], []
     for ax in axes:
-        h, lab = ax.get_legend_handles_labels()
-        handles += h
-        labels += lab
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.suptitle("tvr-bench: R@1 per method and dataset (mean ± std over seeds)", y=0.985, fontsize=11)
     if handles:
-        fig.legend(handles, labels, loc="upper center", ncol=min(5, len(handles)), fontsize=8, frameon=False)
-    fig.suptitle("tvr-bench: R@1 (mean ± std over seeds)", y=0.995, fontsize=10)
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.93), ncol=min(6, len(handles)),
+                   fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -393,14 +402,17 @@ def _print_console(aggregated: list[dict[str, Any]], expected: list[dict[str, An
 
     table = Table(title="tvr-bench leaderboard (R@1, mean ± std over seeds)")
     for i, col in enumerate(("method", "dataset", "backbone", "seeds", "t2v R@1", "paper t2v", "v2t R@1", "paper v2t")):
-        table.add_column(col, justify="left" if i < 3 else "right")
+        table.add_column(col, justify="left" if i < 3 else "right", no_wrap=True)
     for g in aggregated:
         papers = paper_entries(expected, g["method"], g["dataset"], g["backbone"])
         p = papers[0]["metrics"] if papers else {}
         table.add_row(g["method"], g["dataset"], g["backbone"], ",".join(map(str, g["seeds"])) or str(g["n_runs"]),
                       _fmt_stat(g["stats"].get("t2v/R@1")), _fmt(p.get("t2v/R@1")),
                       _fmt_stat(g["stats"].get("v2t/R@1")), _fmt(p.get("v2t/R@1")))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        console = Console(width=160)
+    console.print(table)
 
 
 def leaderboard_main(argv: list[str] | None = None) -> int:
