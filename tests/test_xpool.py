@@ -221,7 +221,16 @@ def test_ablation_poolings(kind: str, k: int, temperature: float):
 
 
 # ----------------------------------------------------------------------------- training
-def test_gradients_flow_and_loss_decreases():
+@pytest.fixture
+def one_thread():
+    """Tiny problems run faster on one thread (no OpenMP hand-offs on a shared machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_gradients_flow_and_loss_decreases(one_thread):
     """Every pooling parameter gets a gradient; a few Adam steps lower the InfoNCE loss on a tiny problem."""
     torch.manual_seed(0)
     pool = TextConditionedPool(32, 2, 0.0).train()
