@@ -296,3 +296,81 @@ def test_gradients_flow_and_loss_decreases(one_thread):
         loss.backward()
         opt.step()
     assert float(loss_fn().detach()) < first - 0.1
+
+
+# ------------------------------------------------------------------------------------ LightningModule
+def _tiny_eval_batch(model, n_video: int = 3, n_frames: int = 4):
+    size = model.backbone.image_size
+    captions = ["a red circle", "a red ball", "a blue square spins", "green", "green grass", "a green field"]
+    caption_video = torch.tensor([0, 0, 1, 2, 2, 2])
+    keys = ["v0#1", "v0#0", "v1#0", "v2#0", "v2#2", "v2#1"]
+    return {
+        "frames": torch.randn(n_video, n_frames, 3, size, size),
+        "frame_mask": torch.ones(n_video, n_frames, dtype=torch.bool),
+        "captions": captions,
+        "caption_video": caption_video,
+        "caption_key": keys,
+        "video_key": ["v0", "v1", "v2"],
+    }
+
+
+def test_module_eval_is_block_independent_and_seeded():
+    """TMASS: scores of a block equal the full matrix's entries (eps from the global indices) and follow the seed."""
+    from tvr_bench.methods.tmass import TMASS
+
+    torch.manual_seed(0)
+    model = TMASS(backbone="tiny", num_frames=4, trials=5, max_words=16).eval()
+    batch = _tiny_eval_batch(model)
+    with torch.no_grad():
+        out = model._eval_step(batch)
+        text, video = out["text"], out["video"]
+        text["index"], video["index"] = torch.arange(6), torch.arange(3)
+        full = model.similarity(text, video)
+        block = model.similarity({k: v[2:5] for k, v in text.items()}, {k: v[1:] for k, v in video.items()})
+        torch.testing.assert_close(block, full[2:5, 1:], atol=1e-6, rtol=0)
+        ref = tmass_similarity_reference(
+            model.pool, model.radius, text["embeds"], video["frames"], video["frame_mask"], model.eval_eps(text, video)
+        )
+        torch.testing.assert_close(full, ref, atol=1e-5, rtol=0)
+        model.eval_seed = 1
+        assert not torch.allclose(model.similarity(text, video), full)
+        model.eval_seed, model.eps_mode = 0, "pair"
+        pair = model.similarity(text, video)
+        torch.testing.assert_close(
+            model.similarity({k: v[:2] for k, v in text.items()}, {k: v[2:] for k, v in video.items()}), pair[:2, 2:],
+            atol=1e-6, rtol=0,
+        )  # fmt: skip
+
+
+def test_module_reference_pairing_and_training():
+    """pairing='reference' uses each candidate's own caption at the query's position (NaN past its last one)."""
+    from tvr_bench.methods.tmass import TMASS, own_caption_layout
+
+    torch.manual_seed(0)
+    model = TMASS(backbone="tiny", num_frames=4, trials=3, max_words=16, pairing="reference", max_captions=4)
+    assert model.method_name == "tmass_refpairing"
+    batch = _tiny_eval_batch(model)
+    model.eval()
+    with torch.no_grad():
+        out = model._eval_step(batch)
+        text, video = out["text"], out["video"]
+        assert text["caption_pos"].tolist() == [1, 0, 0, 0, 2, 1]
+        assert video["caption_embeds"].shape[:2] == (3, 4)
+        text["index"], video["index"] = torch.arange(6), torch.arange(3)
+        sims = model.similarity(text, video)
+    # caption position 1 exists for videos 0 and 2 only; position 2 only for video 2
+    assert sims[0, 1].isnan() and not sims[0, 0].isnan() and not sims[0, 2].isnan()
+    assert sims[4, :2].isnan().all() and not sims[4, 2].isnan()
+    assert not sims[[1, 2, 3]].isnan().any()
+    with pytest.raises(ValueError, match="max_captions"):
+        own_caption_layout(text["embeds"], batch["caption_video"], batch["caption_key"], 3, 2)
+    model.train()
+    text = model.encode_text(**model.tokenize(batch["captions"][:3]))
+    video = model.encode_video(batch["frames"], batch["frame_mask"])
+    model.support_weight = 0.8
+    loss, parts = model.training_loss(text, video)
+    assert set(parts) == {"loss_main", "loss_support"}
+    loss.backward()
+    assert model.radius.proj.weight.grad is not None and model.pool.q_proj.weight.grad is not None
+    with pytest.raises(ValueError, match="num_frames"):
+        model.encode_video(torch.randn(1, 5, *batch["frames"].shape[2:]), torch.ones(1, 5, dtype=torch.bool))

@@ -254,3 +254,42 @@ def test_gradients_flow_and_loss_decreases(one_thread):
         loss.backward()
         opt.step()
     assert float(loss_fn().detach()) < first - 0.1
+
+
+# ----------------------------------------------------------------------------- LightningModule
+def _tiny_batch(model, n_video: int = 3, n_frames: int = 4):
+    size = model.backbone.image_size
+    frames = torch.randn(n_video, n_frames, 3, size, size)
+    mask = torch.ones(n_video, n_frames, dtype=torch.bool)
+    mask[1, 2:] = False
+    tok = model.backbone.tokenize(["a red circle", "a blue square spins", "green", "a dog"][:n_video], 16)
+    return model.encode_text(**tok), model.encode_video(frames, mask)
+
+
+@pytest.mark.parametrize("pooling", ["transformer", "topk"])
+def test_module_blocks_training_mode_and_gradients(pooling: str):
+    """XPool: eval scores are block-consistent and equal the reference math; the loss reaches head and backbone."""
+    from tvr_bench.methods.xpool import XPool
+
+    torch.manual_seed(0)
+    model = XPool(backbone="tiny", pooling=pooling, heads=2 if pooling == "transformer" else 1)
+    assert model.method_name == ("xpool" if pooling == "transformer" else f"xpool_{pooling}")
+    text, video = _tiny_batch(model)
+    model.eval()
+    with torch.no_grad():
+        full = model.similarity(text, video)
+        block = model.similarity({k: v[1:] for k, v in text.items()}, {k: v[:2] for k, v in video.items()})
+        torch.testing.assert_close(block, full[1:, :2], atol=1e-6, rtol=0)
+        if model.pool is not None:
+            ref = xpool_similarity_reference(model.pool, text["embeds"], video["frames"], video["frame_mask"])
+            torch.testing.assert_close(full, ref, atol=1e-5, rtol=0)
+    assert model.pair_cost_bytes(text, video) > 0
+    model.train()
+    loss, extra = model.training_loss(text, video)
+    assert extra == {}
+    loss.backward()
+    assert model.backbone.logit_scale.grad is not None
+    if model.pool is not None:
+        assert model.pool.q_proj.weight.grad is not None
+        names = {g["name"] for g in model.param_groups()}
+        assert {"backbone", "head"} <= {n.split("_")[0] for n in names}

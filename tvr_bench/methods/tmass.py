@@ -1,0 +1,164 @@
+"""T-MASS (Wang et al., CVPR 2024): stochastic text embeddings on X-Pool (method card: docs/methods/tmass.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tvr_bench.functional.tmass import (
+    EPS_MODES,
+    PAIRINGS,
+    PRIORS,
+    RadiusHead,
+    counter_prior,
+    sample_prior,
+    tmass_pair_bytes,
+    tmass_similarity,
+    tmass_similarity_reference,
+    tmass_training_loss,
+)
+from tvr_bench.functional.xpool import TextConditionedPool
+from tvr_bench.methods.base import Features, RetrievalModule
+
+
+class TMASS(RetrievalModule):
+    """X-Pool pooling + radius R = exp(W s + b), t_s = t + eps ⊙ R, support-text loss, best-of-M inference.
+
+    Evaluation draws `trials` samples per (text, video) from a counter hash of `eval_seed` and the
+    global text index (`eps_mode='text'`: the same M draws for every video of a text) or text and video
+    index (`eps_mode='pair'`: independent draws per pair, as the reference; M·D numbers per pair).
+    `pairing='query'` (default, the paper) conditions every candidate on the query text;
+    `pairing='reference'` reproduces the reference code, which scores the selected sample against the
+    candidate video pooled with its own caption at the query's caption position (NaN where the
+    candidate has fewer captions; videos may have at most `max_captions` captions in this mode).
+    """
+
+    def __init__(
+        self,
+        *args,
+        heads: int = 1,
+        dropout: float = 0.3,
+        num_frames: int = 12,
+        prior: str = "uniform01",
+        prior_std: float = 1.0,
+        support_weight: float = 0.0,
+        trials: int = 20,
+        eval_seed: int = 0,
+        eps_mode: str = "text",
+        pairing: str = "query",
+        max_captions: int = 100,
+        fast_eval: bool = True,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if prior not in PRIORS:
+            raise ValueError(f"unknown T-MASS prior {prior!r}; choose one of {PRIORS}")
+        if eps_mode not in EPS_MODES:
+            raise ValueError(f"unknown eps_mode {eps_mode!r}; choose one of {EPS_MODES}")
+        if pairing not in PAIRINGS:
+            raise ValueError(f"unknown pairing {pairing!r}; choose one of {PAIRINGS}")
+        if trials < 1 or num_frames < 1 or max_captions < 1:
+            raise ValueError("trials, num_frames and max_captions must be positive")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.prior, self.prior_std, self.support_weight = prior, prior_std, support_weight
+        self.trials, self.eval_seed, self.eps_mode, self.pairing = trials, eval_seed, eps_mode, pairing
+        self.max_captions, self.fast_eval = max_captions, fast_eval
+        dim = self.backbone.embed_dim
+        self.pool = TextConditionedPool(dim, heads, dropout)
+        self.radius = RadiusHead(num_frames, dim)
+
+    @property
+    def method_name(self) -> str:
+        """'tmass', or 'tmass_refpairing' with the reference code's pairing."""
+        return "tmass" if self.pairing == "query" else "tmass_refpairing"
+
+    # ------------------------------------------------------------------ features
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Features:
+        """The raw (un-normalised) projected end-token embedding, as HF `get_text_features`."""
+        return {"embeds": self.backbone.encode_text(input_ids, attention_mask)["embeds"]}
+
+    def encode_video(self, frames: Tensor, frame_mask: Tensor) -> Features:
+        """Raw per-frame CLIP embeddings [B, F, D] and the frame mask."""
+        feats = self.encode_frames(frames)
+        if feats.shape[1] != self.radius.proj.in_features:
+            raise ValueError(
+                f"T-MASS's radius head was built for num_frames={self.radius.proj.in_features} but the data gives "
+                f"{feats.shape[1]} frames; set model.init_args.num_frames to data.init_args.num_frames"
+            )
+        return {"frames": feats, "frame_mask": frame_mask.bool()}
+
+    def _eval_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Add each caption's position and each video's own caption embeddings for `pairing='reference'`."""
+        out = super()._eval_step(batch)
+        if self.pairing == "reference":
+            pos, own = own_caption_layout(
+                out["text"]["embeds"], batch["caption_video"], list(batch["caption_key"]), len(batch["video_key"]), self.max_captions
+            )
+            out["text"]["caption_pos"] = pos
+            out["video"]["caption_embeds"] = own
+        return out
+
+    # ------------------------------------------------------------------ scores
+    def eval_eps(self, text: Features, video: Features) -> Tensor:
+        """Evaluation draws [T, M, D] (eps_mode 'text') or [T, V, M, D] ('pair') from the global indices."""
+        t = text["embeds"]
+        t_idx = text.get("index", torch.arange(t.shape[0], device=t.device))
+        v_idx = None
+        if self.eps_mode == "pair":
+            frames = video["frames"]
+            v_idx = video.get("index", torch.arange(frames.shape[0], device=frames.device))
+        eps = counter_prior(self.prior, self.prior_std, self.eval_seed, t_idx.to(t.device), self.trials, t.shape[1], v_idx)
+        return eps.to(t.dtype)
+
+    def similarity(self, text: Features, video: Features) -> Tensor:
+        """Best-of-M cos(t + eps_m ⊙ R_tv, z) [n_text, n_video] for any slice (block-independent draws)."""
+        t, f, m = text["embeds"], video["frames"], video["frame_mask"]
+        eps = self.eval_eps(text, video)
+        own = pos = None
+        if self.pairing == "reference":
+            if "caption_embeds" not in video or "caption_pos" not in text:
+                raise KeyError("pairing='reference' needs the features made by TMASS._eval_step (caption_pos, caption_embeds)")
+            own, pos = video["caption_embeds"], text["caption_pos"]
+        if self.fast_eval and not (self.pool.training and self.pool.dropout.p > 0):
+            budget = int(self.hparams.eval_memory_mb * 2**20)
+            return tmass_similarity(self.pool, self.radius, t, f, m, eps, own, pos, max_bytes=budget)
+        return tmass_similarity_reference(self.pool, self.radius, t, f, m, eps, own, pos)
+
+    def pair_cost_bytes(self, text: Features, video: Features) -> int:
+        """A few D-vectors per pair (radius, R ⊙ pooled, R²) plus the M trial scores; M·D more with per-pair eps."""
+        return tmass_pair_bytes(video["frames"].shape[2], self.trials, self.eps_mode == "pair")
+
+    def training_loss(self, text: Features, video: Features) -> tuple[Tensor, dict[str, Tensor]]:
+        """InfoNCE of the stochastic text + support_weight · InfoNCE of the support text (global batch)."""
+        t = text["embeds"]
+        eps = sample_prior(self.prior, self.prior_std, tuple(t.shape), device=t.device, dtype=t.dtype)
+        return tmass_training_loss(
+            self.pool, self.radius, t, video["frames"], video["frame_mask"], self.backbone.logit_scale, eps,
+            self.support_weight,
+        )  # fmt: skip
+
+
+def own_caption_layout(
+    text_embeds: Tensor, caption_video: Tensor, caption_keys: list[str], n_video: int, max_captions: int
+) -> tuple[Tensor, Tensor]:
+    """Position of each caption among its video's captions (by `key#j` order) and [B, P, D] NaN-padded own captions."""
+    cv = caption_video.long().tolist()
+    order = sorted(range(len(cv)), key=lambda i: (cv[i], _caption_index(caption_keys[i]), i))
+    pos = torch.zeros(len(cv), dtype=torch.long)
+    seen: dict[int, int] = {}
+    for i in order:
+        pos[i] = seen.get(cv[i], 0)
+        seen[cv[i]] = pos[i].item() + 1
+    if seen and max(seen.values()) > max_captions:
+        raise ValueError(f"a video has {max(seen.values())} captions, more than max_captions={max_captions}")
+    own = text_embeds.new_full((n_video, max_captions, text_embeds.shape[1]), float("nan"))
+    own[caption_video.long().to(own.device), pos.to(own.device)] = text_embeds
+    return pos.to(text_embeds.device), own
+
+
+def _caption_index(key: str) -> int:
+    tail = key.rpartition("#")[2]
+    return int(tail) if tail.isdigit() else 0
