@@ -186,8 +186,7 @@ def test_leaderboard_command(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- the callback
-def test_writer_records_a_self_describing_result(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)  # git commit of this repository
+def test_writer_records_a_self_describing_result(tmp_path):
     runs = tmp_path / "runs"
     writer = LeaderboardWriter(runs_dir=str(runs), expected_dir=str(EXPECTED))
     trainer = _trainer(tmp_path, writer, FakeEvaluator(dsl=True))  # evaluator after the writer: order is irrelevant

@@ -100,22 +100,40 @@ def _lookup(objs: list[Any], names: tuple[str, ...]) -> Any:
     return None
 
 
-def git_info(cwd: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Current git commit and whether the tree is dirty; `None`s when git or a repository is missing."""
-    root = cwd or os.getcwd()
-    info: dict[str, Any] = {"commit": None, "dirty": None}
+def _git(root: Path) -> dict[str, Any] | None:
+    """Commit and dirty flag of the repository containing `root`, or None."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if commit.returncode != 0:
-            return info
-        info["commit"] = commit.stdout.strip() or None
+        if commit.returncode != 0 or not commit.stdout.strip():
+            return None
         status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10
         )
-        info["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
+
+
+def git_info(cwd: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Git commit and dirty flag of the code that ran (its source tree, else `cwd`); `None`s without git."""
+    roots = [Path(cwd)] if cwd is not None else [Path(__file__).resolve().parents[2], Path.cwd()]
+    for root in roots:
+        if root.is_dir():
+            info = _git(root)
+            if info is not None:
+                return info
+    return {"commit": None, "dirty": None}
+
+
+def _cpu_name() -> str:
+    """The CPU model name (Linux /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
         pass
-    return info
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def device_info(trainer: Any) -> dict[str, Any]:
@@ -124,7 +142,7 @@ def device_info(trainer: Any) -> dict[str, Any]:
     if root.type == "cuda" and torch.cuda.is_available():
         name = torch.cuda.get_device_name(root)
     else:
-        name = platform.processor() or platform.machine() or root.type
+        name = _cpu_name()
     return {
         "type": root.type,
         "name": name,
