@@ -90,9 +90,9 @@ def test_decode_clip_pads_with_mask_and_warns_with_key() -> None:
     jpegs = [_jpeg(np.full((64, 64, 3), 10 * i, dtype=np.uint8)) for i in range(5)]
     with pytest.warns(UserWarning, match="short-video-key"):
         frames, mask = decode_clip(jpegs, 8, 32, key="short-video-key")
-    assert frames.shape == (8, 3, 32, 32) and mask.tolist() == [True] * 5 + [False] * 3
+    assert frames.shape == (8, 3, 32, 32) and frames.dtype == torch.uint8 and mask.tolist() == [True] * 5 + [False] * 3
     assert torch.count_nonzero(frames[5:]) == 0
     frames, mask = decode_clip(jpegs, 3, 32, key="k")
     assert mask.all() and frames.shape[0] == 3
     # uniform subsample 0, 2, 4 of the stored frames: brightness increases
-    assert frames[0].mean() < frames[1].mean() < frames[2].mean()
+    assert frames[0].float().mean() < frames[1].float().mean() < frames[2].float().mean()

@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from tvr_bench.data.frames import stored_frame_plan
 from tvr_bench.data.shards import ShardError, parse_sample, read_index
-from tvr_bench.data.transforms import decode_jpeg, frames_to_tensor
+from tvr_bench.data.transforms import clip_to_uint8, decode_jpeg, normalize
 
 SHORT_WARNINGS_SHOWN = 5
 _short_warned = 0
@@ -249,8 +250,9 @@ seeded_shuffle = wds.pipelinefilter(_shuffle)
 
 
 def decode_clip(jpegs: list[bytes], num_frames: int, image_size: int, key: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
-    """JPEG frames of one clip -> (normalised ``[F, 3, S, S]``, bool mask ``[F]``), uniformly
-    subsampled when more are stored, zero-padded (mask False, warning naming the key) when fewer."""
+    """JPEG frames of one clip -> (uint8 ``[F, 3, S, S]``, bool mask ``[F]``), uniformly subsampled
+    when more are stored, zero-padded (mask False, warning naming the key) when fewer. Batches are
+    normalised once in the collate functions (:func:`batch_frames`)."""
     global _short_warned
     picked, pad = stored_frame_plan(len(jpegs), num_frames)
     if pad:
@@ -261,11 +263,11 @@ def decode_clip(jpegs: list[bytes], num_frames: int, image_size: int, key: str =
                 + (" (further such warnings suppressed in this process)" if _short_warned == SHORT_WARNINGS_SHOWN else ""),
                 stacklevel=2,
             )
-    frames = frames_to_tensor([decode_jpeg(jpegs[i], image_size) for i in picked], image_size)
+    frames = clip_to_uint8([decode_jpeg(jpegs[i], image_size) for i in picked], image_size)
     mask = torch.zeros(num_frames, dtype=torch.bool)
     mask[: len(picked)] = True
     if pad:
-        frames = torch.cat([frames, frames.new_zeros((pad, *frames.shape[1:]))])
+        frames = torch.from_numpy(np.concatenate([frames.numpy(), np.zeros((pad, *frames.shape[1:]), dtype=np.uint8)]))
     return frames, mask
 
 
@@ -284,11 +286,21 @@ def _decode(src: Iterable[dict[str, Any]], num_frames: int, image_size: int) -> 
 decode = wds.pipelinefilter(_decode)
 
 
+def batch_frames(items: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack uint8 clips and masks, CLIP-normalise in one op, zero the padded frames."""
+    mask = torch.from_numpy(np.stack([i["frame_mask"].numpy() for i in items]))
+    frames = normalize(torch.from_numpy(np.stack([i["frames"].numpy() for i in items])))
+    if not bool(mask.all()):
+        frames.numpy()[~mask.numpy()] = 0.0
+    return frames, mask
+
+
 def collate_train(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Training batch: frames, frame_mask, one caption and the key per video."""
+    frames, mask = batch_frames(items)
     return {
-        "frames": torch.stack([i["frames"] for i in items]),
-        "frame_mask": torch.stack([i["frame_mask"] for i in items]),
+        "frames": frames,
+        "frame_mask": mask,
         "captions": [i["caption"] for i in items],
         "video_key": [i["key"] for i in items],
     }
@@ -302,9 +314,10 @@ def collate_eval(items: list[dict[str, Any]]) -> dict[str, Any]:
             captions.append(caption)
             caption_video.append(v)
             caption_key.append(f"{item['key']}#{j}")
+    frames, mask = batch_frames(items)
     return {
-        "frames": torch.stack([i["frames"] for i in items]),
-        "frame_mask": torch.stack([i["frame_mask"] for i in items]),
+        "frames": frames,
+        "frame_mask": mask,
         "video_key": [i["key"] for i in items],
         "captions": captions,
         "caption_video": torch.tensor(caption_video, dtype=torch.long),

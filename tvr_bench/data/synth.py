@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+from fractions import Fraction
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -261,16 +262,42 @@ def render(spec: VideoSpec) -> np.ndarray:
     return np.clip(frames, 0, 255).astype(np.uint8)
 
 
+def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+    """BT.601 limited-range RGB -> planar yuv420p laid out as PyAV expects (``[H * 3 / 2, W]`` uint8)."""
+    rgb = frame.astype(np.float32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
+    u = 128.0 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255.0
+    v = 128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0
+    h, w = y.shape
+
+    def sub(plane: np.ndarray) -> np.ndarray:
+        return plane.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+
+    planes = [y.reshape(-1), sub(u).reshape(-1), sub(v).reshape(-1)]
+    return np.clip(np.rint(np.concatenate(planes)), 0, 255).astype(np.uint8).reshape(h * 3 // 2, w)
+
+
 def write_mp4(path: Path, frames: np.ndarray, fps: int = FPS) -> None:
-    """Encode uint8 ``[T, H, W, 3]`` frames to an H.264 mp4 with PyAV (single-threaded: reproducible)."""
+    """Encode uint8 ``[T, H, W, 3]`` frames to an H.264 mp4 with PyAV, reproducibly.
+
+    The colour conversion (BT.601, limited range) is done here in numpy so the encoder input is
+    exactly defined; the encoder runs single-threaded at a constant QP.
+    """
     tmp = path.with_name(path.name + ".part")
     with av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
-        for array in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+        # Constant QP: with CRF, x264's rate control (SIMD lookahead) gave different bitstreams from
+        # run to run for some videos; fixed-QP encodes were bit-identical.
+        stream.options = {"qp": "18", "preset": "veryfast"}
+        stream.codec_context.thread_count = 1
+        for i, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(array), format="yuv420p")
+            frame.pts = i
+            frame.time_base = Fraction(1, fps)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

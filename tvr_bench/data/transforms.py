@@ -23,30 +23,43 @@ def decode_jpeg(data: bytes, min_side: int | None = None) -> np.ndarray:
 
 
 def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize uint8/float ``[F, 3, H, W]`` so the short side is ``size`` (bicubic, antialiased), then
-    center-crop to ``size x size``; returns float32 in the 0-255 range."""
-    x = frames.float()
-    h, w = x.shape[-2:]
+    """Resize uint8 ``[F, 3, H, W]`` so the short side is ``size`` (torch bicubic, antialiased,
+    rounded back to uint8), then center-crop to ``size x size``."""
+    h, w = frames.shape[-2:]
     if min(h, w) != size:
         scale = size / min(h, w)
         new_h = max(size, round(h * scale))
         new_w = max(size, round(w * scale))
-        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-        x = x.clamp_(0.0, 255.0)
+        x = F.interpolate(frames.float(), size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+        frames = x.round_().clamp_(0.0, 255.0).to(torch.uint8)
         h, w = new_h, new_w
     top = (h - size) // 2
     left = (w - size) // 2
-    return x[..., top : top + size, left : left + size]
+    return frames[..., top : top + size, left : left + size]
+
+
+_SCALE = np.array([1.0 / (255.0 * s) for s in CLIP_STD], dtype=np.float32).reshape(3, 1, 1)
+_SHIFT = np.array([m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], dtype=np.float32).reshape(3, 1, 1)
 
 
 def normalize(frames: torch.Tensor) -> torch.Tensor:
-    """Map 0-255 float frames ``[..., 3, H, W]`` to CLIP-normalised values."""
-    mean = torch.tensor(CLIP_MEAN, dtype=frames.dtype).view(3, 1, 1) * 255.0
-    std = torch.tensor(CLIP_STD, dtype=frames.dtype).view(3, 1, 1) * 255.0
-    return (frames - mean) / std
+    """Map uint8 (or 0-255 float) frames ``[..., 3, H, W]`` to CLIP-normalised float32.
+
+    Computed with numpy: elementwise work in data workers and in-process loading then never wakes
+    torch's intra-op thread pool, which is very slow on a busy machine with few cores.
+    """
+    array = frames.numpy().astype(np.float32)
+    array *= _SCALE
+    array -= _SHIFT
+    return torch.from_numpy(array)
+
+
+def clip_to_uint8(frames: list[np.ndarray], size: int) -> torch.Tensor:
+    """Stack decoded ``[H, W, 3]`` uint8 frames of one clip into resized, cropped uint8 ``[F, 3, size, size]``."""
+    stacked = np.ascontiguousarray(np.stack(frames).transpose(0, 3, 1, 2))
+    return torch.from_numpy(np.ascontiguousarray(resize_center_crop(torch.from_numpy(stacked), size).numpy()))
 
 
 def frames_to_tensor(frames: list[np.ndarray], size: int) -> torch.Tensor:
     """Stack decoded ``[H, W, 3]`` uint8 frames of one clip into a normalised float ``[F, 3, size, size]``."""
-    stacked = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
-    return normalize(resize_center_crop(stacked, size)).contiguous()
+    return normalize(clip_to_uint8(frames, size))
