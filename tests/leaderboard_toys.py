@@ -36,6 +36,10 @@ class ToyMethod(L.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Nothing to collect."""
 
+    def on_validation_epoch_end(self) -> None:
+        """A validation recall that gets worse: 50, 30, ... (the W&B summary must keep the best)."""
+        self.log("val/t2v/R@1", 50.0 - 20.0 * self.current_epoch)
+
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Nothing to collect."""
 

@@ -76,7 +76,7 @@ def test_leaderboard_row_read_back_from_offline_wandb(offline_wandb):
     logger.describe("toymethod", "toyset", "tiny", seed=5, job_type="bench")  # what the CLI does before the run
     writer = LeaderboardWriter(runs_dir=str(tmp / "runs"))
     trainer = L.Trainer(
-        default_root_dir=tmp, max_epochs=1, accelerator="cpu", logger=logger, callbacks=[FakeEvaluator(dsl=True), writer],
+        default_root_dir=tmp, max_epochs=2, accelerator="cpu", logger=logger, callbacks=[FakeEvaluator(dsl=True), writer],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
     )
     L.seed_everything(5)
@@ -90,6 +90,7 @@ def test_leaderboard_row_read_back_from_offline_wandb(offline_wandb):
     assert {"toymethod", "toyset", "tiny", "seed5"} <= set(run.tags)
     assert run.summary["result/t2v/R@1"] == 40.0 and run.summary["result/dsl/v2t/R@1"] == 39.0
     assert run.summary["result/params"] == 15
+    assert dict(run.summary["val/t2v/R@1"]) == {"max": 50.0}  # best validation value, not the last (30)
     run_dir = Path(run.dir).parent
     finish_wandb([logger])
 

@@ -275,6 +275,8 @@ class LeaderboardWriter(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, OfflineWandbLogger):
                 logger.describe(ident["method"], ident["dataset"], ident["backbone"], ident["seed"])
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                _define_best_val_summaries(logger.experiment)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Start the fit clock."""
@@ -436,6 +438,16 @@ class LeaderboardWriter(L.Callback):
             summary = getattr(logger.experiment, "summary", None)
             if summary is not None and hasattr(summary, "update"):
                 summary.update({f"result/{k}": v for k, v in row.items() if v is not None})
+
+
+def _define_best_val_summaries(run: Any) -> None:
+    """Make the W&B run summary keep the best validation value (max recall, min rank), not the last one."""
+    define = getattr(run, "define_metric", None)
+    if define is None:
+        return
+    for direction in ("t2v", "v2t"):
+        for name, best in (("R@1", "max"), ("R@5", "max"), ("R@10", "max"), ("MdR", "min"), ("MnR", "min")):
+            define(f"val/{direction}/{name}", summary=best, step_metric="trainer/global_step")
 
 
 def _batch_pairs(batch: Any) -> int:
