@@ -262,12 +262,17 @@ def tmass_similarity_reference(
     sample is scored against z_{v | own_text[v, text_pos[t]]} as the reference code does.
     """
     z = pool(text, frames, frame_mask)
+    z = z / z.norm(dim=-1, keepdim=True)  # normalised once (in place of the per-trial normalisation)
     log_r = radius(frame_cosines(text, frames, frame_mask))
     r = log_r.exp()
+    if own_text is None:
+        del log_r
     best_val = best_idx = None
     for m in range(eps.shape[-2]):
         e = eps[:, None, m] if eps.dim() == 3 else eps[:, :, m]
-        val = cosine(text.unsqueeze(1) + e * r, z)
+        sample = text.unsqueeze(1) + e * r
+        val = (sample * z).sum(-1) / sample.norm(dim=-1)
+        del sample
         if best_val is None:
             best_val, best_idx = val, torch.zeros_like(val, dtype=torch.long)
         else:

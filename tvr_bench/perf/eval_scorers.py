@@ -1,0 +1,140 @@
+"""X-Pool and T-MASS evaluation scorers: our exact blocked scorers vs the one-shot reference math.
+
+Both methods pool the frames of every video conditioned on every text, so the one-shot reference math
+materialises [n_text, n_video, D] tensors (the reference code does the same on CPU, perf anchor a/b):
+
+* `fast`: `xpool_similarity_fast` / `tmass_similarity` under a memory budget (folded weights, per-video
+  Gram matrices, T-MASS trials as batched matmuls; text chunks);
+* `one_shot`: `xpool_similarity_reference` / `tmass_similarity_reference`, every pooled vector (and for
+  T-MASS every radius and sample) in memory at once.
+
+Each variant runs in a fresh process (spawn) so its peak resident memory (`ru_maxrss`; tracemalloc does
+not see torch's allocator) can be read; the inputs are rebuilt there from the same seed. Inputs:
+CLIP-like raw features (shared offset, per-video content, small per-frame changes), reference init
+of the heads plus 0.02·N(0, 1) noise (as perf anchor a), one caption per video unless `n_text` differs.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tvr_bench.functional.tmass import RadiusHead, counter_prior, tmass_similarity, tmass_similarity_reference
+from tvr_bench.functional.xpool import TextConditionedPool, xpool_similarity_fast, xpool_similarity_reference
+
+VARIANTS = ("fast", "one_shot")
+
+
+def make_inputs(n_text: int, n_video: int, frames: int, d: int, heads: int, trials: int, seed: int = 0) -> dict[str, Any]:
+    """Features, perturbed X-Pool / radius heads and per-text evaluation draws, deterministic in `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    pool = TextConditionedPool(d, heads, 0.3).eval()
+    radius = RadiusHead(frames, d)
+    with torch.no_grad():
+        for p in list(pool.parameters()) + list(radius.parameters()):
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    offset = 0.3 * torch.randn(d, generator=g)
+    content = 0.45 * torch.randn(n_video, 1, d, generator=g)
+    video = content + 0.2 * torch.randn(n_video, frames, d, generator=g) + offset
+    text = content[torch.arange(n_text) % n_video, 0] + 0.3 * torch.randn(n_text, d, generator=g) + offset
+    eps = counter_prior("uniform01", 1.0, seed, torch.arange(n_text), trials, d)
+    return {"pool": pool, "radius": radius, "text": text, "frames": video, "eps": eps}
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def run_variant(
+    method: str, variant: str, n_text: int, n_video: int, frames: int, d: int, heads: int, trials: int,
+    repeats: int, budget_mb: float, seed: int, threads: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    """Time one scorer (1 warm-up + `repeats` runs) in this process; return times, peak memory and the matrix."""
+    if threads:
+        torch.set_num_threads(threads)
+    x = make_inputs(n_text, n_video, frames, d, heads, trials, seed)
+    budget = int(budget_mb * 2**20)
+    fns = {
+        ("xpool", "fast"): lambda: xpool_similarity_fast(x["pool"], x["text"], x["frames"], max_bytes=budget),
+        ("xpool", "one_shot"): lambda: xpool_similarity_reference(x["pool"], x["text"], x["frames"]),
+        ("tmass", "fast"): lambda: tmass_similarity(x["pool"], x["radius"], x["text"], x["frames"], None, x["eps"], max_bytes=budget),
+        ("tmass", "one_shot"): lambda: tmass_similarity_reference(x["pool"], x["radius"], x["text"], x["frames"], None, x["eps"]),
+    }
+    fn = fns[(method, variant)]
+    base = _peak_rss_bytes()
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            sim = fn()
+            if i:
+                times.append(time.perf_counter() - start)
+    return {
+        "seconds": statistics.median(times),
+        "seconds_all": [round(t, 3) for t in times],
+        "peak_rss_mib": _peak_rss_bytes() / 2**20,
+        "peak_extra_mib": max(0, _peak_rss_bytes() - base) / 2**20,
+        "threads": torch.get_num_threads(),
+        "sim": sim,
+    }
+
+
+def _bench(
+    method: str, n: int, n_text: int | None, n_video: int | None, frames: int, d: int, heads: int, trials: int,
+    repeats: int, budget_mb: float, seed: int, threads: int | None, variants: tuple[str, ...],
+) -> dict[str, Any]:  # fmt: skip
+    n_text, n_video = n_text or n, n_video or n
+    out: dict[str, Any] = {
+        "method": method, "n_text": n_text, "n_video": n_video, "frames": frames, "d": d, "heads": heads,
+        "budget_mb": budget_mb, "repeats": repeats,
+        "note": "median of `repeats` after 1 warm-up; each variant in its own process; peak_extra_mib = RSS "
+                "growth over the inputs; peak_rss_mib includes python + torch (~0.3 GiB) and the inputs",
+    }  # fmt: skip
+    if method == "tmass":
+        out["trials"] = trials
+    sims: dict[str, Tensor] = {}
+    for variant in variants:
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as ex:
+            args = (method, variant, n_text, n_video, frames, d, heads, trials, repeats, budget_mb, seed, threads)
+            res = ex.submit(run_variant, *args).result()
+        sims[variant] = res.pop("sim")
+        out[variant] = res
+    if "fast" in sims and "one_shot" in sims:
+        out["max_abs_diff"] = float((sims["fast"] - sims["one_shot"]).abs().max())
+        out["speedup_fast_vs_one_shot"] = out["one_shot"]["seconds"] / out["fast"]["seconds"]
+        out["memory_ratio_fast_vs_one_shot"] = out["fast"]["peak_extra_mib"] / max(1e-9, out["one_shot"]["peak_extra_mib"])
+    return out
+
+
+def bench_xpool(
+    n: int = 1000, d: int = 512, frames: int = 12, heads: int = 1, n_text: int | None = None,
+    n_video: int | None = None, repeats: int = 3, budget_mb: float = 256.0, seed: int = 0,
+    threads: int | None = None, variants: tuple[str, ...] = VARIANTS,
+) -> dict[str, Any]:  # fmt: skip
+    """Time and measure the peak memory of X-Pool's fast scorer vs the one-shot reference math; max |diff|."""
+    return _bench("xpool", n, n_text, n_video, frames, d, heads, 1, repeats, budget_mb, seed, threads, variants)
+
+
+def bench_tmass(
+    n: int = 1000, d: int = 512, frames: int = 12, heads: int = 1, trials: int = 20, n_text: int | None = None,
+    n_video: int | None = None, repeats: int = 3, budget_mb: float = 256.0, seed: int = 0,
+    threads: int | None = None, variants: tuple[str, ...] = VARIANTS,
+) -> dict[str, Any]:  # fmt: skip
+    """Time and measure the peak memory of T-MASS's fast M-sample scorer vs the one-shot reference math."""
+    return _bench("tmass", n, n_text, n_video, frames, d, heads, trials, repeats, budget_mb, seed, threads, variants)
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps({"xpool": bench_xpool(), "tmass": bench_tmass()}, indent=2))
