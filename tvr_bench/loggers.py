@@ -75,7 +75,7 @@ class OfflineWandbLogger(WandbLogger):
             self._wandb_init.pop("anonymous", None)  # wandb warns about the setting even when it is None
         self.offline_mode = bool(offline)
         self._user_set = {k for k in ("name", "group", "tags", "job_type") if self._wandb_init.get(k) is not None}
-        self._user_set |= {"dir"} if save_dir is not None else set()
+        self._user_set |= {"dir"} if save_dir is not None or "dir" in kwargs else set()
 
     def describe(
         self,
