@@ -3,7 +3,6 @@ SaveConfigCallback + WandbLogger clash (two consecutive CLI runs). Nothing here 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from PIL import Image
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from tests.leaderboard_toys import TOY_METRICS, FakeEvaluator, ToyDataModule, ToyMethod
+from tests.data_fixtures import tiny_root  # noqa: F401  (session fixture, shared with the data tests)
 from tvr_bench.callbacks.leaderboard import LeaderboardWriter, flat_row
 from tvr_bench.loggers import OfflineWandbLogger, RunConfigCallback, finish_wandb
 
@@ -198,8 +198,7 @@ def _synthetic_recipe(tmp: Path) -> Path:
     return path
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tvr_bench.data.benchmarks.synthetic") is None, reason="no synthetic data")
-def test_bench_on_tiny_synthetic_writes_result_leaderboard_and_wandb_table(offline_wandb):
+def test_bench_on_tiny_synthetic_writes_result_leaderboard_and_wandb_table(offline_wandb, tiny_root):
     """End to end: `tvr-bench bench` -> result JSON, leaderboard files, W&B table row, config.yaml in the run dir."""
     from tvr_bench.cli import cli_main
 
@@ -211,7 +210,7 @@ def test_bench_on_tiny_synthetic_writes_result_leaderboard_and_wandb_table(offli
         "--config", str(REPO / "recipes/methods/clip4clip.yaml"),
         "--config", str(_synthetic_recipe(tmp)),
         "--data.init_args.size", "tiny",
-        "--data.init_args.root", str(tmp / "synthetic-tiny"),
+        "--data.init_args.root", str(tiny_root),  # session-wide tiny set (tests/data_fixtures.py), read only
         "--data.init_args.num_workers", "0",
         "--data.init_args.batch_size", "8",
         "--trainer.max_steps", "2",
