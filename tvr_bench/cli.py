@@ -71,7 +71,7 @@ def _bench(trainer: Any, model: Any, datamodule: Any = None, **_: Any) -> None:
     ckpt = trainer.checkpoint_callback
     trainer.fit(model, datamodule=datamodule)
     best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
-    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False, verbose=False)
 
 
 def _dispatch_tool(name: str, argv: list[str]) -> int:
