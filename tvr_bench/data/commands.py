@@ -63,6 +63,13 @@ def prepare_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quality", type=int, default=None, help="JPEG quality")
     parser.add_argument("--shard-size", type=int, default=None, help="videos per shard")
     parser.add_argument("--workers", type=int, default=_default_workers(), help="decoding processes")
+    parser.add_argument(
+        "--source",
+        choices=("files", "video2dataset"),
+        default="files",
+        help="what --videos holds: video files (default) or video2dataset output shards "
+        "(*.tar, mp4+txt+json per sample; unpacked to <out>/video2dataset_videos first)",
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="keep finished shards of an interrupted run")
     group.add_argument("--overwrite", action="store_true", help="delete existing shards and rebuild")
@@ -85,12 +92,17 @@ def prepare_main(argv: list[str]) -> int:
     if not args.videos.is_dir():
         print(f"error: --videos {args.videos} is not a directory (see data_cards/{args.dataset}.md)", file=sys.stderr)
         return 2
+    videos = args.videos
     try:
+        if args.source == "video2dataset":
+            from tvr_bench.data.benchmarks.video2dataset import extract_videos
+
+            videos = extract_videos(args.videos, args.out / "video2dataset_videos", progress=not args.no_progress)
         report = prepare(
-            reader.read(args.videos, args.annotations),
+            reader.read(videos, args.annotations),
             args.out,
             config,
-            source_root=args.videos,
+            source_root=videos,
             workers=args.workers,
             resume=args.resume,
             overwrite=args.overwrite,

@@ -45,3 +45,14 @@ def get_reader(name: str) -> DatasetReader:
     if name not in READERS:
         raise KeyError(f"no prepare reader for dataset {name!r}; known: {', '.join(sorted(READERS))}")
     return READERS[name]
+
+
+def _register_official() -> None:
+    """Add the real benchmarks (tvr_bench/data/benchmarks/<name>.py, listed in catalog.py)."""
+    from tvr_bench.data.benchmarks.catalog import official_specs
+
+    for name, spec in official_specs().items():
+        READERS.setdefault(name, DatasetReader(**spec.reader_kwargs()))
+
+
+_register_official()

@@ -1,0 +1,74 @@
+"""Charades (data_cards/charades.md): text-to-video retrieval on Charades v1, HVP-Net protocol.
+
+Official files (``Charades.zip``): ``Charades_v1_train.csv`` and ``Charades_v1_test.csv`` (header
+``id,subject,scene,quality,relevance,verified,script,objects,descriptions,actions,length``, RFC-4180
+quoting). The text of a video is its raw ``descriptions`` field, kept as ONE query even when it holds
+several ';'-joined descriptions. Videos are ``Charades_v1/<id>.mp4`` (or the 480p release).
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+from typing import Callable, ClassVar, Iterator
+
+from tvr_bench.data.benchmarks.common import (
+    BenchmarkDataModule,
+    BenchmarkSpec,
+    VideoIndex,
+    records_for_split,
+    require_annotation,
+)
+from tvr_bench.data.prepare import VideoRecord
+
+FILES = {"train": "Charades_v1_train.csv", "test": "Charades_v1_test.csv"}
+
+
+def read_descriptions(path: Path) -> dict[str, list[str]]:
+    """id -> [raw descriptions field], csv order; rows with an empty field are skipped with a warning."""
+    out: dict[str, list[str]] = {}
+    empty = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        for row in csv.DictReader(f):
+            vid = (row.get("id") or "").strip()
+            text = row.get("descriptions") or ""
+            if not vid:
+                continue
+            if not text.strip():
+                empty.append(vid)
+                continue
+            out[vid] = [text]
+    if empty:
+        warnings.warn(f"charades: {len(empty)} rows of {path.name} have no descriptions (e.g. {empty[0]})", stacklevel=2)
+    return out
+
+
+def locator(videos: Path) -> Callable[[str], Path]:
+    """id -> ``<id>.mp4`` (any folder below ``--videos``)."""
+    index = VideoIndex(videos)
+    return lambda vid: index.resolve(f"{vid}.mp4", names=(f"{vid}.mp4",), stems=(vid,))
+
+
+def read_records(videos: Path, annotations: Path) -> Iterator[VideoRecord]:
+    """train / test: one record (one text) per video."""
+    locate = locator(videos)
+    for split, name in FILES.items():
+        texts = read_descriptions(require_annotation(annotations, (name,), "charades"))
+        yield from records_for_split(split, texts, texts, locate, "charades")
+
+
+SPEC = BenchmarkSpec(
+    name="charades",
+    read=read_records,
+    num_frames=12,
+    description="Charades v1 train / test, one descriptions text per video (data_cards/charades.md)",
+)
+
+
+class CharadesDataModule(BenchmarkDataModule):
+    """Charades: one text per video; no validation split, so validation runs on ``test``."""
+
+    NAME: ClassVar[str] = "charades"
+    VAL_SPLIT: ClassVar[str | None] = "test"
+    SPLITS: ClassVar[tuple[str, ...]] = ("train", "test")
