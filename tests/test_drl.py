@@ -312,6 +312,8 @@ def test_module_blockwise_similarity_and_training_loss(interaction, cdcr, tempor
     torch.manual_seed(0)
     model = DRL(backbone="tiny", interaction=interaction, cdcr=cdcr, temporal=temporal, cdcr_alpha2=0.06)
     assert model.hparams.interaction == interaction and model.hparams.cdcr == cdcr
+    expected = {"wti": "drl", "ti": "drl_ti", "dp": "drl_dp"}[interaction] + ("" if temporal == "seqTransf" else "_meanP")
+    assert model.method_name == expected
     size = model.backbone.image_size
     frames = torch.randn(3, 4, 3, size, size)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)

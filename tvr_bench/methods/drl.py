@@ -66,6 +66,16 @@ class DRL(RetrievalModule):
                         nn.init.normal_(layer.weight, std=0.02)
                         nn.init.zeros_(layer.bias)
 
+    @property
+    def method_name(self) -> str:
+        """`drl` for the paper's setting (WTI + CDCR + seqTransf); ablations get suffixes, e.g. `drl_ti_nocdcr`."""
+        name = "drl" if self.interaction == "wti" else f"drl_{self.interaction}"
+        if self.cdcr == 0:
+            name += "_nocdcr"
+        if self.temporal is None:
+            name += "_meanP"
+        return name
+
     # ------------------------------------------------------------------ features
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Features:
         """All projected token states with their mask, plus WTI token weights (computed once per text)."""
