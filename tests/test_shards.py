@@ -150,9 +150,11 @@ def test_generic_prepare_dotted_ids_segments_and_cli(tiny_raw: Path, tmp_path: P
         VideoRecord("movie_00.05.16.065-00.05.21.941", video, ["one caption"], "test", start=2.0, end=7.0, meta={"m": 1}),
         VideoRecord("movie_00.05.16.065-00.05.21.941", video, ["second row of the same clip"], "test"),
         VideoRecord("plain", video, ["whole video"], "test"),
+        VideoRecord("nocap", video, [], "test"),
     ]
     config = PrepareConfig("custom", num_frames=4, sampling="fps1_uniform", short_side=32, jpeg_quality=80, shard_size=10)
-    prepare(records, tmp_path / "out", config, source_root=tiny_raw / "videos", progress=False)
+    report = prepare(records, tmp_path / "out", config, source_root=tiny_raw / "videos", progress=False)
+    assert [(f["video_id"], f["reason"][:12]) for f in report.failures] == [("nocap", "no captions:")]
     samples = {s["__key__"]: parse_sample(s)[0] for s in iter_shard(tmp_path / "out" / "test" / "shard-00000.tar")}
     dotted = samples[sanitize_key("movie_00.05.16.065-00.05.21.941")]
     assert dotted["video_id"] == "movie_00.05.16.065-00.05.21.941"

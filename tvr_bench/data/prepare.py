@@ -120,8 +120,11 @@ def convert_record(record: VideoRecord, config: PrepareConfig, source_root: Path
     file = _source_name(path, source_root)
     if not path.is_file():
         return ConvertResult(record.video_id, file, reason=f"missing: {path} not found")
+    if not record.captions or not all(isinstance(c, str) and c.strip() for c in record.captions):
+        return ConvertResult(record.video_id, file, reason=f"no captions: {record.captions!r}")
 
     def choose(info: Any) -> list[int]:
+        """Native indices for this record's policy and segment."""
         return sample_indices(config.sampling, info.num_frames, info.fps, config.num_frames, record.start, record.end)
 
     try:
@@ -282,6 +285,7 @@ def _prepare_split(
     n_failed = 0
 
     def close_shard() -> None:
+        """Finish the open shard and record it in the progress file."""
         nonlocal writer, ids, failures, shard_no
         assert writer is not None
         info = writer.finish()

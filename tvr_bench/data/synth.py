@@ -272,6 +272,7 @@ def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
     h, w = y.shape
 
     def sub(plane: np.ndarray) -> np.ndarray:
+        """2x2 average (chroma subsampling)."""
         return plane.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
 
     planes = [y.reshape(-1), sub(u).reshape(-1), sub(v).reshape(-1)]
@@ -363,17 +364,22 @@ def generate(
     specs = make_specs(size, seed)
     jobs = [(spec, str(videos_dir)) for spec in specs]
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
-        task = bar.add_task(f"synthetic-{size} videos", total=len(jobs))
-        if workers > 1:
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            with mp.get_context(method).Pool(workers) as pool:
-                for _ in pool.imap_unordered(_render_and_write, jobs, chunksize=8):
-                    bar.advance(task)
-        else:
-            for job in jobs:
-                _render_and_write(job)
+    pool = None
+    if workers > 1:  # forked before the progress bar starts its refresh thread
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        pool = mp.get_context(method).Pool(workers)
+    try:
+        with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
+            task = bar.add_task(f"synthetic-{size} videos", total=len(jobs))
+            done = pool.imap_unordered(_render_and_write, jobs, chunksize=8) if pool else map(_render_and_write, jobs)
+            for _ in done:
                 bar.advance(task)
+        if pool is not None:
+            pool.close()
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     videos = []
     for spec in specs:
         entry = asdict(spec)
