@@ -90,8 +90,9 @@ class RetrievalModule(L.LightningModule):
         return self.backbone.tokenize(captions, self.hparams.max_words, self.device)
 
     def gather_features(self, feats: Features) -> Features:
-        """All-gather features from every DDP rank with gradients (identity on one process)."""
-        if self.trainer is None or self.trainer.world_size <= 1:
+        """All-gather features from every DDP rank with gradients (identity on one process or without a trainer)."""
+        trainer = self._trainer  # `self.trainer` raises when the module is used without a Trainer
+        if trainer is None or trainer.world_size <= 1:
             return feats
         out = {}
         for key, value in feats.items():

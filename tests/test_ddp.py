@@ -1,0 +1,260 @@
+"""DDP exactness: the same checkpoint gives the same metrics on 1 and on 2 processes, for every method.
+
+Real DDP on CPU (gloo, 2 processes) through the `tvr-bench` CLI run as subprocesses with a clean
+environment (no leaked MASTER_PORT / RANK variables) and a timeout; never `strategy='ddp'` inside
+pytest (see ../shared/anchors/environment.md). The test split has 23 videos / 115 captions in shards of
+10, 10 and 3 samples, so it divides evenly neither over 2 ranks x 2 workers nor over the batches.
+
+Marked `slow`: `make test-slow` (CI) runs them. Budget: one short in-process fit per method, then one
+1-process and one 2-process `tvr-bench test` per method, and one 2-process fit for the training check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from tests.data_fixtures import tiny_root  # noqa: F401 - pytest fixture
+from tvr_bench.data.shards import INDEX_FILE, MANIFEST_FILE, SHARD_PATTERN, ShardFile, iter_shard, parse_sample, read_index, write_json_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+#: Shard sizes of the odd test split: 23 videos (prime), uneven shards, uneven slots on 2 ranks x 2 workers.
+ODD_SHARDS = (10, 10, 3)
+#: Suffixes of per-dataset method overrides (`recipes/methods/<method>_<dataset>.yaml`), not methods themselves.
+DATASETS = {"msrvtt", "msvd", "lsmdc", "didemo", "activitynet", "vatex", "charades", "synthetic"}
+DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK",
+           "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "PL_TRAINER_GPUS")
+TIMEOUT_S = 420
+QUIET = {
+    "trainer": {
+        "logger": False,
+        "callbacks": [],
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+}
+
+
+def method_recipes() -> list[str]:
+    """Stems of `recipes/methods/*.yaml` that define a method (per-dataset overrides excluded)."""
+    datasets = DATASETS | {p.stem for p in (RECIPES / "data").glob("*.yaml")}
+    stems = sorted(p.stem for p in (RECIPES / "methods").glob("*.yaml"))
+    return [s for s in stems if s.rpartition("_")[2] not in datasets]
+
+
+def build_odd_root(tiny: Path, out: Path, shard_sizes: tuple[int, ...] = ODD_SHARDS) -> Path:
+    """A dataset root whose `test` split re-shards the tiny test + val videos into `shard_sizes`
+    (train and val are links to the tiny set's)."""
+    samples = []
+    for split in ("test", "val"):
+        for entry in read_index(tiny / split)["shards"]:
+            for raw in iter_shard(tiny / split / entry["file"]):
+                samples.append({k: v for k, v in raw.items() if k == "__key__" or not k.startswith("__")})
+    if sum(shard_sizes) > len(samples):
+        raise ValueError(f"the tiny set has {len(samples)} eval samples, {sum(shard_sizes)} asked")
+    split_dir = out / "test"
+    split_dir.mkdir(parents=True)
+    infos, start = [], 0
+    for i, size in enumerate(shard_sizes):
+        shard = ShardFile(split_dir / SHARD_PATTERN.format(i))
+        for sample in samples[start : start + size]:
+            meta, _ = parse_sample(sample)
+            shard.write(sample, len(meta["captions"]))
+        start += size
+        infos.append(shard.finish().as_dict())
+    index = read_index(tiny / "test")
+    index.update(
+        shards=infos,
+        num_shards=len(infos),
+        num_samples=sum(i["num_samples"] for i in infos),
+        num_captions=sum(i["num_captions"] for i in infos),
+    )
+    write_json_atomic(split_dir / INDEX_FILE, index)
+    for split in ("train", "val"):
+        (out / split).symlink_to((tiny / split).resolve(), target_is_directory=True)
+    shutil.copy(tiny / MANIFEST_FILE, out / MANIFEST_FILE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def odd_root(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    """The tiny synthetic set with an odd-sized, unevenly sharded test split (23 videos)."""
+    return build_odd_root(tiny_root, tmp_path_factory.mktemp("ddp") / "synthetic-odd")
+
+
+@pytest.fixture(scope="module")
+def quiet_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A config that switches loggers, checkpointing and progress output off (composed last)."""
+    path = tmp_path_factory.mktemp("ddp-config") / "quiet.yaml"
+    path.write_text(yaml.safe_dump(QUIET))
+    return path
+
+
+def clean_env() -> dict[str, str]:
+    """The test's environment minus DDP / seed variables, W&B disabled, the repository importable."""
+    env = {k: v for k, v in os.environ.items() if k not in DDP_ENV}
+    env["WANDB_MODE"] = "disabled"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def tvr_command() -> list[str]:
+    """The `tvr-bench` console script of this interpreter's environment (or `python -m tvr_bench.cli`)."""
+    script = Path(sys.executable).parent / "tvr-bench"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "tvr_bench.cli"]
+
+
+def run_tvr(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run `tvr-bench <args>` in a clean environment with a timeout; fail with its output's tail."""
+    proc = subprocess.run(
+        [*tvr_command(), *args], cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"tvr-bench {' '.join(args[:1])} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    return proc
+
+
+def recipe_args(recipe: str, root: Path, quiet: Path) -> list[str]:
+    """Recipe configs (base, method, synthetic data, quiet) with the data root set."""
+    return [
+        "--config", str(RECIPES / "base.yaml"),
+        "--config", str(RECIPES / "methods" / f"{recipe}.yaml"),
+        "--config", str(RECIPES / "data" / "synthetic.yaml"),
+        "--config", str(quiet),
+        "--data.init_args.size", "tiny",
+        "--data.init_args.root", str(root),
+        "--seed_everything", "0",
+    ]
+
+
+def fit_checkpoint(recipe: str, root: Path, quiet: Path, out: Path) -> Path:
+    """Train `recipe` for two steps in this process (1 device) and save the checkpoint."""
+    from tvr_bench.cli import cli_main
+
+    saved = {k: os.environ.get(k) for k in DDP_ENV}
+    try:
+        cli = cli_main([
+            "fit", *recipe_args(recipe, root, quiet),
+            "--data.init_args.num_workers", "0",
+            "--data.init_args.batch_size", "8",
+            "--trainer.accelerator", "cpu",
+            "--trainer.devices", "1",
+            "--trainer.max_steps", "2",
+            "--trainer.limit_val_batches", "0",
+            "--trainer.default_root_dir", str(out / "fit"),
+            "--leaderboard.runs_dir", str(out / "fit"),
+        ])
+        path = out / f"{recipe}.ckpt"
+        cli.trainer.save_checkpoint(path)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return path
+
+
+def test_result(recipe: str, root: Path, quiet: Path, ckpt: Path, out: Path, *extra: str) -> dict:
+    """`tvr-bench test --ckpt_path` in a subprocess; the result JSON the LeaderboardWriter wrote."""
+    out.mkdir(parents=True)
+    run_tvr(
+        [
+            "test", *recipe_args(recipe, root, quiet),
+            "--data.init_args.eval_batch_size", "4",
+            "--ckpt_path", str(ckpt),
+            "--trainer.default_root_dir", str(out),
+            "--leaderboard.runs_dir", str(out),
+            "--leaderboard.rebuild", "false",
+            "--evaluator.print_table", "false",
+            *extra,
+        ],
+        cwd=out,
+    )
+    [path] = sorted((out / "results").glob("*.json"))
+    return json.loads(path.read_text())
+
+
+test_result.__test__ = False  # a helper, not a test
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", method_recipes())
+def test_ddp_two_processes_equal_one_process(recipe: str, odd_root: Path, quiet_config: Path, tmp_path: Path) -> None:
+    """Same checkpoint, uneven test split: metrics on 2 DDP processes (2 workers each) == 1 process (1 worker)."""
+    ckpt = fit_checkpoint(recipe, odd_root, quiet_config, tmp_path)
+    one = test_result(recipe, odd_root, quiet_config, ckpt, tmp_path / "one",
+                      "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--data.init_args.num_workers", "1")
+    two = test_result(recipe, odd_root, quiet_config, ckpt, tmp_path / "two",
+                      "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                      "--data.init_args.num_workers", "2")
+    assert (one["device"]["world_size"], two["device"]["world_size"]) == (1, 2)
+    n_videos, n_texts = sum(ODD_SHARDS), 5 * sum(ODD_SHARDS)
+    for result in (one, two):
+        assert (result["eval"]["videos"], result["eval"]["texts"]) == (n_videos, n_texts)
+    assert two["metrics"] == one["metrics"], f"{recipe}: 1 process {one['metrics']} != 2 processes {two['metrics']}"
+
+
+@pytest.mark.slow
+def test_ddp_training_loss_sees_the_gathered_global_batch(odd_root: Path, quiet_config: Path, tmp_path: Path) -> None:
+    """2-process fit: every rank's loss gets 2 x the local batch, with gradients, and both ranks agree on it."""
+    probe = tmp_path / "probe.yaml"
+    probe_dir = tmp_path / "probe"
+    probe.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "tests.ddp_probe.GlobalBatchProbe", "init_args": {"out_dir": str(probe_dir)}}
+    ]}}))
+    run_tvr(
+        [
+            "fit", *recipe_args("clip4clip", odd_root, quiet_config),
+            "--config", str(probe),
+            "--data.init_args.num_workers", "1",
+            "--data.init_args.batch_size", "4",
+            "--trainer.accelerator", "cpu",
+            "--trainer.devices", "2",
+            "--trainer.strategy", "ddp",
+            "--trainer.max_steps", "2",
+            "--trainer.limit_val_batches", "0",
+            "--trainer.default_root_dir", str(tmp_path / "fit"),
+            "--leaderboard.runs_dir", str(tmp_path / "fit"),
+        ],
+        cwd=tmp_path,
+    )
+    ranks = [json.loads((probe_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    for rank in ranks:
+        assert len(rank["records"]) == 2
+        for rec in rank["records"]:
+            assert rec["local_batch"] == 4
+            assert set(rec["text_rows"].values()) == set(rec["video_rows"].values()) == {8}
+            assert rec["requires_grad"]
+    for a, b in zip(ranks[0]["records"], ranks[1]["records"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+
+
+def test_gather_features_flattens_ranks_and_keeps_gradients() -> None:
+    """gather_features with a fake 2-rank all_gather: [world*B, ...] rows, gradients reach local features."""
+    from tvr_bench.methods.base import RetrievalModule
+
+    import lightning as L
+
+    module = RetrievalModule.__new__(RetrievalModule)  # no backbone needed
+    L.LightningModule.__init__(module)
+    assert module.gather_features({"x": torch.ones(2)})["x"].shape == (2,)  # no trainer: identity
+    module._trainer = SimpleNamespace(world_size=2)
+    module.all_gather = lambda value, sync_grads=False: torch.stack([value, value * 2])  # type: ignore[method-assign]
+    local = torch.randn(3, 4, requires_grad=True)
+    out = module.gather_features({"embeds": local, "mask": torch.ones(3, 5, dtype=torch.bool)})
+    assert out["embeds"].shape == (6, 4) and out["mask"].shape == (6, 5)
+    out["embeds"].sum().backward()
+    assert torch.allclose(local.grad, torch.full((3, 4), 3.0))
