@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 import tarfile
 from functools import lru_cache
 from pathlib import Path
@@ -324,3 +325,35 @@ def test_recipe_and_card(dataset: str) -> None:
     card = (REPO / "data_cards" / f"{dataset}.md").read_text()
     assert f"tvr-bench prepare {dataset} " in card and f"--out {cls.default_root()}" in card
     assert get_reader(dataset).num_frames == cls.NUM_FRAMES
+    dm = cls(**init)
+    assert dm.image_size == 224 and dm.caption_mode == cls.CAPTION_MODE
+
+
+@pytest.mark.parametrize("dataset", [*DATASETS, "msrvtt_full"])
+def test_cli_accepts_every_dataset_recipe(dataset: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make bench DATA=<d>`'s config stack (base + method + data recipe) parses for every benchmark."""
+    from tvr_bench.cli import cli_main
+
+    monkeypatch.setattr(sys, "argv", ["tvr-bench"])
+    configs = ["recipes/base.yaml", "recipes/methods/clip4clip.yaml", f"recipes/data/{dataset}.yaml"]
+    with pytest.raises(SystemExit) as done:
+        cli_main(["fit", *[a for c in configs for a in ("--config", str(REPO / c))], "--print_config"])
+    assert done.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    cls = datamodules()[dataset]
+    assert config["data"]["class_path"] == f"{cls.__module__}.{cls.__name__}"
+    assert config["model"]["init_args"]["max_words"] == (64 if dataset in PARAGRAPH else 32)
+    dm = cls(**{k: v for k, v in config["data"]["init_args"].items()})
+    assert dm.num_frames == cls.NUM_FRAMES and dm.root == cls.default_root()
+
+
+def test_bench_without_shards_points_to_data_card(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tvr-bench bench` on a benchmark that was never prepared stops with the data card in the message."""
+    from tvr_bench.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["tvr-bench"])
+    configs = ["recipes/base.yaml", "recipes/methods/clip4clip.yaml", "recipes/data/lsmdc.yaml"]
+    argv = ["bench", *[a for c in configs for a in ("--config", str(REPO / c))], "--model.init_args.backbone", "tiny"]
+    with pytest.raises(FileNotFoundError, match=r"prepare the 'lsmdc' dataset first \(see data_cards/lsmdc\.md"):
+        cli_main(argv)
