@@ -258,3 +258,15 @@ def test_gather_features_flattens_ranks_and_keeps_gradients() -> None:
     assert out["embeds"].shape == (6, 4) and out["mask"].shape == (6, 5)
     out["embeds"].sum().backward()
     assert torch.allclose(local.grad, torch.full((3, 4), 3.0))
+
+
+def test_eval_split_smaller_than_world_size_is_refused(tiny_root: Path) -> None:  # noqa: F811
+    """A rank without a single evaluation batch would hang the others: refuse with a clear error."""
+    from tvr_bench.data.datamodule import RetrievalDataModule
+
+    dm = RetrievalDataModule(root=str(tiny_root), num_workers=0)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=17, current_epoch=0)
+    with pytest.raises(ValueError, match="fewer than the 17 DDP processes"):
+        dm.test_dataloader()
+    dm.trainer = SimpleNamespace(global_rank=15, world_size=16, current_epoch=0)
+    assert len(dm.test_dataloader()) == 1

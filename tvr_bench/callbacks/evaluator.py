@@ -9,12 +9,14 @@ rank scores a share of the text rows, then the rows are gathered), computes the 
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 
 from tvr_bench.metrics import dual_softmax, retrieval_metrics
@@ -85,6 +87,13 @@ class RetrievalEvaluator(L.Callback):
         self.last_metrics: dict[str, float] = {}
         self.last_eval_seconds: float = 0.0
         self.last_counts: dict[str, int] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Silence Lightning's `sync_dist=True` advice for our metrics: every rank computes the same
+        values from the gathered matrix, so averaging them over ranks would change nothing."""
+        warnings.filterwarnings(
+            "ignore", message=r"It is recommended to use `self\.log\('(val|test)/", category=PossibleUserWarning
+        )
 
     # ------------------------------------------------------------------ collection
     def _reset(self) -> None:

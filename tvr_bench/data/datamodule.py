@@ -147,6 +147,12 @@ class RetrievalDataModule(L.LightningDataModule):
         rank, world = self._dist()
         state = StreamState()
         shards = self.split_shards(split)
+        if shards.num_samples < world:
+            # A rank with no batch skips Lightning's evaluation hooks and the others would wait for it forever.
+            raise ValueError(
+                f"the {split!r} split has {shards.num_samples} videos, fewer than the {world} DDP processes: "
+                f"evaluate on fewer devices"
+            )
         plan = SlotPlan(rank=rank, world_size=world, seed=self.seed, state=state)
         pipeline = eval_pipeline(
             shards,
