@@ -357,3 +357,15 @@ def test_bench_without_shards_points_to_data_card(tmp_path: Path, monkeypatch: p
     argv = ["bench", *[a for c in configs for a in ("--config", str(REPO / c))], "--model.init_args.backbone", "tiny"]
     with pytest.raises(FileNotFoundError, match=r"prepare the 'lsmdc' dataset first \(see data_cards/lsmdc\.md"):
         cli_main(argv)
+
+
+def test_video2dataset_id_rules() -> None:
+    """A video2dataset sample's id: a saved id column first, then a local file name, then a YouTube id."""
+    from tvr_bench.data.benchmarks.video2dataset import video_id_of
+
+    assert video_id_of({"videoID": "-PCVHF3Kp3M_000169_000179", "url": "https://www.youtube.com/watch?v=x"}) == "-PCVHF3Kp3M_000169_000179"
+    assert video_id_of({"url": "/data/MSRVTT/videos/all/video7020.mp4"}) == "video7020"
+    assert video_id_of({"url": "file:///d/45755571@N00_4335657123_2de0c09653.avi"}) == "45755571@N00_4335657123_2de0c09653"
+    assert video_id_of({"url": "https://www.youtube.com/watch?v=uqiMw7tQ1Cc&t=3"}) == "uqiMw7tQ1Cc"
+    assert video_id_of({"url": "https://youtu.be/uqiMw7tQ1Cc"}) == "uqiMw7tQ1Cc"
+    assert video_id_of({"status": "failed_to_download"}) is None

@@ -93,4 +93,3 @@ class ActivityNetDataModule(BenchmarkDataModule):
     NUM_FRAMES: ClassVar[int] = 64
     CAPTION_MODE: ClassVar[str] = "paragraph"
     VAL_SPLIT: ClassVar[str | None] = "test"
-    SPLITS: ClassVar[tuple[str, ...]] = ("train", "test")

@@ -71,4 +71,3 @@ class CharadesDataModule(BenchmarkDataModule):
 
     NAME: ClassVar[str] = "charades"
     VAL_SPLIT: ClassVar[str | None] = "test"
-    SPLITS: ClassVar[tuple[str, ...]] = ("train", "test")

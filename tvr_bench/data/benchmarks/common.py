@@ -224,7 +224,6 @@ class BenchmarkDataModule(RetrievalDataModule):
     TRAIN_SPLIT: ClassVar[str] = "train"
     VAL_SPLIT: ClassVar[str | None] = "val"
     TEST_SPLIT: ClassVar[str] = "test"
-    SPLITS: ClassVar[tuple[str, ...]] = ("train", "val", "test")
 
     def __init__(
         self,
@@ -267,6 +266,17 @@ class BenchmarkDataModule(RetrievalDataModule):
             pin_memory=pin_memory,
         )
         self.sampling = sampling
+        # hparams: this class's own arguments with the defaults resolved (re-instantiable as is)
+        self.hparams.pop("dataset", None)
+        self.hparams.update(
+            root=self.root,
+            num_frames=self.num_frames,
+            caption_mode=self.caption_mode,
+            train_captions=self.train_captions,
+            train_split=self.train_split,
+            val_split=self.val_split,
+            test_split=self.test_split,
+        )
 
     @classmethod
     def default_root(cls, sampling: str | None = None) -> str:

@@ -71,6 +71,7 @@ def locator(videos: Path) -> Callable[[str], Path]:
     index = VideoIndex(videos)
 
     def locate(video: str) -> Path:
+        """The file of one DiDeMo video (or where it should be)."""
         stems = [video]
         base, dot, ext = video.rpartition(".")
         if dot and (ext.lower() in VIDEO_EXTENSIONS or ext == "" or ext.lower() == "null"):

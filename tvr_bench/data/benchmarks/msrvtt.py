@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 from tvr_bench.data.benchmarks.common import (
     AnnotationError,
@@ -66,7 +66,7 @@ def read_jsfusion(path: Path) -> dict[str, list[str]]:
     return out
 
 
-def locator(videos: Path) -> Any:
+def locator(videos: Path) -> Callable[[str], Path]:
     """``video<N>`` -> its file (``video<N>.mp4``, or another container with the same stem)."""
     index = VideoIndex(videos)
     return lambda vid: index.resolve(f"{vid}.mp4", names=(f"{vid}.mp4",), stems=(vid,))
@@ -127,7 +127,6 @@ class MSRVTTDataModule(BenchmarkDataModule):
     NAME: ClassVar[str] = "msrvtt"
     TRAIN_SPLIT: ClassVar[str] = "train_9k"
     VAL_SPLIT: ClassVar[str | None] = "test"
-    SPLITS: ClassVar[tuple[str, ...]] = ("train_9k", "train_7k", "test")
 
 
 class MSRVTTFullDataModule(BenchmarkDataModule):
