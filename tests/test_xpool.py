@@ -157,7 +157,22 @@ def test_fast_equals_reference(dim: int, heads: int, scale: float):
     with torch.no_grad():
         ref = xpool_similarity_reference(pool, text, frames)
         fast = xpool_similarity_fast(pool, text, frames)
+        fast64 = xpool_similarity_fast(pool, text, frames, acc_dtype=torch.float64)
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast64, ref, atol=1e-5, rtol=0)
+
+
+def test_fast_with_nearly_cancelling_frames():
+    """Alternating opposite frames (pooled output near zero before LN2) stay within 1e-5 of float64 math."""
+    pool = _perturbed_pool(128, 1, 0.2, seed=9)
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(6, 1, 128, generator=g)
+    frames = base * torch.tensor([1.0, -1.0] * 6).view(1, 12, 1) + 0.01 * torch.randn(6, 12, 128, generator=g)
+    text = torch.randn(8, 128, generator=g)
+    with torch.no_grad():
+        exact = xpool_similarity_reference(pool.double(), text.double(), frames.double()).float()
+        pool.float()
+        torch.testing.assert_close(xpool_similarity_fast(pool, text, frames), exact, atol=1e-5, rtol=0)
 
 
 def test_fast_with_frame_mask_and_blocks():
