@@ -144,25 +144,29 @@ def wti_similarity_blocked(
     pair_elems = nl * nf + nl + nf
     bt, bv = _chunk_sizes(nt, nv, pair_elems, max(1, min(max_bytes, chunk_bytes) // itemsize))
     # video chunks laid out frame-major ([F·bv, D]) so both maxima reduce over outer dimensions
+    out_sorted = text_n.new_empty(nt, nv)
     v_chunks = []
     for vs in range(0, nv, bv):
         vi = v_order[vs:vs + bv]
         fb = max(1, int(v_ext[vi[0]]))
         flat_v = video_n[vi, :fb].transpose(0, 1).reshape(fb * len(vi), d)
-        v_chunks.append((vi, fb, flat_v, video_w[vi, :fb], v_floor[vi]))
+        v_chunks.append((vs, vi, fb, flat_v, video_w[vi, :fb], v_floor[vi]))
     for ts in range(0, nt, bt):
         ti = t_order[ts:ts + bt]
         lb = max(1, int(t_ext[ti[0]]))
         tw, tf = text_w[ti, :lb], t_floor[ti]
         flat_t = text_n[ti, :lb].reshape(-1, d)
-        for vi, fb, flat_v, vw, vf in v_chunks:
+        for vs, vi, fb, flat_v, vw, vf in v_chunks:
             cos = (flat_t @ flat_v.t()).view(len(ti), lb, fb, len(vi))
-            best_frame = torch.maximum(cos.amax(dim=2), vf)  # [bt, lb, bv]
-            best_token = torch.maximum(cos.amax(dim=1), tf[:, None, None])  # [bt, fb, bv]
+            best_frame = cos.amax(dim=2)  # [bt, lb, bv]
+            torch.maximum(best_frame, vf, out=best_frame)
+            best_token = cos.amax(dim=1)  # [bt, fb, bv]
+            torch.maximum(best_token, tf[:, None, None], out=best_token)
             t2v = torch.einsum("tlv,tl->tv", best_frame, tw)
             v2t = torch.einsum("tfv,vf->tv", best_token, vw)
-            out[ti[:, None], vi[None, :]] = 0.5 * (t2v + v2t)
+            out_sorted[ts:ts + len(ti), vs:vs + len(vi)] = 0.5 * (t2v + v2t)
             del cos, best_frame, best_token  # free before the next chunk's matmul allocates
+    out[t_order[:, None], v_order[None, :]] = out_sorted
     return out
 
 

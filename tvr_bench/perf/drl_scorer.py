@@ -8,8 +8,8 @@ Three ways to compute the same [n, n] WTI score matrix from cached features:
 * `reference_loop`: the reference's `_run_on_single_gpu` pattern re-implemented: 32 x 32 blocks,
   each recomputing both weight MLPs, the normalisation and the masked einsum of its block.
 
-Each variant runs in a fresh process (spawn) so its peak resident memory can be read; the inputs
-are rebuilt there from the same seed. Inputs follow perf anchor (c): text lengths uniform in
+Each run is a fresh process (spawn) so its peak resident memory can be read; the inputs are
+rebuilt there from the same seed, and rounds interleave the variants. Inputs follow perf anchor (c): text lengths uniform in
 [5, words], all frames real.
 """
 
@@ -108,32 +108,35 @@ def _peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def _head(x: dict[str, Any], k: int) -> dict[str, Any]:
+    """The first k texts and videos of an input set (same weight MLPs)."""
+    return {key: (v[:k] if isinstance(v, Tensor) else v) for key, v in x.items()}
+
+
 def run_variant(
-    variant: str, n: int, words: int, frames: int, d: int, repeats: int, budget_mb: float, seed: int, threads: int | None
+    variant: str, n: int, words: int, frames: int, d: int, budget_mb: float, seed: int, threads: int | None
 ) -> dict[str, Any]:
-    """Time one variant (1 warm-up + `repeats` runs) in this process; return times, peak memory and the matrix."""
+    """Warm up on 64 items, then time one full run of `variant` in this process; return time, peak memory, matrix."""
     if threads:
         torch.set_num_threads(threads)
     x = make_inputs(n, words, frames, d, seed)
     fns = {
-        "blocked": lambda: score_blocked(x, int(budget_mb * 2**20)),
-        "one_shot": lambda: score_one_shot(x),
-        "reference_loop": lambda: score_reference_loop(x),
+        "blocked": lambda z: score_blocked(z, int(budget_mb * 2**20)),
+        "one_shot": score_one_shot,
+        "reference_loop": score_reference_loop,
     }
     fn = fns[variant]
-    base = _peak_rss_bytes()
-    times = []
     with torch.no_grad():
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            sim = fn()
-            if i:
-                times.append(time.perf_counter() - start)
+        fn(_head(x, min(n, 64)))
+        base = _peak_rss_bytes()
+        start = time.perf_counter()
+        sim = fn(x)
+        seconds = time.perf_counter() - start
+    peak = _peak_rss_bytes()
     return {
-        "seconds": statistics.median(times),
-        "seconds_all": [round(t, 4) for t in times],
-        "peak_rss_mib": _peak_rss_bytes() / 2**20,
-        "peak_extra_mib": max(0, _peak_rss_bytes() - base) / 2**20,
+        "seconds": seconds,
+        "peak_rss_mib": peak / 2**20,
+        "peak_extra_mib": max(0, peak - base) / 2**20,
         "threads": torch.get_num_threads(),
         "sim": sim,
     }
@@ -150,21 +153,34 @@ def bench_drl(
     threads: int | None = None,
     variants: tuple[str, ...] = VARIANTS,
 ) -> dict[str, Any]:
-    """Time the blocked DRL scorer vs one-shot vs the reference-style loop on CPU; peak memory and max |diff|."""
+    """Time the blocked DRL scorer vs one-shot vs the reference-style loop on CPU; peak memory and max |diff|.
+
+    Rounds are interleaved (every variant once per round, each in a fresh process) so that a
+    noisy machine slows all variants alike; the median over rounds is reported.
+    """
     out: dict[str, Any] = {
         "n": n, "words": words, "frames": frames, "d": d, "budget_mb": budget_mb, "repeats": repeats,
-        "note": "median of `repeats` after 1 warm-up; each variant in its own process; peak_extra_mib = RSS "
-                "growth over inputs; text lengths uniform in [5, words], all frames real",
+        "note": "median over interleaved rounds, each variant in a fresh process after a 64-item warm-up; "
+                "peak_extra_mib = RSS growth over the inputs; text lengths uniform in [5, words], all frames real",
     }
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     sims: dict[str, Tensor] = {}
-    for variant in variants:
-        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            res = pool.submit(run_variant, variant, n, words, frames, d, repeats, budget_mb, seed, threads).result()
-        sims[variant] = res.pop("sim")
-        out[variant] = res
-    ref = sims.get("one_shot", sims.get("blocked"))
-    for variant, sim in sims.items():
-        out[variant]["max_abs_diff_vs_one_shot"] = float((sim - ref).abs().max())
+    for _ in range(repeats):
+        for variant in variants:
+            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+                res = pool.submit(run_variant, variant, n, words, frames, d, budget_mb, seed, threads).result()
+            sims[variant] = res.pop("sim")
+            runs[variant].append(res)
+    ref = sims.get("one_shot", next(iter(sims.values())))
+    for variant, rs in runs.items():
+        out[variant] = {
+            "seconds": statistics.median(r["seconds"] for r in rs),
+            "seconds_all": [round(r["seconds"], 3) for r in rs],
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
+            "peak_extra_mib": max(r["peak_extra_mib"] for r in rs),
+            "threads": rs[0]["threads"],
+            "max_abs_diff_vs_one_shot": float((sims[variant] - ref).abs().max()),
+        }
     if "blocked" in out and "reference_loop" in out:
         out["speedup_blocked_vs_reference_loop"] = out["reference_loop"]["seconds"] / out["blocked"]["seconds"]
     if "blocked" in out and "one_shot" in out:
