@@ -347,11 +347,11 @@ def drl_training_terms(
             else sims.new_zeros(())
         )
         return sims, loss
-    if interaction == "ti" or text_weights is None or video_weights is None:
-        if interaction == "wti":
-            raise ValueError("interaction 'wti' needs text_weights and video_weights")
+    if interaction == "ti":
         text_weights = uniform_weights(text_mask, text_tokens.dtype)
         video_weights = uniform_weights(video_mask, video_feats.dtype)
+    elif text_weights is None or video_weights is None:
+        raise ValueError("interaction 'wti' needs text_weights and video_weights")
     sims = wti_similarity(text_tokens, text_mask, video_feats, video_mask, text_weights, video_weights)
     loss = cdcr_loss(
         cdcr, text_tokens, text_mask, video_feats, video_mask, alpha1, alpha2, text_weights, video_weights, generator
