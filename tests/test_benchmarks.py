@@ -218,10 +218,10 @@ def test_paragraphs_exact(work: Path, dataset: str) -> None:
 
 def test_paragraph_parts_keep_the_join() -> None:
     """Empty sentences are folded so the join is unchanged and every caption is non-empty."""
-    for sentences in (["a", "", "b"], ["", "a", " b "], ["a", "", ""], ["a"], ["", ""]):
+    for sentences in (["a", "", "b"], ["", "a", " b "], ["a", "", ""], ["a"], ["", ""], [" ", "a", "  ", "b", "\n"], ["\n", " "]):
         parts = paragraph_parts(sentences)
-        assert all(parts)
-        if any(sentences):
+        assert all(p.strip() for p in parts)
+        if any(s.strip() for s in sentences):
             assert " ".join(parts) == " ".join(sentences)
         else:
             assert parts == []
@@ -369,3 +369,29 @@ def test_video2dataset_id_rules() -> None:
     assert video_id_of({"url": "https://www.youtube.com/watch?v=uqiMw7tQ1Cc&t=3"}) == "uqiMw7tQ1Cc"
     assert video_id_of({"url": "https://youtu.be/uqiMw7tQ1Cc"}) == "uqiMw7tQ1Cc"
     assert video_id_of({"status": "failed_to_download"}) is None
+
+
+def test_listed_video_without_text_is_reported(work: Path) -> None:
+    """A listed video whose annotation has no text is a manifest failure ("no captions"), not a silent drop."""
+    import csv
+
+    raw = build_raw("charades", work / "raw")
+    annotations = work / "charades-blank"
+    annotations.mkdir(exist_ok=True)
+    victim = expected_splits("charades")["test"]["video_ids"][0]
+    for path in (raw / "charades" / "annotations").glob("*.csv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            if row["id"] == victim:
+                row["descriptions"] = "  "
+        with open(annotations / path.name, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    out = work / "out" / "charades-blank"
+    argv = ["charades", "--videos", str(raw / "charades" / "videos"), "--annotations", str(annotations), "--out", str(out), "--workers", "1", "--no-progress"]
+    assert prepare_main(argv) == 0
+    failures = {f["video_id"]: f["reason"] for f in json.loads((out / MANIFEST_FILE).read_text())["failures"]}
+    assert failures[victim].startswith("no captions")
+    assert victim not in {meta["video_id"] for _, meta, _ in samples(out, "test")}

@@ -60,9 +60,7 @@ def read_records(videos: Path, annotations: Path) -> Iterator[VideoRecord]:
         ids, captions = read_split(annotations, captions_name, ids_name)
         for vid in ids:
             entry = captions[vid]
-            parts = paragraph_parts(entry.get("sentences", []))
-            if not parts:
-                continue
+            parts = paragraph_parts(entry.get("sentences", []))  # none: reported by prepare
             duration = entry.get("duration")
             # CLIP4Clip reads whole seconds 0..ceil(duration) inclusive (never past the file's end):
             # the half-open window [0, ceil(duration) + 1).

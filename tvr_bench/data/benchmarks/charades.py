@@ -9,7 +9,6 @@ several ';'-joined descriptions. Videos are ``Charades_v1/<id>.mp4`` (or the 480
 from __future__ import annotations
 
 import csv
-import warnings
 from pathlib import Path
 from typing import Callable, ClassVar, Iterator
 
@@ -26,21 +25,13 @@ FILES = {"train": "Charades_v1_train.csv", "test": "Charades_v1_test.csv"}
 
 
 def read_descriptions(path: Path) -> dict[str, list[str]]:
-    """id -> [raw descriptions field], csv order; rows with an empty field are skipped with a warning."""
+    """id -> [raw descriptions field], csv order (an empty field becomes a "no captions" manifest entry)."""
     out: dict[str, list[str]] = {}
-    empty = []
     with open(path, newline="", encoding="utf-8-sig") as f:
         for row in csv.DictReader(f):
             vid = (row.get("id") or "").strip()
-            text = row.get("descriptions") or ""
-            if not vid:
-                continue
-            if not text.strip():
-                empty.append(vid)
-                continue
-            out[vid] = [text]
-    if empty:
-        warnings.warn(f"charades: {len(empty)} rows of {path.name} have no descriptions (e.g. {empty[0]})", stacklevel=2)
+            if vid:
+                out[vid] = [row.get("descriptions") or ""]
     return out
 
 
@@ -55,7 +46,7 @@ def read_records(videos: Path, annotations: Path) -> Iterator[VideoRecord]:
     locate = locator(videos)
     for split, name in FILES.items():
         texts = read_descriptions(require_annotation(annotations, (name,), "charades"))
-        yield from records_for_split(split, texts, texts, locate, "charades")
+        yield from records_for_split(split, texts, texts, locate)
 
 
 SPEC = BenchmarkSpec(

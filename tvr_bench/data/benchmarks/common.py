@@ -108,24 +108,22 @@ def unique(items: Iterable[str]) -> list[str]:
 
 
 def paragraph_parts(sentences: Sequence[str]) -> list[str]:
-    """Sentences as non-empty captions whose ``" ".join`` equals the reference ``" ".join(sentences)``.
+    """Sentences as captions with text whose ``" ".join`` equals the reference ``" ".join(sentences)``.
 
-    Shards require non-empty captions; an empty sentence is folded into its neighbour as the extra
-    space the reference join would have produced, so paragraphs stay byte-identical.
+    Shards require captions with text; an empty or blank sentence is folded into its neighbour
+    together with the separator the reference join puts around it, so paragraphs stay byte-identical.
     """
     parts: list[str] = []
     pending = ""
     for sentence in sentences:
-        if sentence == "":
+        if not sentence.strip():
             if parts:
-                parts[-1] += " "
+                parts[-1] += " " + sentence
             else:
-                pending += " "
+                pending += sentence + " "
             continue
         parts.append(pending + sentence)
         pending = ""
-    if pending and not parts:
-        return []
     return parts
 
 
@@ -308,29 +306,21 @@ def records_for_split(
     ids: Iterable[str],
     captions: dict[str, list[str]],
     locate: Callable[[str], Path],
-    dataset: str,
     segment: tuple[float | None, float | None] = (None, None),
     meta: Callable[[str], dict[str, Any]] | None = None,
 ) -> Iterator[VideoRecord]:
-    """Records for the ids of a split list, with their captions; ids without captions are warned about."""
-    skipped = []
+    """Records for the ids of a split list with their non-blank captions, in list order.
+
+    A listed video without any caption is still yielded (with none), so that ``prepare`` reports it
+    in the manifest ("no captions") instead of it vanishing from the split.
+    """
     for video_id in unique(ids):
-        texts = captions.get(video_id)
-        if not texts:
-            skipped.append(video_id)
-            continue
         yield VideoRecord(
             video_id=video_id,
             path=locate(video_id),
-            captions=list(texts),
+            captions=[text for text in captions.get(video_id, []) if text.strip()],
             split=split,
             start=segment[0],
             end=segment[1],
             meta=meta(video_id) if meta is not None else {},
-        )
-    if skipped:
-        warnings.warn(
-            f"{dataset}/{split}: {len(skipped)} listed videos have no caption in the annotations and are "
-            f"skipped (e.g. {skipped[0]!r})",
-            stacklevel=2,
         )

@@ -103,7 +103,6 @@ def read_records(videos: Path, annotations: Path) -> Iterator[VideoRecord]:
             ids,
             descriptions,
             locate,
-            "didemo",
             segment=SEGMENT,
             meta=lambda vid: {"license": licenses.get(photo_id(vid)), "reference_window_s": list(REFERENCE_WINDOW)},
         )

@@ -49,12 +49,10 @@ def read_rows(path: Path) -> list[tuple[str, list[str]]]:
 
 
 def sentences_by_clip(path: Path) -> dict[str, list[str]]:
-    """Clip id -> every non-empty sentence of its rows, in file order (first-seen clip order)."""
+    """Clip id -> the sentence of each of its rows, in file order (first-seen clip order)."""
     out: dict[str, list[str]] = {}
     for clip, fields in read_rows(path):
-        out.setdefault(clip, [])
-        if fields[-1]:
-            out[clip].append(fields[-1])
+        out.setdefault(clip, []).append(fields[-1])
     return out
 
 
@@ -75,7 +73,7 @@ def read_records(videos: Path, annotations: Path) -> Iterator[VideoRecord]:
     for split, names in FILES.items():
         sentences = sentences_by_clip(require_annotation(annotations, names, "lsmdc"))
         yield from records_for_split(
-            split, sentences, sentences, locate, "lsmdc", meta=lambda clip: {"movie": movie_of(clip)}
+            split, sentences, sentences, locate, meta=lambda clip: {"movie": movie_of(clip)}
         )
 
 

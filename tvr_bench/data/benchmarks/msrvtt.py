@@ -79,9 +79,9 @@ def read_records(videos: Path, annotations: Path) -> Iterator[VideoRecord]:
     locate = locator(videos)
     for split, name in TRAIN_LISTS.items():
         ids = read_video_list(require_annotation(annotations, (name,), "msrvtt"))
-        yield from records_for_split(split, ids, captions, locate, "msrvtt")
+        yield from records_for_split(split, ids, captions, locate)
     test = read_jsfusion(require_annotation(annotations, (TEST_CSV,), "msrvtt"))
-    yield from records_for_split("test", test, test, locate, "msrvtt")
+    yield from records_for_split("test", test, test, locate)
 
 
 def read_full_records(videos: Path, annotations: Path) -> Iterator[VideoRecord]:
@@ -101,7 +101,7 @@ def read_full_records(videos: Path, annotations: Path) -> Iterator[VideoRecord]:
             raise AnnotationError(f"msrvtt_full: unknown split {video['split']!r} for {video['video_id']}")
         by_split[split].append(str(video["video_id"]))
     for split, ids in by_split.items():
-        yield from records_for_split(split, ids, captions, locate, "msrvtt_full")
+        yield from records_for_split(split, ids, captions, locate)
 
 
 SPEC = BenchmarkSpec(

@@ -104,7 +104,7 @@ def read_records(videos: Path, annotations: Path) -> Iterator[VideoRecord]:
         if listed is None:
             raise AnnotationError(f"msvd: no {split}_list.txt beside {path} (data_cards/msvd.md)")
         yield from records_for_split(
-            split, read_id_list(listed), captions, locate, "msvd", meta=lambda vid: {"annotation_file": path.name}
+            split, read_id_list(listed), captions, locate, meta=lambda vid: {"annotation_file": path.name}
         )
 
 

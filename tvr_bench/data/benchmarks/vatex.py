@@ -96,7 +96,7 @@ def read_records(videos: Path, annotations: Path) -> Iterator[VideoRecord]:
         splits = {"train": official["train"], "test": official["val"]}
     locate = locator(videos)
     for split, ids in splits.items():
-        yield from records_for_split(split, ids, captions, locate, "vatex")
+        yield from records_for_split(split, ids, captions, locate)
 
 
 SPEC = BenchmarkSpec(
