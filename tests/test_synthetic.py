@@ -92,3 +92,17 @@ def test_prepare_data_resumes_an_interrupted_build(tiny_root: Path, tmp_path: Pa
     assert (root / "manifest.json").read_text() == (tiny_root / "manifest.json").read_text()
     assert (root / "test" / "index.json").read_text() == (tiny_root / "test" / "index.json").read_text()
     assert not (root / "test" / "shard-00000.tar.tmp").exists()
+
+
+def test_prepare_data_rebuilds_a_set_from_an_older_generator(tiny_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "stale"
+    shutil.copytree(tiny_root, root)
+    annotation = root / "raw" / "annotations.json"
+    old = json.loads(annotation.read_text())
+    old["generator_version"] = synth.GENERATOR_VERSION - 1
+    annotation.write_text(json.dumps(old))
+    (root / "raw" / "videos" / "train-00001.mp4").write_bytes(b"old encoder output")
+    SyntheticDataModule(size="tiny", root=str(root)).prepare_data()
+    assert annotation.read_text() == (tiny_root / "raw" / "annotations.json").read_text()
+    for split in ("train", "val", "test"):
+        assert (root / split / "index.json").read_text() == (tiny_root / split / "index.json").read_text()

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tvr_bench.data.prepare import VideoRecord
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # bump whenever the videos or captions for a given seed change
 ANNOTATION_FILE = "annotations.json"
 FPS = 2
 FRAME_SIZE = 64
@@ -417,6 +417,14 @@ def annotation_path(annotations: str | Path) -> Path:
     """Accept the annotation file itself or the directory holding ``annotations.json``."""
     path = Path(annotations)
     return path / ANNOTATION_FILE if path.is_dir() else path
+
+
+def generator_version(annotations: str | Path) -> int | None:
+    """The generator version recorded in an annotation file (None when there is none)."""
+    path = annotation_path(annotations)
+    if not path.is_file():
+        return None
+    return int(json.loads(path.read_text(encoding="utf-8")).get("generator_version", 0))
 
 
 def read_records(videos: str | Path, annotations: str | Path) -> Iterator[VideoRecord]:

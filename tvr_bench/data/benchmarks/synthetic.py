@@ -22,14 +22,16 @@ def default_root(size: str, synth_seed: int = 0) -> str:
 
 
 def build_synthetic(root: str | Path, size: str = "tiny", synth_seed: int = 0, workers: int | None = None, progress: bool = True) -> Path:
-    """Generate videos into ``{root}/raw`` and prepare shards into ``{root}`` unless already complete."""
+    """Generate videos into ``{root}/raw`` and prepare shards into ``{root}`` unless already complete;
+    a set made by an older generator version is rebuilt."""
     root = Path(root)
-    if (root / MANIFEST_FILE).is_file():
+    raw = root / "raw"
+    version = synth.generator_version(raw)
+    stale = version is not None and version != synth.GENERATOR_VERSION
+    if (root / MANIFEST_FILE).is_file() and not stale:
         return root
     workers = workers or min(2, os.cpu_count() or 1)
-    raw = root / "raw"
-    annotation = synth.annotation_path(raw)
-    if not annotation.is_file():
+    if stale or version is None:
         synth.generate(raw, size=size, seed=synth_seed, workers=workers, progress=progress)
     reader = get_reader("synthetic")
     config = PrepareConfig(
@@ -46,7 +48,8 @@ def build_synthetic(root: str | Path, size: str = "tiny", synth_seed: int = 0, w
         config,
         source_root=raw / "videos",
         workers=workers,
-        resume=(root / PROGRESS_FILE).is_file(),
+        resume=not stale and (root / PROGRESS_FILE).is_file(),
+        overwrite=stale,
         progress=progress,
     )
     return root
