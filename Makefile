@@ -10,7 +10,10 @@ TVR := $(VENV)/bin/tvr-bench
 RECIPES = --config recipes/base.yaml --config recipes/methods/$(METHOD).yaml --config recipes/data/$(DATA).yaml
 RECIPE_EXTRA = $(wildcard recipes/methods/$(METHOD)_$(DATA).yaml)
 
-.PHONY: install bench test test-slow test-all perf leaderboard clean
+METHODS := clip4clip clip4clip_seqtransf xpool drl tmass mascot
+DATASETS := $(basename $(notdir $(wildcard recipes/data/*.yaml)))
+
+.PHONY: install bench check-names test test-slow test-all perf leaderboard clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +25,11 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 ## Fit then test on the best checkpoint: make bench METHOD=drl DATA=synthetic SEEDS="0 1 2" ARGS="--trainer.max_epochs 2"
-bench: install
+check-names:
+	@case " $(METHODS) " in *" $(METHOD) "*) ;; *) echo "error: unknown METHOD '$(METHOD)'; choose one of: $(METHODS)" >&2; exit 2;; esac
+	@case " $(DATASETS) " in *" $(DATA) "*) ;; *) echo "error: unknown DATA '$(DATA)'; choose one of: $(DATASETS)" >&2; exit 2;; esac
+
+bench: check-names install
 	@for seed in $(SEEDS); do \
 	  echo "== $(METHOD) on $(DATA), seed $$seed =="; \
 	  $(TVR) bench $(RECIPES) $(if $(RECIPE_EXTRA),--config $(RECIPE_EXTRA)) \
@@ -33,7 +40,7 @@ test: install
 	$(VENV)/bin/python -m pytest -q
 
 test-slow: install
-	$(VENV)/bin/python -m pytest -q -m slow
+	$(VENV)/bin/python -m pytest -q -m slow; rc=$$?; [ $$rc -eq 5 ] && echo "no slow tests" || exit $$rc
 
 test-all: install
 	$(VENV)/bin/python -m pytest -q -m "slow or not slow"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -33,6 +34,40 @@ class TVRBenchCLI(LightningCLI):
         """Force the shared RetrievalEvaluator (`evaluator:`) and LeaderboardWriter (`leaderboard:`) callbacks."""
         parser.add_lightning_class_args(RetrievalEvaluator, "evaluator")
         parser.add_lightning_class_args(LeaderboardWriter, "leaderboard")
+
+    def before_instantiate_classes(self) -> None:
+        """Fail early, naming the data card, when a real benchmark's shards are not prepared yet."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        data = config.get("data") if config is not None else None
+        if data is None or not getattr(data, "class_path", None):
+            return
+        from jsonargparse import Namespace
+
+        from tvr_bench.data.benchmarks.common import BenchmarkDataModule
+
+        module_name, _, class_name = data.class_path.rpartition(".")
+        cls = getattr(__import__(module_name, fromlist=[class_name]), class_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, BenchmarkDataModule)):
+            return
+        init = data.init_args if isinstance(data.init_args, Namespace) else Namespace()
+        root = init.get("root") or cls.default_root(init.get("sampling"))
+        if not Path(root).is_dir():
+            raise SystemExit(
+                f"error: the {cls.NAME} shards are not prepared: {root!r} does not exist. "
+                f"See data_cards/{cls.NAME}.md for how to get the videos and run `tvr-bench prepare {cls.NAME}`."
+            )
+
+    def instantiate_classes(self) -> None:
+        """Instantiate the configured classes; a rejected value ends with its message, not a traceback."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:  # jsonargparse wraps the constructor's own error
+            root = err
+            while root.__cause__ is not None:
+                root = root.__cause__
+            if isinstance(root, (ValueError, TypeError, FileNotFoundError, OSError)):
+                raise SystemExit(f"error: invalid configuration: {type(root).__name__}: {root}") from None
+            raise
 
     def after_instantiate_classes(self) -> None:
         """Name the W&B run (group, tags, job type, folder) from method and dataset before it starts."""
@@ -100,10 +135,10 @@ def cli_main(args: list[str] | None = None) -> TVRBenchCLI:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tvr-bench` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in TOOL_COMMANDS:
-        return _dispatch_tool(argv[0], argv[1:])
-    cli_main(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in TOOL_COMMANDS:
+        return _dispatch_tool(args[0], args[1:])
+    cli_main(None if argv is None else args)
     return 0
 
 
