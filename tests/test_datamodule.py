@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.data_fixtures import tiny_raw, tiny_root  # noqa: F401 - pytest fixtures
+from tests.data_fixtures import tiny_root  # noqa: F401 - pytest fixture
 from tvr_bench.data.datamodule import RetrievalDataModule
 from tvr_bench.data.shards import ShardError, ShardFile, encode_sample, iter_shard, parse_sample, read_index
 from tvr_bench.data.transforms import CLIP_MEAN, CLIP_STD
