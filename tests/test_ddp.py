@@ -143,6 +143,7 @@ def fit_checkpoint(recipe: str, root: Path, quiet: Path, out: Path) -> Path:
     from tvr_bench.cli import cli_main
 
     saved = {k: os.environ.get(k) for k in DDP_ENV}
+    argv, sys.argv = sys.argv, ["tvr-bench"]  # LightningCLI warns when pytest's argv sits beside `args`
     try:
         cli = cli_main([
             "fit", *recipe_args(recipe, root, quiet),
@@ -158,6 +159,7 @@ def fit_checkpoint(recipe: str, root: Path, quiet: Path, out: Path) -> Path:
         path = out / f"{recipe}.ckpt"
         cli.trainer.save_checkpoint(path)
     finally:
+        sys.argv = argv
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -166,7 +168,7 @@ def fit_checkpoint(recipe: str, root: Path, quiet: Path, out: Path) -> Path:
     return path
 
 
-def test_result(recipe: str, root: Path, quiet: Path, ckpt: Path, out: Path, *extra: str) -> dict:
+def cli_test_result(recipe: str, root: Path, quiet: Path, ckpt: Path, out: Path, *extra: str) -> dict:
     """`tvr-bench test --ckpt_path` in a subprocess; the result JSON the LeaderboardWriter wrote."""
     out.mkdir(parents=True)
     run_tvr(
@@ -178,15 +180,17 @@ def test_result(recipe: str, root: Path, quiet: Path, ckpt: Path, out: Path, *ex
             "--leaderboard.runs_dir", str(out),
             "--leaderboard.rebuild", "false",
             "--evaluator.print_table", "false",
+            "--evaluator.save_scores", str(out / "scores.pt"),
             *extra,
         ],
         cwd=out,
     )
     [path] = sorted((out / "results").glob("*.json"))
-    return json.loads(path.read_text())
+    result = json.loads(path.read_text())
+    result["scores"] = torch.load(out / "scores.pt", weights_only=True)
+    return result
 
 
-test_result.__test__ = False  # a helper, not a test
 
 
 @pytest.mark.slow
@@ -194,15 +198,20 @@ test_result.__test__ = False  # a helper, not a test
 def test_ddp_two_processes_equal_one_process(recipe: str, odd_root: Path, quiet_config: Path, tmp_path: Path) -> None:
     """Same checkpoint, uneven test split: metrics on 2 DDP processes (2 workers each) == 1 process (1 worker)."""
     ckpt = fit_checkpoint(recipe, odd_root, quiet_config, tmp_path)
-    one = test_result(recipe, odd_root, quiet_config, ckpt, tmp_path / "one",
+    one = cli_test_result(recipe, odd_root, quiet_config, ckpt, tmp_path / "one",
                       "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--data.init_args.num_workers", "1")
-    two = test_result(recipe, odd_root, quiet_config, ckpt, tmp_path / "two",
+    two = cli_test_result(recipe, odd_root, quiet_config, ckpt, tmp_path / "two",
                       "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
                       "--data.init_args.num_workers", "2")
     assert (one["device"]["world_size"], two["device"]["world_size"]) == (1, 2)
     n_videos, n_texts = sum(ODD_SHARDS), 5 * sum(ODD_SHARDS)
     for result in (one, two):
         assert (result["eval"]["videos"], result["eval"]["texts"]) == (n_videos, n_texts)
+    s1, s2 = one["scores"], two["scores"]
+    assert (s1["video_keys"], s1["caption_keys"]) == (s2["video_keys"], s2["caption_keys"])
+    assert torch.equal(s1["text_to_video"], s2["text_to_video"])
+    diff = float((s1["sim"] - s2["sim"]).abs().max())
+    assert diff <= 1e-5, f"{recipe}: score matrices differ by up to {diff:.2e}"
     assert two["metrics"] == one["metrics"], f"{recipe}: 1 process {one['metrics']} != 2 processes {two['metrics']}"
 
 

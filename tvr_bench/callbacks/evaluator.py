@@ -78,11 +78,13 @@ def _gather_objects(obj: Any) -> list[Any]:
 class RetrievalEvaluator(L.Callback):
     """Collects eval features, scores all pairs exactly once and logs R@1/5/10, MdR, MnR both ways."""
 
-    def __init__(self, dsl: bool = False, print_table: bool = True, device: str = "auto"):
+    def __init__(self, dsl: bool = False, print_table: bool = True, device: str = "auto", save_scores: str | None = None):
+        """`save_scores`: a file path; after each test, rank 0 saves the score matrix and the key order there."""
         super().__init__()
         self.dsl = dsl
         self.print_table = print_table
         self.device = device
+        self.save_scores = save_scores
         self._chunks: list[dict[str, Any]] = []
         self.last_metrics: dict[str, float] = {}
         self.last_eval_seconds: float = 0.0
@@ -193,6 +195,9 @@ class RetrievalEvaluator(L.Callback):
         for feats, n in ((text, len(caption_keys)), (video, len(video_keys))):
             feats["index"] = torch.arange(n)
         sim = self.score(pl_module, text, video)
+        if self.save_scores and stage == "test" and trainer.is_global_zero:
+            payload = {"sim": sim, "text_to_video": t2v, "video_keys": video_keys, "caption_keys": caption_keys}
+            torch.save(payload, self.save_scores)
         metrics = retrieval_metrics(sim, t2v)
         if self.dsl:
             metrics.update({f"dsl/{k}": v for k, v in retrieval_metrics(dual_softmax(sim), t2v).items()})

@@ -183,7 +183,7 @@ class RetrievalModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _total_steps(self) -> int:
-        trainer = self.trainer
+        trainer = self._trainer  # `self.trainer` raises outside a Trainer (plain PyTorch loops)
         if trainer is None:
             return 1
         steps = trainer.estimated_stepping_batches
