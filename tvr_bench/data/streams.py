@@ -27,7 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from tvr_bench.data.frames import stored_frame_plan
 from tvr_bench.data.shards import ShardError, parse_sample, read_index
-from tvr_bench.data.transforms import clip_to_uint8, decode_jpeg, normalize
+from tvr_bench.data.transforms import clip_to_uint8, decode_jpeg, normalize_clips
 
 SHORT_WARNINGS_SHOWN = 5
 _short_warned = 0
@@ -289,7 +289,7 @@ decode = wds.pipelinefilter(_decode)
 def batch_frames(items: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack uint8 clips and masks, CLIP-normalise in one op, zero the padded frames."""
     mask = torch.from_numpy(np.stack([i["frame_mask"].numpy() for i in items]))
-    frames = normalize(torch.from_numpy(np.stack([i["frames"].numpy() for i in items])))
+    frames = normalize_clips([i["frames"].numpy() for i in items])
     if not bool(mask.all()):
         frames.numpy()[~mask.numpy()] = 0.0
     return frames, mask

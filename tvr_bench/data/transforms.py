@@ -19,7 +19,7 @@ def decode_jpeg(data: bytes, min_side: int | None = None) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
         if min_side is not None and min(img.size) >= 2 * min_side:
             img.draft("RGB", (min_side, min_side))
-        return np.asarray(img.convert("RGB"))
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # convert() to the same mode copies
 
 
 def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
@@ -54,8 +54,28 @@ def normalize(frames: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+def normalize_clips(clips: list[np.ndarray]) -> torch.Tensor:
+    """Stack uint8 clips ``[F, 3, H, W]`` into CLIP-normalised float32 ``[B, F, 3, H, W]``: the values of
+    :func:`normalize` on the stacked batch, written frame by frame into one buffer (no uint8 batch copy,
+    each frame's two passes stay in cache)."""
+    out = np.empty((len(clips), *clips[0].shape), dtype=np.float32)
+    for i, clip in enumerate(clips):
+        for j in range(clip.shape[0]):
+            np.multiply(clip[j], _SCALE, out=out[i, j])
+            out[i, j] -= _SHIFT
+    return torch.from_numpy(out)
+
+
 def clip_to_uint8(frames: list[np.ndarray], size: int) -> torch.Tensor:
     """Stack decoded ``[H, W, 3]`` uint8 frames of one clip into resized, cropped uint8 ``[F, 3, size, size]``."""
+    h, w = frames[0].shape[:2]
+    if min(h, w) == size and all(f.shape == frames[0].shape for f in frames):
+        # stored at the target short side (the usual case): crop while transposing, one copy per frame
+        top, left = (h - size) // 2, (w - size) // 2
+        out = np.empty((len(frames), 3, size, size), dtype=np.uint8)
+        for i, frame in enumerate(frames):
+            out[i] = frame[top : top + size, left : left + size].transpose(2, 0, 1)
+        return torch.from_numpy(out)
     stacked = np.ascontiguousarray(np.stack(frames).transpose(0, 3, 1, 2))
     return torch.from_numpy(np.ascontiguousarray(resize_center_crop(torch.from_numpy(stacked), size).numpy()))
 
