@@ -32,8 +32,13 @@ def concat_features(chunks: list[Features]) -> Features:
 
 
 def select_features(feats: Features, index: Tensor) -> Features:
-    """Rows `index` of every tensor of a feature dict."""
-    return {k: v.index_select(0, index) for k, v in feats.items()}
+    """Rows `index` of every tensor of a feature dict (the index follows each tensor's device)."""
+    return {k: v.index_select(0, index.to(v.device)) for k, v in feats.items()}
+
+
+def slice_features(feats: Features, start: int, stop: int) -> Features:
+    """Rows `start:stop` of every tensor of a feature dict (views, no copy)."""
+    return {k: v[start:stop] for k, v in feats.items()}
 
 
 def block_sizes(n_text: int, n_video: int, pair_bytes: int, budget_bytes: float) -> tuple[int, int]:
@@ -51,18 +56,18 @@ def blocked_similarity(
     """Score `text` (or only its `rows`) against every video in blocks under `budget_mb`."""
     n_text = text[next(iter(text))].shape[0]
     n_video = video[next(iter(video))].shape[0]
-    rows = torch.arange(n_text) if rows is None else rows
-    out = torch.empty(len(rows), n_video, dtype=torch.float32)
-    if len(rows) == 0 or n_video == 0:
+    all_rows = rows is None or (len(rows) == n_text and bool((rows.cpu() == torch.arange(n_text)).all()))
+    n_rows = n_text if rows is None else len(rows)
+    out = torch.empty(n_rows, n_video, dtype=torch.float32)
+    if n_rows == 0 or n_video == 0:
         return out
-    probe_t = select_features(text, rows[:1])
-    probe_v = select_features(video, torch.arange(1))
-    bt, bv = block_sizes(len(rows), n_video, method.pair_cost_bytes(probe_t, probe_v), budget_mb * 2**20)
-    for i in range(0, len(rows), bt):
-        t_block = select_features(text, rows[i : i + bt])
+    mine = text if all_rows else select_features(text, rows)  # this rank's rows, gathered once
+    pair_bytes = method.pair_cost_bytes(slice_features(mine, 0, 1), slice_features(video, 0, 1))
+    bt, bv = block_sizes(n_rows, n_video, pair_bytes, budget_mb * 2**20)
+    for i in range(0, n_rows, bt):
+        t_block = slice_features(mine, i, i + bt)
         for j in range(0, n_video, bv):
-            v_block = select_features(video, torch.arange(j, min(n_video, j + bv)))
-            out[i : i + bt, j : j + bv] = method.similarity(t_block, v_block).float().cpu()
+            out[i : i + bt, j : j + bv] = method.similarity(t_block, slice_features(video, j, j + bv)).float().cpu()
     return out
 
 

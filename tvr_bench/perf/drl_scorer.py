@@ -33,6 +33,7 @@ from tvr_bench.functional.drl import (
     wti_similarity,
     wti_similarity_blocked,
 )
+from tvr_bench.perf.memory import reset_peak_rss
 
 VARIANTS = ("blocked", "one_shot", "reference_loop")
 
@@ -128,7 +129,7 @@ def run_variant(
     fn = fns[variant]
     with torch.no_grad():
         fn(_head(x, min(n, 64)))
-        base = _peak_rss_bytes()
+        base = reset_peak_rss()  # high-water mark reset: import/input peaks do not hide the call's own
         start = time.perf_counter()
         sim = fn(x)
         seconds = time.perf_counter() - start

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from tvr_bench.functional.tmass import RadiusHead, counter_prior, tmass_similarity, tmass_similarity_reference
 from tvr_bench.functional.xpool import TextConditionedPool, xpool_similarity_fast, xpool_similarity_reference
+from tvr_bench.perf.memory import reset_peak_rss
 
 VARIANTS = ("fast", "one_shot")
 
@@ -71,7 +72,7 @@ def run_variant(
         ("tmass", "one_shot"): lambda: tmass_similarity_reference(x["pool"], x["radius"], x["text"], x["frames"], None, x["eps"]),
     }
     fn = fns[(method, variant)]
-    base = _peak_rss_bytes()
+    base = reset_peak_rss()  # high-water mark reset: import/input peaks do not hide the call's own
     times = []
     with torch.no_grad():
         for i in range(repeats + 1):
