@@ -279,3 +279,28 @@ def test_eval_split_smaller_than_world_size_is_refused(tiny_root: Path) -> None:
         dm.test_dataloader()
     dm.trainer = SimpleNamespace(global_rank=15, world_size=16, current_epoch=0)
     assert len(dm.test_dataloader()) == 1
+
+
+def test_blocked_similarity_rank_shares_rebuild_the_full_matrix() -> None:
+    """Each rank's strided rows, scored in blocks of any size, are exactly those rows of the full matrix."""
+    from tvr_bench.callbacks.evaluator import blocked_similarity
+
+    class Scorer:
+        def similarity(self, t: dict, v: dict) -> torch.Tensor:
+            return t["e"] @ v["e"].T + 1e-3 * t["index"][:, None] - 1e-4 * v["index"][None, :]
+
+        def pair_cost_bytes(self, t: dict, v: dict) -> int:
+            return 4
+
+    g = torch.Generator().manual_seed(0)
+    text = {"e": torch.randn(37, 8, generator=g), "index": torch.arange(37)}
+    video = {"e": torch.randn(23, 8, generator=g), "index": torch.arange(23)}
+    full = Scorer().similarity(text, video)
+    for budget_mb in (1e-4, 2e-3, 100.0):  # 26 pairs, 524 pairs, everything at once
+        assert torch.equal(blocked_similarity(Scorer(), text, video, budget_mb), full)
+        for world in (2, 3):
+            rebuilt = torch.empty_like(full)
+            for rank in range(world):
+                rows = torch.arange(rank, 37, world)
+                rebuilt[rows] = blocked_similarity(Scorer(), text, video, budget_mb, rows)
+            assert torch.equal(rebuilt, full)

@@ -58,12 +58,14 @@ def blocked_similarity(
     n_video = video[next(iter(video))].shape[0]
     all_rows = rows is None or (len(rows) == n_text and bool((rows.cpu() == torch.arange(n_text)).all()))
     n_rows = n_text if rows is None else len(rows)
-    out = torch.empty(n_rows, n_video, dtype=torch.float32)
     if n_rows == 0 or n_video == 0:
-        return out
+        return torch.empty(n_rows, n_video, dtype=torch.float32)
     mine = text if all_rows else select_features(text, rows)  # this rank's rows, gathered once
     pair_bytes = method.pair_cost_bytes(slice_features(mine, 0, 1), slice_features(video, 0, 1))
     bt, bv = block_sizes(n_rows, n_video, pair_bytes, budget_mb * 2**20)
+    if bt >= n_rows and bv >= n_video:  # one block: no copy into `out`
+        return method.similarity(mine, video).float().cpu()
+    out = torch.empty(n_rows, n_video, dtype=torch.float32)
     for i in range(0, n_rows, bt):
         t_block = slice_features(mine, i, i + bt)
         for j in range(0, n_video, bv):
