@@ -282,7 +282,8 @@ def test_eval_split_smaller_than_world_size_is_refused(tiny_root: Path) -> None:
 
 
 def test_blocked_similarity_rank_shares_rebuild_the_full_matrix() -> None:
-    """Each rank's strided rows, scored in blocks of any size, are exactly those rows of the full matrix."""
+    """Each rank's strided rows, scored in blocks of any size, are those rows of the full matrix (up to float
+    rounding: a matmul over a different block shape may round differently in the last bit)."""
     from tvr_bench.callbacks.evaluator import blocked_similarity
 
     class Scorer:
@@ -297,10 +298,10 @@ def test_blocked_similarity_rank_shares_rebuild_the_full_matrix() -> None:
     video = {"e": torch.randn(23, 8, generator=g), "index": torch.arange(23)}
     full = Scorer().similarity(text, video)
     for budget_mb in (1e-4, 2e-3, 100.0):  # 26 pairs, 524 pairs, everything at once
-        assert torch.equal(blocked_similarity(Scorer(), text, video, budget_mb), full)
+        assert torch.allclose(blocked_similarity(Scorer(), text, video, budget_mb), full, rtol=0, atol=1e-6)
         for world in (2, 3):
             rebuilt = torch.empty_like(full)
             for rank in range(world):
                 rows = torch.arange(rank, 37, world)
                 rebuilt[rows] = blocked_similarity(Scorer(), text, video, budget_mb, rows)
-            assert torch.equal(rebuilt, full)
+            assert torch.allclose(rebuilt, full, rtol=0, atol=1e-6)
