@@ -294,8 +294,9 @@ def test_blocked_similarity_rank_shares_rebuild_the_full_matrix() -> None:
             return 4
 
     g = torch.Generator().manual_seed(0)
-    text = {"e": torch.randn(37, 8, generator=g), "index": torch.arange(37)}
-    video = {"e": torch.randn(23, 8, generator=g), "index": torch.arange(23)}
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=-1)  # noqa: E731 - cosines
+    text = {"e": unit(37), "index": torch.arange(37)}
+    video = {"e": unit(23), "index": torch.arange(23)}
     full = Scorer().similarity(text, video)
     for budget_mb in (1e-4, 2e-3, 100.0):  # 26 pairs, 524 pairs, everything at once
         assert torch.allclose(blocked_similarity(Scorer(), text, video, budget_mb), full, rtol=0, atol=1e-6)
