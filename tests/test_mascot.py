@@ -373,7 +373,7 @@ def test_short_synthetic_run_beats_chance(tiny_root, tmp_path):
     """90 steps on the tiny synthetic set (48 train videos; test 16 videos / 80 captions) beat chance t2v R@1.
 
     From-scratch `tiny` CLIP, 2 frames, lr 5e-4 (the synthetic recipe's). Seed 0 gave t2v R@1 21.2
-    (CLIP4Clip meanP in the same setting: 21.2) against chance 6.25. A few CPU minutes: marked slow.
+    (CLIP4Clip meanP in the same setting: 21.2) against chance 6.25. About 40 s on one CPU thread: slow.
     """
     import lightning as L
 
