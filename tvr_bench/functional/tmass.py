@@ -197,10 +197,8 @@ def tmass_training_loss(
 
 
 # ------------------------------------------------------------------------------------ inference
-def _trial_cosines(
-    fw: FoldedWeights, ts: TextSide, vs: VideoSide, text: Tensor, log_r: Tensor, eps: Tensor
-) -> Tensor:
-    """cos(t + eps_m ⊙ R, z_{v|t}) [T, V, M] without forming z or any per-trial [T, V, D] tensor.
+def _trial_cosines(fw: FoldedWeights, ts: TextSide, vs: VideoSide, text: Tensor, r: Tensor, eps: Tensor) -> Tensor:
+    """cos(t + eps_m ⊙ R, z_{v|t}) [T, V, M] from the radius r = R [V, T, D] (video-major), without forming z.
 
     With z = g3 ⊙ (ytil / s2 + c) / s3 + b3 (ytil = sum_k alpha_k w_k, see `xpool`), the numerator is
     <t, z> + ((<eps ⊙ g3, R ⊙ ytil> / s2 + <eps ⊙ g3 ⊙ c, R>) / s3 + <eps ⊙ b3, R>) and the squared norm
@@ -208,17 +206,17 @@ def _trial_cosines(
     vector with a per-pair vector, i.e. a batched matmul over the text axis when eps is per text.
     """
     alpha, s2, s3, tz, zz = (x.to(text.dtype) for x in pair_statistics(fw, ts, vs))
-    r = log_r.exp()  # [T, V, D]
-    ry = torch.bmm(alpha.transpose(0, 1), vs.w).transpose(0, 1).mul_(r)  # R ⊙ ytil, [T, V, D] view
+    ry = torch.bmm(alpha.transpose(0, 1), vs.w).mul_(r)  # R ⊙ ytil, [V, T, D]
     r2 = r * r
     m = eps.shape[-2]
-    if eps.dim() == 3:  # [T, M, D]: one set of draws per text
-        b1 = torch.bmm(eps * fw.g3, ry.transpose(1, 2))
-        lin = torch.bmm(torch.cat([eps * (fw.g3 * fw.c), eps * fw.b3, eps * text.unsqueeze(1)], 1), r.transpose(1, 2))
+    if eps.dim() == 3:  # [T, M, D]: one set of draws per text; per-pair operands viewed as [T, D, V]
+        b1 = torch.bmm(eps * fw.g3, ry.permute(1, 2, 0))
+        lin = torch.bmm(torch.cat([eps * (fw.g3 * fw.c), eps * fw.b3, eps * text.unsqueeze(1)], 1), r.permute(1, 2, 0))
         b2, b3, bt = lin.split(m, 1)
-        bee = torch.bmm(eps * eps, r2.transpose(1, 2))
+        bee = torch.bmm(eps * eps, r2.permute(1, 2, 0))
         b1, b2, b3, bt, bee = (x.transpose(1, 2) for x in (b1, b2, b3, bt, bee))  # [T, V, M]
     else:  # [T, V, M, D]: draws per pair
+        ry, r, r2 = ry.transpose(0, 1), r.transpose(0, 1), r2.transpose(0, 1)
         b1 = torch.einsum("tvmd,tvd->tvm", eps * fw.g3, ry)
         b2 = torch.einsum("tvmd,tvd->tvm", eps * (fw.g3 * fw.c), r)
         b3 = torch.einsum("tvmd,tvd->tvm", eps * fw.b3, r)
@@ -236,9 +234,7 @@ def _own_pooled(
     return pool.forward_paired(own_text, frames, frame_mask)
 
 
-def _selected(
-    text: Tensor, log_r: Tensor, eps: Tensor, best: Tensor, z_own: Tensor, text_pos: Tensor
-) -> Tensor:
+def _selected(text: Tensor, r: Tensor, eps: Tensor, best: Tensor, z_own: Tensor, text_pos: Tensor) -> Tensor:
     """Reference pairing: cos(t + eps_best ⊙ R, z_{v | own caption at the query's position}) [T, V]."""
     nt, nv = best.shape
     if eps.dim() == 3:
@@ -249,7 +245,7 @@ def _selected(
     pos = text_pos.long().clamp(max=p - 1)
     zo = z_own[:, pos].transpose(0, 1)  # [T, V, D]
     zo = torch.where((text_pos.long() < p)[:, None, None], zo, zo.new_full((), float("nan")))
-    return cosine(stochastic_text(text.unsqueeze(1), log_r, e), zo)
+    return cosine(text.unsqueeze(1) + e * r, zo)
 
 
 def tmass_similarity_reference(
@@ -263,10 +259,7 @@ def tmass_similarity_reference(
     """
     z = pool(text, frames, frame_mask)
     z = z / z.norm(dim=-1, keepdim=True)  # normalised once (in place of the per-trial normalisation)
-    log_r = radius(frame_cosines(text, frames, frame_mask))
-    r = log_r.exp()
-    if own_text is None:
-        del log_r
+    r = radius(frame_cosines(text, frames, frame_mask)).exp_()
     best_val = best_idx = None
     for m in range(eps.shape[-2]):
         e = eps[:, None, m] if eps.dim() == 3 else eps[:, :, m]
@@ -281,7 +274,7 @@ def tmass_similarity_reference(
             best_idx = torch.where(better, torch.full_like(best_idx, m), best_idx)
     if own_text is None:
         return best_val
-    return _selected(text, log_r, eps, best_idx, _own_pooled(pool, frames, frame_mask, own_text), text_pos)
+    return _selected(text, r, eps, best_idx, _own_pooled(pool, frames, frame_mask, own_text), text_pos)
 
 
 def tmass_pair_bytes(dim: int, trials: int, per_pair_eps: bool = False) -> int:
@@ -310,10 +303,10 @@ def tmass_similarity(
     out = []
     for i in range(0, nt, rows):
         t, e = text[i : i + rows], eps[i : i + rows]
-        log_r = radius(torch.einsum("td,vfd->tvf", t / t.norm(dim=-1, keepdim=True), unit))
-        cos = _trial_cosines(fw, prepare_text(pool, fw, t), vs, t, log_r, e)
+        r = radius(torch.einsum("vfd,td->vtf", unit, t / t.norm(dim=-1, keepdim=True))).exp_()  # [V, T, D]
+        cos = _trial_cosines(fw, prepare_text(pool, fw, t), vs, t, r, e)
         if z_own is None:
             out.append(cos.amax(-1))
         else:
-            out.append(_selected(t, log_r, e, cos.argmax(-1), z_own, text_pos[i : i + rows]))
+            out.append(_selected(t, r.transpose(0, 1), e, cos.argmax(-1), z_own, text_pos[i : i + rows]))
     return torch.cat(out, 0) if out else text.new_zeros(0, nv)
