@@ -134,7 +134,10 @@ class TMASS(RetrievalModule):
     def training_loss(self, text: Features, video: Features) -> tuple[Tensor, dict[str, Tensor]]:
         """InfoNCE of the stochastic text + support_weight · InfoNCE of the support text (global batch)."""
         t = text["embeds"]
-        eps = sample_prior(self.prior, self.prior_std, tuple(t.shape), device=t.device, dtype=t.dtype)
+        # one draw per step shared by every DDP rank (they all score the gathered batch), new each step
+        generator = torch.Generator(device=t.device)
+        generator.manual_seed((torch.initial_seed() * 1_000_003 + int(self.global_step)) % 2**63)
+        eps = sample_prior(self.prior, self.prior_std, tuple(t.shape), device=t.device, dtype=t.dtype, generator=generator)
         return tmass_training_loss(
             self.pool, self.radius, t, video["frames"], video["frame_mask"], self.backbone.logit_scale, eps,
             self.support_weight,
