@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -21,7 +20,9 @@ from tvr_bench.data.streams import (
 
 
 class RetrievalDataModule(L.LightningDataModule):
-    """Text-video retrieval data from ``{root}/{split}/shard-*.tar`` (see data_cards/FORMAT.md).
+    """Text-video retrieval data from ``{root}/{split}/shard-*.tar`` (see data_cards/FORMAT.md); ``root`` may
+    also be an ``http(s)://`` / ``gs://`` URL prefix or a ``pipe:`` command with ``{}`` for the relative path
+    (object storage, streamed by WebDataset; see docs/scaling.md).
 
     Training yields shuffled (frames, one caption) batches, the same number on every rank; val/test
     yield every video once with all its captions, exactly once across ranks and workers.
@@ -75,7 +76,7 @@ class RetrievalDataModule(L.LightningDataModule):
     def split_shards(self, split: str) -> SplitShards:
         """The shard list and totals of a split (index.json, cached)."""
         if split not in self._splits:
-            self._splits[split] = load_split(Path(self.root), split, self.dataset)
+            self._splits[split] = load_split(self.root, split, self.dataset)  # a path, URL or pipe: command
         return self._splits[split]
 
     def eval_size(self, split: str) -> tuple[int, int]:

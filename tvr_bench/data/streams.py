@@ -37,7 +37,7 @@ _short_warned = 0
 class SplitShards:
     """The shards of one prepared split, from its index.json."""
 
-    directory: Path
+    directory: Path | str  # a local folder, or the remote prefix of the split (see `remote_join`)
     urls: list[str]
     counts: list[int]
     num_samples: int
@@ -54,8 +54,53 @@ class SplitShards:
         return out
 
 
+def is_remote(root: str | Path) -> bool:
+    """True for shard roots read through WebDataset's openers: ``http(s)://``, ``gs://``, ``ais://`` ... URLs
+    and ``pipe:`` commands."""
+    text = str(root)
+    return text.startswith("pipe:") or "://" in text
+
+
+def remote_join(root: str, relative: str) -> str:
+    """The URL of ``relative`` (``split/file``) under a remote root: a ``pipe:`` command gets it in place of
+    ``{}`` (``pipe:aws s3 cp s3://bucket/msrvtt/{} -``), a URL gets it appended after a slash."""
+    if root.startswith("pipe:"):
+        if "{}" not in root:
+            raise ValueError(f"a pipe: root needs a '{{}}' where the shard's relative path goes, got {root!r}")
+        return root.replace("{}", relative)
+    return root.rstrip("/") + "/" + relative
+
+
+def load_remote_split(root: str, split: str, dataset: str) -> SplitShards:
+    """Read ``{root}/{split}/index.json`` through WebDataset's ``gopen`` (curl, gsutil, a pipe ...)."""
+    import json
+
+    where = remote_join(root, f"{split}/index.json")
+    try:
+        with wds.gopen(where) as stream:
+            index = json.loads(stream.read().decode("utf-8"))
+    except Exception as exn:  # noqa: BLE001 - re-raised with the URL and the data card named
+        raise FileNotFoundError(
+            f"cannot read {where}: {type(exn).__name__}: {exn} (prepare the {dataset!r} dataset and upload "
+            f"{{split}}/index.json with its shards; see data_cards/{dataset}.md)"
+        ) from exn
+    if index["num_samples"] <= 0:
+        raise ValueError(f"{where} lists no samples")
+    return SplitShards(
+        directory=remote_join(root, split),
+        urls=[remote_join(root, f"{split}/{s['file']}") for s in index["shards"]],
+        counts=[int(s["num_samples"]) for s in index["shards"]],
+        num_samples=int(index["num_samples"]),
+        num_captions=int(index["num_captions"]),
+        index=index,
+    )
+
+
 def load_split(root: str | Path, split: str, dataset: str) -> SplitShards:
-    """Read ``{root}/{split}/index.json`` (clear error naming the directory and data card if absent)."""
+    """Read ``{root}/{split}/index.json`` (clear error naming the directory and data card if absent); a
+    remote root (URL or ``pipe:`` command, :func:`is_remote`) is read through WebDataset's openers."""
+    if is_remote(root):
+        return load_remote_split(str(root), split, dataset)
     directory = Path(root) / split
     index = read_index(directory, dataset)
     if index["num_samples"] <= 0:

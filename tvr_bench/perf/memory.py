@@ -4,6 +4,8 @@
 or building inputs can stay above everything a small scorer allocates later, which then shows no extra
 memory at all. On Linux, writing 5 to /proc/self/clear_refs resets the mark to the current RSS, so
 `reset_peak_rss()` right before a call and `peak_rss_bytes()` after it bound what the call itself added.
+Freed heap memory stays resident and is reused without raising the RSS, so the reset first hands free
+heap pages back to the OS (glibc `malloc_trim`): the call's allocations then show up as new pages.
 """
 
 from __future__ import annotations
@@ -19,9 +21,23 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def release_free_heap() -> None:
+    """Return free heap pages to the OS (glibc `malloc_trim(0)`; a no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def reset_peak_rss() -> int:
-    """Reset the high-water mark to the current RSS where the OS allows it; return the baseline to subtract
-    (the current RSS after a reset, else the old high-water mark, which can under-count a small call)."""
+    """Release free heap pages, reset the high-water mark to the current RSS where the OS allows it and
+    return the baseline to subtract (else the old high-water mark, which can under-count a small call)."""
+    import gc
+
+    gc.collect()
+    release_free_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
