@@ -1,0 +1,807 @@
+"""`tvr-bench perf`: the suite's performance figures, each measured side by side with its baseline.
+
+Sections (all in one run, on one machine; see docs/scaling.md for the figures and how to read them):
+
+* **data**: clips/s of the shard DataModule (12 stored JPEGs per clip, 224 px) vs decoding the same mp4
+  files per item the reference way (PyAV decode, 1 fps frames, resize, crop, normalise, pick 12) vs the
+  bare JPEG-decode ceiling of the very frames the shards store. Rounds interleave the three.
+* **eval**: for every method's scorer at N x N (default 1000; D 512, 12 frames, 32 words for DRL, M 20 for
+  T-MASS), time and peak memory of the blocked scorer vs the one-shot scorer of the same math, and the
+  max |difference|; each scorer runs in its own fresh process (peak RSS growth over its inputs).
+  X-Pool / T-MASS come from `tvr_bench.perf.eval_scorers`, DRL from `tvr_bench.perf.drl_scorer`.
+* **metrics**: `tvr_bench.metrics.retrieval_metrics` vs torchmetrics' retrieval metrics on one matrix.
+* **train**: steps/s of the Lightning module (Trainer.fit) vs a plain PyTorch loop over the same model
+  and the same in-memory batches (median step time over interleaved rounds, warm-up steps dropped).
+
+The machine is noisy (../shared/anchors/perf.md): every ratio compares figures from the same run, and
+the load average at start and end is recorded with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tvr_bench.perf.memory import peak_rss_bytes, reset_peak_rss
+
+SCHEMA = "tvr-bench/perf/v1"
+
+#: Targets of issue 8 (ratios; see docs/scaling.md).
+TARGETS = {
+    "data_vs_per_item_decoder": 20.0,  # at least 20x the per-item mp4 decoder
+    "data_vs_jpeg_ceiling": 0.5,  # at least half the bare JPEG-decode ceiling
+    "eval_max_abs_diff": 1e-5,
+    "eval_memory_ratio": 1 / 8,  # blocked peak memory at most 1/8 of the one-shot peak
+    "eval_speed_ratio": 1.0,  # blocked no slower than one-shot
+    "train_overhead": 0.05,  # Lightning at most 5% slower per step than a plain loop
+}
+
+
+@dataclass(frozen=True)
+class PerfSizes:
+    """Sizes of one perf run (`full` is the issue's definition, `quick` a smoke version)."""
+
+    clips: int = 8
+    clip_width: int = 640
+    clip_height: int = 360
+    clip_fps: int = 30
+    clip_seconds: int = 15
+    copies: int = 16
+    data_rounds: int = 3
+    eval_n: int = 1000
+    eval_repeats: int = 3
+    drl_reference_loop: bool = True
+    metrics_n: int = 1000
+    metrics_repeats: int = 5
+    train_batch: int = 16
+    train_steps: int = 12
+    train_warmup: int = 3
+    train_rounds: int = 3
+
+
+FULL = PerfSizes()
+QUICK = PerfSizes(
+    clips=4, clip_width=480, clip_height=270, clip_fps=30, clip_seconds=12, copies=8, data_rounds=2, eval_n=250,
+    eval_repeats=1, drl_reference_loop=False, metrics_n=1000, metrics_repeats=3, train_batch=8,
+    train_steps=6, train_warmup=2, train_rounds=2,
+)  # fmt: skip
+
+
+# ================================================================================================ helpers
+def _cpu_name() -> str:
+    """The CPU model name (Linux /proc/cpuinfo), else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, cores, torch threads, accelerator and versions of this machine."""
+    import lightning
+
+    info: dict[str, Any] = {
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "platform": platform.platform(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    try:
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return info
+
+
+def _load() -> list[float] | None:
+    """1, 5 and 15 minute load averages (None where unavailable)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """Run `fn(*args)` in a new spawned process (its own peak RSS) and return its result."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _median(xs: list[float]) -> float:
+    """Median of a non-empty list."""
+    return float(statistics.median(xs))
+
+
+# ================================================================================================ data
+def make_clips(out_dir: Path, sizes: PerfSizes, seed: int = 0) -> list[Path]:
+    """Encode `sizes.clips` H.264 mp4s unless they exist: a scrolling smooth texture under a gradient, three
+    moving textured boxes and mild sensor noise, x264 `veryfast` CRF 23 with its default GOP (web-like)."""
+    import av
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    w, h, fps = sizes.clip_width, sizes.clip_height, sizes.clip_fps
+    n_frames = fps * sizes.clip_seconds
+    paths = []
+    for i in range(sizes.clips):
+        path = out_dir / f"clip{i:03d}.mp4"
+        paths.append(path)
+        if path.is_file():
+            continue
+        rng = np.random.default_rng([seed, i])
+        coarse = (rng.random((h // 16 + 3, (w + 2 * n_frames) // 16 + 3, 3)) * 255).astype(np.uint8)
+        size = (coarse.shape[1] * 16, coarse.shape[0] * 16)
+        texture = np.asarray(Image.fromarray(coarse).resize(size, Image.BICUBIC), dtype=np.float32)[:h]
+        ramp = np.linspace(0, 200, w, dtype=np.float32)[None, :, None] * rng.uniform(0.2, 1.0, 3).astype(np.float32)
+        noise = [rng.normal(0, 2.5, (h, w, 1)).astype(np.float32) for _ in range(8)]
+        bw, bh = w // 5, h // 4
+        boxes = [(rng.uniform(0, w - bw), rng.uniform(0, h - bh), rng.uniform(-4, 4), rng.uniform(-3, 3),
+                  rng.uniform(0, 255, 3).astype(np.float32)) for _ in range(3)]  # fmt: skip
+        tmp = path.with_name(path.stem + ".tmp.mp4")
+        with av.open(str(tmp), "w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            stream.options = {"preset": "veryfast", "crf": "23"}
+            for f in range(n_frames):
+                img = 0.7 * texture[:, 2 * f : 2 * f + w] + 0.3 * ramp + noise[f % 8]
+                for x0, y0, dx, dy, colour in boxes:
+                    x, y = int((x0 + dx * f) % (w - bw)), int((y0 + dy * f) % (h - bh))
+                    img[y : y + bh, x : x + bw] = colour - 40 + 0.3 * texture[y : y + bh, x : x + bw]
+                frame = av.VideoFrame.from_ndarray(np.clip(img, 0, 255).astype(np.uint8), format="rgb24")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        os.replace(tmp, path)
+    return paths
+
+
+def prepare_clip_shards(clips: list[Path], root: Path, copies: int) -> Path:
+    """Prepare the clips into shards (fps1_uniform, 12 frames, short side 224, the suite's defaults), then a
+    `test` split holding `copies` copies of each sample under new keys (more clips per pass, same frames)."""
+    from tvr_bench.data.prepare import PrepareConfig, VideoRecord, prepare
+    from tvr_bench.data.shards import INDEX_FILE, SHARD_PATTERN, ShardFile, iter_shard, parse_sample, read_index, write_json_atomic
+
+    if (root / "test" / INDEX_FILE).is_file():
+        return root
+    src = root / "source"
+    if not (src / "clips" / INDEX_FILE).is_file():
+        records = [VideoRecord(p.stem, p, [f"perf clip {p.stem}"], "clips") for p in clips]
+        prepare(records, src, PrepareConfig(dataset="perf", num_frames=12, sampling="fps1_uniform", short_side=224,
+                                            jpeg_quality=95, shard_size=len(records)), workers=1, progress=False)  # fmt: skip
+    samples = []
+    for entry in read_index(src / "clips")["shards"]:
+        for raw in iter_shard(src / "clips" / entry["file"]):
+            samples.append({k: v for k, v in raw.items() if k == "__key__" or not k.startswith("__")})
+    split_dir = root / "test.tmp"
+    shutil.rmtree(split_dir, ignore_errors=True)
+    split_dir.mkdir(parents=True)
+    infos = []
+    per_shard = max(1, len(samples))
+    shard = None
+    for c in range(copies):
+        if shard is not None:
+            infos.append(shard.finish().as_dict())
+        shard = ShardFile(split_dir / SHARD_PATTERN.format(c))
+        for sample in samples[:per_shard]:
+            meta, _ = parse_sample(sample)
+            shard.write({**sample, "__key__": f"{sample['__key__']}-c{c}"}, len(meta["captions"]))
+    assert shard is not None
+    infos.append(shard.finish().as_dict())
+    index = read_index(src / "clips")
+    index.update(split="test", shards=infos, num_shards=len(infos), num_samples=sum(i["num_samples"] for i in infos),
+                 num_captions=sum(i["num_captions"] for i in infos))  # fmt: skip
+    write_json_atomic(split_dir / INDEX_FILE, index)
+    os.replace(split_dir, root / "test")
+    return root
+
+
+def _clip_transform(image: Any, size: int) -> np.ndarray:
+    """CLIP's eval transform of one PIL frame: short side to `size` (bicubic), centre crop -> uint8 [H, W, 3]."""
+    from tvr_bench.data.video import resize_short_side
+
+    image = resize_short_side(image, size)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)).convert("RGB"))
+
+
+def decode_per_item(path: Path, num_frames: int = 12, size: int = 224, seek: bool = True) -> Tensor:
+    """Per-item decoding the reference loaders' way -> normalised float [F, 3, size, size].
+
+    One frame per second (CLIP4Clip's `RawVideoExtractorCV2` at `framerate=1`): with `seek` (the reference),
+    a seek to each second's frame (`CAP_PROP_POS_FRAMES`: back to the previous key frame, decode forward);
+    without, one sequential decode pass (cheaper than the reference). Every 1-fps frame is resized,
+    centre-cropped and normalised, then `num_frames` are picked uniformly.
+    """
+    import av
+
+    from tvr_bench.data.frames import fps1_uniform, uniform_pick
+    from tvr_bench.data.transforms import normalize
+
+    kept = []
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate)
+        wanted = fps1_uniform(stream.frames, fps, 10**9)  # every 1-fps frame
+        if seek:
+            tb, start = stream.time_base, stream.start_time or 0
+            for index in wanted:
+                target = start + int(round(index / fps / tb))
+                container.seek(target, stream=stream, backward=True, any_frame=False)
+                for frame in container.decode(stream):
+                    if frame.pts is not None and frame.pts >= target:
+                        kept.append(_clip_transform(frame.to_image(), size))
+                        break
+        else:
+            want, last = set(wanted), max(wanted)
+            for i, frame in enumerate(container.decode(stream)):
+                if i in want:
+                    kept.append(_clip_transform(frame.to_image(), size))
+                if i >= last:
+                    break
+    clip = normalize(torch.from_numpy(np.ascontiguousarray(np.stack(kept).transpose(0, 3, 1, 2))))
+    return clip[uniform_pick(len(kept), num_frames)]
+
+
+def _stored_jpegs(root: Path) -> list[list[bytes]]:
+    """The JPEG bytes of every sample of the `test` split, read into memory."""
+    from tvr_bench.data.shards import iter_shard, parse_sample, read_index
+
+    out = []
+    for entry in read_index(root / "test")["shards"]:
+        for raw in iter_shard(root / "test" / entry["file"]):
+            out.append(parse_sample(raw)[1])
+    return out
+
+
+def bench_data(work: Path, sizes: PerfSizes) -> dict[str, Any]:
+    """Clips/s: shard DataModule (0 and 2 workers) vs per-item mp4 decoding vs the bare JPEG-decode ceiling."""
+    from tvr_bench.data.datamodule import RetrievalDataModule
+    from tvr_bench.data.transforms import decode_jpeg
+
+    start = time.perf_counter()
+    tag = f"{sizes.clips}x{sizes.clip_width}x{sizes.clip_height}@{sizes.clip_fps}x{sizes.clip_seconds}s"
+    clips = make_clips(work / f"clips-{tag}", sizes)
+    root = prepare_clip_shards(clips, work / f"shards-{tag}-x{sizes.copies}", sizes.copies)
+    setup_seconds = time.perf_counter() - start
+    jpegs = _stored_jpegs(root)
+
+    def datamodule(workers: int) -> float:
+        dm = RetrievalDataModule(root=str(root), dataset="perf", num_frames=12, image_size=224,
+                                 eval_batch_size=16, num_workers=workers)  # fmt: skip
+        t0 = time.perf_counter()
+        n = sum(len(batch["video_key"]) for batch in dm.test_dataloader())
+        assert n == len(jpegs), f"the DataModule yielded {n} clips, the split holds {len(jpegs)}"
+        return n / (time.perf_counter() - t0)
+
+    def per_item(seek: bool) -> float:
+        t0 = time.perf_counter()
+        for path in clips:
+            out = decode_per_item(path, seek=seek)
+            assert out.shape == (12, 3, 224, 224), out.shape
+        return len(clips) / (time.perf_counter() - t0)
+
+    def ceiling() -> float:
+        t0 = time.perf_counter()
+        for frames in jpegs:
+            for data in frames:
+                decode_jpeg(data)
+        return len(jpegs) / (time.perf_counter() - t0)
+
+    names = ("per_item_decoder", "per_item_sequential", "jpeg_ceiling", "datamodule_0_workers", "datamodule_2_workers")
+    runs: dict[str, list[float]] = {k: [] for k in names}
+    for _ in range(sizes.data_rounds):
+        runs["per_item_decoder"].append(per_item(seek=True))
+        runs["per_item_sequential"].append(per_item(seek=False))
+        runs["jpeg_ceiling"].append(ceiling())
+        runs["datamodule_0_workers"].append(datamodule(0))
+        runs["datamodule_2_workers"].append(datamodule(2))
+    rate = {k: _median(v) for k, v in runs.items()}
+    dm0, dm2 = rate["datamodule_0_workers"], rate["datamodule_2_workers"]
+    ratios = {
+        "datamodule_vs_per_item": dm0 / rate["per_item_decoder"],
+        "datamodule_vs_per_item_sequential": dm0 / rate["per_item_sequential"],
+        "datamodule_vs_ceiling": dm0 / rate["jpeg_ceiling"],
+        "datamodule_2w_vs_per_item": dm2 / rate["per_item_decoder"],
+        "datamodule_2w_vs_ceiling": dm2 / rate["jpeg_ceiling"],
+    }
+    return {
+        "clips_per_s": rate,
+        "clips_per_s_all": {k: [round(x, 2) for x in v] for k, v in runs.items()},
+        "ratios": ratios,
+        "targets_met": {
+            "vs_per_item_decoder": ratios["datamodule_vs_per_item"] >= TARGETS["data_vs_per_item_decoder"],
+            "vs_jpeg_ceiling": ratios["datamodule_vs_ceiling"] >= TARGETS["data_vs_jpeg_ceiling"],
+        },
+        "setup": {"clips": len(clips), "samples_in_split": len(jpegs), "copies": sizes.copies,
+                  "clip": tag, "setup_seconds": round(setup_seconds, 1), "work_dir": str(root)},  # fmt: skip
+        "note": "median clips/s over interleaved rounds, every figure from one process (DataModule also with 2 "
+                "workers). per_item_decoder: the reference loaders' way (CLIP4Clip RawVideoExtractorCV2, "
+                "framerate 1): PyAV seek to each second's frame and decode forward from the key frame before it, "
+                "PIL bicubic resize + centre crop of every 1-fps frame, normalise, pick 12 uniformly. "
+                "per_item_sequential: the same with one sequential decode pass instead of seeks (cheaper than the "
+                "reference). datamodule: RetrievalDataModule test loader over shards of the same clips (12 JPEGs "
+                "at short side 224, fps1_uniform, q95; each clip stored `copies` times), batches of 16 normalised "
+                "[12,3,224,224] clips, incl. tar reading and worker start-up. jpeg_ceiling: PIL decode of the "
+                "same stored JPEGs from memory (no crop, no normalisation).",
+    }  # fmt: skip
+
+
+# ================================================================================================ eval
+class _MethodScorer:
+    """Calls a method class's own `similarity` / `pair_cost_bytes` (methods whose scorer needs no state)."""
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+
+    def similarity(self, text: dict[str, Tensor], video: dict[str, Tensor]) -> Tensor:
+        """The method's score of a text slice x video slice."""
+        return self.cls.similarity(self, text, video)
+
+    def pair_cost_bytes(self, text: dict[str, Tensor], video: dict[str, Tensor]) -> int:
+        """The method's per-pair memory estimate."""
+        return self.cls.pair_cost_bytes(self, text, video)
+
+
+def _cosine_bench(class_path: str, n: int, d: int, budget_mb: float, repeats: int, seed: int) -> dict[str, Any]:
+    """Blocked (evaluator path) vs one-shot (one matmul) cosine scores of one method, in this process: memory
+    of each from a reset high-water mark, then both timed in alternation (the scores are a few ms)."""
+    import importlib
+
+    from tvr_bench.callbacks.evaluator import blocked_similarity
+
+    module_name, _, cls_name = class_path.rpartition(".")
+    scorer = _MethodScorer(getattr(importlib.import_module(module_name), cls_name))
+    g = torch.Generator().manual_seed(seed)
+    video = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(video + 0.8 * torch.randn(n, d, generator=g), dim=-1)
+    t, v = {"embeds": text, "index": torch.arange(n)}, {"embeds": video, "index": torch.arange(n)}
+    fns = {"blocked": lambda: blocked_similarity(scorer, t, v, budget_mb), "one_shot": lambda: scorer.similarity(t, v)}
+    out: dict[str, Any] = {}
+    sims = {}
+    with torch.no_grad():
+        for name, fn in fns.items():
+            base = reset_peak_rss()
+            sims[name] = fn()
+            out[name] = {"peak_extra_mib": max(0, peak_rss_bytes() - base) / 2**20, "peak_rss_mib": peak_rss_bytes() / 2**20}
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for i in range(repeats):
+            for name in (("blocked", "one_shot") if i % 2 == 0 else ("one_shot", "blocked")):
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append(time.perf_counter() - t0)
+    for name in fns:
+        out[name].update(seconds=_median(times[name]), seconds_all=[round(x, 5) for x in times[name]], threads=torch.get_num_threads())
+    out["max_abs_diff"] = float((sims["blocked"] - sims["one_shot"]).abs().max())
+    return out
+
+
+def bench_cosine(class_path: str, n: int, d: int, repeats: int, budget_mb: float = 1024.0, seed: int = 0) -> dict[str, Any]:
+    """Blocked (evaluator) vs one-shot cosine scores of one method, in a fresh process."""
+    out: dict[str, Any] = {"n_text": n, "n_video": n, "d": d, "budget_mb": budget_mb, "repeats": repeats}
+    out.update(_in_fresh_process(_cosine_bench, class_path, n, d, budget_mb, repeats, seed))
+    return out
+
+
+def _eval_summary(name: str, raw: dict[str, Any], blocked_key: str, memory_target: bool = True) -> dict[str, Any]:
+    """Common figures of one scorer benchmark: seconds, peak MiB, ratios, max |diff|, targets (the memory
+    target is n/a where the one-shot peak is the [N, N] output itself)."""
+    b, o = raw[blocked_key], raw["one_shot"]
+    diff = raw.get("max_abs_diff", b.get("max_abs_diff_vs_one_shot"))
+    speed = o["seconds"] / b["seconds"]
+    memory = b["peak_extra_mib"] / max(o["peak_extra_mib"], 1e-9)
+    return {
+        "method": name,
+        "blocked_seconds": b["seconds"],
+        "one_shot_seconds": o["seconds"],
+        "blocked_peak_mib": b["peak_extra_mib"],
+        "one_shot_peak_mib": o["peak_extra_mib"],
+        "speedup": speed,
+        "memory_ratio": memory,
+        "max_abs_diff": diff,
+        "targets_met": {
+            "equal": diff is not None and diff <= TARGETS["eval_max_abs_diff"],
+            "memory": memory <= TARGETS["eval_memory_ratio"] if memory_target else None,
+            "speed": speed >= TARGETS["eval_speed_ratio"],
+        },
+    }
+
+
+def bench_eval(sizes: PerfSizes, methods: list[str]) -> dict[str, Any]:
+    """Blocked vs one-shot scorer of every method at N x N (each variant in its own process)."""
+    n, reps = sizes.eval_n, sizes.eval_repeats
+    out: dict[str, Any] = {"n": n, "d": 512, "frames": 12, "words_drl": 32, "trials_tmass": 20, "summary": {}, "raw": {}}
+    for name in methods:
+        t0 = time.perf_counter()
+        if name in ("clip4clip", "mascot"):
+            path = {"clip4clip": "tvr_bench.methods.clip4clip.CLIP4Clip", "mascot": "tvr_bench.methods.mascot.MASCOT"}[name]
+            raw, key = bench_cosine(path, n, 512, 20), "blocked"
+        elif name == "xpool":
+            from tvr_bench.perf.eval_scorers import bench_xpool
+
+            raw, key = bench_xpool(n=n, d=512, frames=12, repeats=reps), "fast"
+        elif name == "tmass":
+            from tvr_bench.perf.eval_scorers import bench_tmass
+
+            raw, key = bench_tmass(n=n, d=512, frames=12, trials=20, repeats=reps), "fast"
+        elif name == "drl":
+            from tvr_bench.perf.drl_scorer import bench_drl
+
+            variants = ("blocked", "one_shot", "reference_loop") if sizes.drl_reference_loop else ("blocked", "one_shot")
+            raw, key = bench_drl(n=n, words=32, frames=12, d=512, repeats=max(reps, 1), budget_mb=128.0, variants=variants), "blocked"
+        else:
+            raise ValueError(f"unknown method {name!r}")
+        raw["wall_seconds"] = time.perf_counter() - t0
+        out["raw"][name] = raw
+        out["summary"][name] = _eval_summary(name, raw, key, memory_target=name not in ("clip4clip", "mascot"))
+    out["note"] = ("clip4clip (meanP and seqTransf) and mascot score by a cosine of pooled embeddings: the blocked "
+                   "path is the evaluator's `blocked_similarity`; the [N, N] matrix is the whole cost, so memory "
+                   "and time are equal by construction (memory target n/a). xpool/tmass: `fast` folded scorer under a "
+                   "256 MiB budget vs the reference math materialising [N, N, D]; drl: length-sorted blocked WTI "
+                   "under a 128 MiB budget vs one [N, L, N, F] tensor. peak = RSS growth over the inputs, each variant in a fresh process.")
+    return out
+
+
+# ================================================================================================ metrics
+def bench_metrics(n: int, repeats: int, seed: int = 0) -> dict[str, Any]:
+    """`retrieval_metrics` (10 metrics, both directions) vs torchmetrics R@1/5/10 + MRR (both directions)."""
+    import torchmetrics.retrieval as tmr
+
+    from tvr_bench.metrics import retrieval_metrics
+
+    g = torch.Generator().manual_seed(seed)
+    sim = torch.rand(n, n, generator=g) + 0.5 * torch.eye(n)  # positive scores: torchmetrics counts <= 0 as a miss
+    t2v = torch.arange(n)
+    target = torch.eye(n, dtype=torch.bool)
+    indexes = torch.arange(n)[:, None].expand(n, n)
+    tm = {f"R@{k}": tmr.RetrievalRecall(top_k=k) for k in (1, 5, 10)}
+    tm["MRR"] = tmr.RetrievalMRR()
+
+    def ours() -> dict[str, float]:
+        return retrieval_metrics(sim, t2v)
+
+    def theirs() -> dict[str, float]:
+        out = {}
+        for direction, s in (("t2v", sim), ("v2t", sim.t())):
+            for name, metric in tm.items():
+                out[f"{direction}/{name}"] = float(metric(s.flatten(), target.flatten(), indexes=indexes.flatten()))
+        return out
+
+    times: dict[str, list[float]] = {"ours": [], "torchmetrics": []}
+    results: dict[str, dict[str, float]] = {}
+    for i in range(repeats + 1):
+        for name, fn in (("ours", ours), ("torchmetrics", theirs)):
+            t0 = time.perf_counter()
+            results[name] = fn()
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    agree = max(abs(results["ours"][f"{d}/R@{k}"] - 100 * results["torchmetrics"][f"{d}/R@{k}"])
+                for d in ("t2v", "v2t") for k in (1, 5, 10))  # fmt: skip
+    return {
+        "n": n,
+        "ours_seconds": _median(times["ours"]),
+        "torchmetrics_seconds": _median(times["torchmetrics"]),
+        "speedup": _median(times["torchmetrics"]) / _median(times["ours"]),
+        "seconds_all": {k: [round(x, 4) for x in v] for k, v in times.items()},
+        "recall_max_abs_diff_percent": agree,
+        "note": "ours: R@1/5/10, MdR, MnR in both directions (10 numbers); torchmetrics: R@1/5/10 and MRR in both "
+                "directions (8 numbers; it has no median/mean rank). Median after 1 warm-up.",
+    }  # fmt: skip
+
+
+# ================================================================================================ train
+class _Batches:
+    """A sized iterable over a fixed list of batches (Lightning treats a plain list as several loaders)."""
+
+    def __init__(self, batches: list[dict[str, Any]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.batches)
+
+
+def _train_batches(n: int, batch_size: int, image_size: int = 64, frames: int = 12, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` synthetic training batches in the DataModule's format (normalised frames, captions, keys)."""
+    g = torch.Generator().manual_seed(seed)
+    words = "a the red blue green square circle moves left right up down then before after slowly quickly".split()
+    rng = np.random.default_rng(seed)
+    out = []
+    for b in range(n):
+        out.append({
+            "frames": torch.randn(batch_size, frames, 3, image_size, image_size, generator=g),
+            "frame_mask": torch.ones(batch_size, frames, dtype=torch.bool),
+            "captions": [" ".join(rng.choice(words, size=int(rng.integers(5, 14)))) for _ in range(batch_size)],
+            "video_key": [f"b{b}-{i}" for i in range(batch_size)],
+        })  # fmt: skip
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_train(sizes: PerfSizes, accelerator: str = "auto", seed: int = 0) -> dict[str, Any]:
+    """Median step time of Trainer.fit vs a plain PyTorch loop: same CLIP4Clip (tiny) init, same batches."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from tvr_bench.functional.losses import clamp_logit_scale_
+    from tvr_bench.methods.clip4clip import CLIP4Clip
+
+    torch.manual_seed(seed)
+    template = CLIP4Clip(backbone="tiny", freeze="none", lr=5e-4, backbone_lr=5e-4)
+    steps = sizes.train_warmup + sizes.train_steps
+    batches = _train_batches(steps, sizes.train_batch, seed=seed)
+
+    class StepClock(Callback):
+        """Records the start time of every training batch (and the end of the last)."""
+
+        def __init__(self) -> None:
+            self.starts: list[float] = []
+            self.device = torch.device("cpu")
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            _sync(pl_module.device)
+            self.device = pl_module.device
+            self.starts.append(time.perf_counter())
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            _sync(pl_module.device)
+            self.starts.append(time.perf_counter())
+
+    def lightning_round() -> tuple[list[float], float, str]:
+        model = copy.deepcopy(template)
+        clock = StepClock()
+        trainer = L.Trainer(
+            accelerator=accelerator, devices=1, max_steps=steps, max_epochs=1, precision="32-true",
+            gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[clock],
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        trainer.fit(model, train_dataloaders=_Batches(batches))
+        wall = time.perf_counter() - t0
+        s = clock.starts
+        return [b - a for a, b in zip(s, s[1:])][sizes.train_warmup :], wall, str(clock.device)
+
+    def plain_round(device: torch.device) -> tuple[list[float], float]:
+        model = copy.deepcopy(template).to(device).train()
+        conf = model.configure_optimizers()
+        opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+        starts = []
+        t0 = time.perf_counter()
+        for batch in batches:
+            _sync(device)
+            starts.append(time.perf_counter())
+            frames, mask = batch["frames"].to(device), batch["frame_mask"].to(device)
+            text = model.encode_text(**model.tokenize(batch["captions"]))
+            video = model.encode_video(frames, mask)
+            loss, _ = model.training_loss(text, video)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            clamp_logit_scale_(model.backbone.logit_scale, model.hparams.logit_scale_max)
+        _sync(device)
+        starts.append(time.perf_counter())
+        wall = time.perf_counter() - t0
+        return [b - a for a, b in zip(starts, starts[1:])][sizes.train_warmup :], wall
+
+    lightning_steps: list[float] = []
+    plain_steps: list[float] = []
+    walls: dict[str, list[float]] = {"lightning_fit": [], "plain_loop": []}
+    device_name = "cpu"
+    for _ in range(sizes.train_rounds):
+        steps_l, wall_l, device_name = lightning_round()
+        steps_p, wall_p = plain_round(torch.device(device_name))
+        lightning_steps += steps_l
+        plain_steps += steps_p
+        walls["lightning_fit"].append(wall_l)
+        walls["plain_loop"].append(wall_p)
+    med_l, med_p = _median(lightning_steps), _median(plain_steps)
+    overhead = med_l / med_p - 1.0
+    return {
+        "model": "CLIP4Clip meanP, tiny CLIP preset (random init), all parameters trained",
+        "device": device_name,
+        "batch_size": sizes.train_batch,
+        "frames": 12,
+        "image_size": 64,
+        "timed_steps_per_round": sizes.train_steps,
+        "warmup_steps_per_round": sizes.train_warmup,
+        "rounds": sizes.train_rounds,
+        "lightning_steps_per_s": 1.0 / med_l,
+        "plain_steps_per_s": 1.0 / med_p,
+        "overhead": overhead,
+        "step_seconds_all": {"lightning": [round(x, 4) for x in lightning_steps], "plain": [round(x, 4) for x in plain_steps]},
+        "wall_seconds_per_round": {k: [round(x, 2) for x in v] for k, v in walls.items()},
+        "targets_met": {"overhead": overhead <= TARGETS["train_overhead"]},
+        "note": "median time between consecutive step starts (data fetch + forward + backward + clip + AdamW + "
+                "scheduler + temperature clamp; Lightning adds its loop, hooks and 3 self.log calls), warm-up steps "
+                "dropped, rounds interleaved; the wall time per round adds Trainer set-up.",
+    }  # fmt: skip
+
+
+# ================================================================================================ report
+def _fmt(x: float | None, digits: int = 2) -> str:
+    """A number for the Markdown table."""
+    if x is None:
+        return "n/a"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    return f"{x:.{digits}f}"
+
+
+def _mark(ok: bool | None) -> str:
+    """✓ / ✗ for a target."""
+    return "n/a" if ok is None else ("✓" if ok else "✗")
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """A short Markdown summary of a perf result (ratios first, absolute figures beside them)."""
+    m = result["machine"]
+    device = m.get("gpu") or "no GPU"
+    lines = [
+        "# tvr-bench perf",
+        "",
+        f"`{result['command']}` on {m['cpu']} ({m['cpu_count']} cores, {m.get('memory_gib', '?')} GiB), {device}; "
+        f"torch {m['torch']}, {m['torch_threads']} threads; load average {result['load_start']} → {result['load_end']}; "
+        f"{result['seconds']:.0f} s in all{' (quick sizes)' if result['quick'] else ''}.",
+        "Every ratio compares figures measured side by side in this run.",
+        "",
+    ]
+    sec = result["sections"]
+    if "data" in sec:
+        d = sec["data"]
+        r, c = d["ratios"], d["clips_per_s"]
+        lines += [
+            f"## Data ({d['setup']['clip']} mp4 clips → 12 frames at 224 px)",
+            "",
+            "| loader | clips/s | ratio |",
+            "|---|---|---|",
+            f"| per-item mp4 decoder, reference way (seek per 1-fps frame) | {_fmt(c['per_item_decoder'])} | 1 |",
+            f"| per-item mp4 decoder, one sequential pass | {_fmt(c['per_item_sequential'])} | "
+            f"{_fmt(c['per_item_sequential'] / c['per_item_decoder'], 1)}× |",
+            f"| **shard DataModule, 0 workers** | {_fmt(c['datamodule_0_workers'])} | **{_fmt(r['datamodule_vs_per_item'], 1)}×** "
+            f"({_fmt(r['datamodule_vs_per_item_sequential'], 1)}× the sequential pass) |",
+            f"| shard DataModule, 2 workers | {_fmt(c['datamodule_2_workers'])} | {_fmt(r['datamodule_2w_vs_per_item'], 1)}× |",
+            f"| bare JPEG-decode ceiling (same frames, from memory) | {_fmt(c['jpeg_ceiling'])} | "
+            f"{_fmt(c['jpeg_ceiling'] / c['per_item_decoder'], 1)}×; DataModule (0 workers) = **{_fmt(r['datamodule_vs_ceiling'])}** of it |",
+            "",
+            f"Targets: ≥ 20× the per-item decoder {_mark(d['targets_met']['vs_per_item_decoder'])}; "
+            f"≥ 0.5 of the ceiling {_mark(d['targets_met']['vs_jpeg_ceiling'])}.",
+            "",
+        ]
+    if "eval" in sec:
+        e = sec["eval"]
+        lines += [
+            f"## Evaluation scorers ({e['n']} × {e['n']}, D 512, 12 frames; DRL 32 words; T-MASS M = 20)",
+            "",
+            "| method | blocked s | one-shot s | speed-up | blocked MiB | one-shot MiB | memory ratio | max abs diff | targets (equal / ≤ 1/8 mem / no slower) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, s in e["summary"].items():
+            t = s["targets_met"]
+            lines.append(
+                f"| {name} | {_fmt(s['blocked_seconds'], 3)} | {_fmt(s['one_shot_seconds'], 3)} | {_fmt(s['speedup'])}× | "
+                f"{_fmt(s['blocked_peak_mib'], 1)} | {_fmt(s['one_shot_peak_mib'], 1)} | {_fmt(s['memory_ratio'], 3)} | "
+                f"{s['max_abs_diff']:.1e} | {_mark(t['equal'])} {_mark(t['memory'])} {_mark(t['speed'])} |"
+            )
+        drl = e["raw"].get("drl", {})
+        if "reference_loop" in drl:
+            lines += ["", f"DRL reference-style loop (32 × 32 blocks, weights recomputed per block): "
+                          f"{_fmt(drl['reference_loop']['seconds'], 2)} s = "
+                          f"{_fmt(drl['reference_loop']['seconds'] / drl['blocked']['seconds'], 1)}× the blocked scorer."]  # fmt: skip
+        lines += ["", "CLIP4Clip (meanP, seqTransf) and MASCOT score by one cosine per pair: blocking changes nothing "
+                      "there (the [N, N] matrix is the whole cost); the memory target applies to X-Pool, T-MASS, DRL.", ""]  # fmt: skip
+    if "metrics" in sec:
+        x = sec["metrics"]
+        lines += [
+            f"## Metrics ({x['n']} × {x['n']})",
+            "",
+            f"`retrieval_metrics` (R@1/5/10, MdR, MnR, both directions) {x['ours_seconds'] * 1000:.1f} ms vs "
+            f"torchmetrics (R@1/5/10 + MRR, both directions) {x['torchmetrics_seconds'] * 1000:.1f} ms: "
+            f"**{_fmt(x['speedup'], 1)}× faster**; recalls agree within {x['recall_max_abs_diff_percent']:.1e} points.",
+            "",
+        ]
+    if "train" in sec:
+        t = sec["train"]
+        lines += [
+            f"## Training loop ({t['model']}, batch {t['batch_size']} × 12 frames at 64 px, {t['device']})",
+            "",
+            f"Lightning {t['lightning_steps_per_s']:.2f} steps/s vs plain PyTorch {t['plain_steps_per_s']:.2f} steps/s: "
+            f"overhead **{100 * t['overhead']:+.1f} %** (target ≤ 5 % {_mark(t['targets_met']['overhead'])}).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+SECTIONS = ("data", "eval", "metrics", "train")
+EVAL_METHODS = ("clip4clip", "mascot", "xpool", "tmass", "drl")
+
+
+def perf_main(argv: list[str]) -> int:
+    """`tvr-bench perf [--out runs/perf.json] [--quick] [--sections ...]`: run the benchmarks, write JSON + Markdown."""
+    parser = argparse.ArgumentParser(prog="tvr-bench perf", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/perf.json", help="result JSON (the Markdown summary goes next to it, .md)")
+    parser.add_argument("--md", default=None, help="Markdown summary path (default: --out with .md)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (N = 250, fewer clips and rounds): a smoke run")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
+    parser.add_argument("--methods", default=",".join(EVAL_METHODS), help="eval section: comma-separated methods")
+    parser.add_argument("--work-dir", default="runs/perf-data", help="generated clips and shards (reused across runs)")
+    parser.add_argument("--accelerator", default="auto", help="training section: Lightning accelerator (auto picks a GPU)")
+    args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    sizes = QUICK if args.quick else FULL
+    out = Path(args.out)
+    md = Path(args.md) if args.md else out.with_suffix(".md")
+    start = time.perf_counter()
+    result: dict[str, Any] = {
+        "schema": SCHEMA,
+        "command": "tvr-bench perf " + " ".join(argv),
+        "quick": args.quick,
+        "sizes": sizes.__dict__,
+        "machine": machine_info(),
+        "targets": TARGETS,
+        "load_start": _load(),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sections": {},
+        "section_seconds": {},
+    }
+    runners: dict[str, Callable[[], dict[str, Any]]] = {
+        "data": lambda: bench_data(Path(args.work_dir), sizes),
+        "eval": lambda: bench_eval(sizes, [m.strip() for m in args.methods.split(",") if m.strip()]),
+        "metrics": lambda: bench_metrics(sizes.metrics_n, sizes.metrics_repeats),
+        "train": lambda: bench_train(sizes, args.accelerator),
+    }
+    for name in sections:
+        t0 = time.perf_counter()
+        print(f"[perf] {name} ...", file=sys.stderr, flush=True)
+        result["sections"][name] = runners[name]()
+        result["section_seconds"][name] = round(time.perf_counter() - t0, 1)
+        print(f"[perf] {name} done in {result['section_seconds'][name]} s", file=sys.stderr, flush=True)
+    result["load_end"] = _load()
+    result["seconds"] = time.perf_counter() - start
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
+    text = render_markdown(result)
+    md.write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(perf_main(sys.argv[1:]))
