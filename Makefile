@@ -17,7 +17,6 @@ DATASETS := $(basename $(notdir $(wildcard recipes/data/*.yaml)))
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --upgrade pip >/dev/null
 	$(VENV)/bin/pip install -e '.[dev]'
 	$(VENV)/bin/python -c "import torch, sys; v = torch.__version__.split('+')[0]; sys.exit(0 if v == '2.13.0' else f'torch {torch.__version__} installed, 2.13.0 required')"
 	touch $@
