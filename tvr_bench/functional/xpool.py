@@ -21,7 +21,8 @@ with per-video Gram matrices G_u = U Uᵀ, G_w = W Wᵀ, G_g = (g3 W)(g3 W)ᵀ. 
 inner products e_k = <g3 ⊙ t, w_k> = <(Rᵀ (g3 ⊙ t))_h, v_jh> + const with R = Q C W_o, i.e. the same
 head-sliced [T, D] x [D, V·F] product as the attention logits. Per pair the work is two F·D dot
 products (logits, e) and three K x K quadratic forms instead of the reference's two D x D mat-vecs,
-and nothing of size D is stored per pair. Grams and quadratic forms run in float32 by default
+and nothing of size D is stored per pair. With one head, W_k and W_v move to the text side too, so a
+video needs only LN1(frames) and its items (`prepare_text`). Grams and quadratic forms run in float32 by default
 (`acc_dtype=torch.float64` is available): in every case tried, including near-cancelling frames, the
 error is dominated by the float32 items, as in the reference math, not by the accumulation.
 
