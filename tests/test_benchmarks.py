@@ -347,16 +347,19 @@ def test_cli_accepts_every_dataset_recipe(dataset: str, capsys: pytest.CaptureFi
     assert dm.num_frames == cls.NUM_FRAMES and dm.root == cls.default_root()
 
 
-def test_bench_without_shards_points_to_data_card(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`tvr-bench bench` on a benchmark that was never prepared stops with the data card in the message."""
-    from tvr_bench.cli import cli_main
+def test_bench_without_shards_points_to_data_card(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """`tvr-bench bench` on a benchmark that was never prepared stops (exit code 3, no traceback) with the data card in the message."""
+    from tvr_bench.cli import EXIT_DATA, cli_main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["tvr-bench"])
     configs = ["recipes/base.yaml", "recipes/methods/clip4clip.yaml", "recipes/data/lsmdc.yaml"]
     argv = ["bench", *[a for c in configs for a in ("--config", str(REPO / c))], "--model.init_args.backbone", "tiny"]
-    with pytest.raises(FileNotFoundError, match=r"prepare the 'lsmdc' dataset first \(see data_cards/lsmdc\.md"):
+    with pytest.raises(SystemExit) as done:
         cli_main(argv)
+    assert done.value.code == EXIT_DATA
+    err = capsys.readouterr().err
+    assert "the lsmdc shards are not prepared: 'data/lsmdc' does not exist" in err and "data_cards/lsmdc.md" in err
 
 
 def test_video2dataset_id_rules() -> None:

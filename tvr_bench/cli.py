@@ -18,6 +18,12 @@ from tvr_bench.methods.base import RetrievalModule
 #: Kept for compatibility: the config callback that writes `<run dir>/config.yaml` and fills the W&B config.
 LoggerSaveConfigCallback = RunConfigCallback
 
+#: Exit codes of `tvr-bench` (besides 0): a wrong command line or configuration (as jsonargparse uses),
+#: missing or corrupt prepared data, a NaN/inf training loss.
+EXIT_CONFIG = 2
+EXIT_DATA = 3
+EXIT_NONFINITE = 4
+
 #: Subcommands handled outside LightningCLI: name -> "module:function" taking argv and returning an exit code.
 TOOL_COMMANDS: dict[str, str] = {
     "synth": "tvr_bench.data.commands:synth_main",
@@ -38,6 +44,8 @@ class TVRBenchCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Fail early, naming the data card, when a real benchmark's shards are not prepared yet."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config is not None and "weights_only" in config and config.get("weights_only") is None:
+            config["weights_only"] = True  # `--ckpt_path`: tensors and plain types only, never arbitrary pickles
         data = config.get("data") if config is not None else None
         if data is None or not getattr(data, "class_path", None):
             return
@@ -52,10 +60,12 @@ class TVRBenchCLI(LightningCLI):
         init = data.init_args if isinstance(data.init_args, Namespace) else Namespace()
         root = init.get("root") or cls.default_root(init.get("sampling"))
         if not Path(root).is_dir():
-            raise SystemExit(
+            print(
                 f"error: the {cls.NAME} shards are not prepared: {root!r} does not exist. "
-                f"See data_cards/{cls.NAME}.md for how to get the videos and run `tvr-bench prepare {cls.NAME}`."
+                f"See data_cards/{cls.NAME}.md for how to get the videos and run `tvr-bench prepare {cls.NAME}`.",
+                file=sys.stderr,
             )
+            raise SystemExit(EXIT_DATA)
 
     def instantiate_classes(self) -> None:
         """Instantiate the configured classes; a rejected value ends with its message, not a traceback."""
@@ -66,7 +76,8 @@ class TVRBenchCLI(LightningCLI):
             while root.__cause__ is not None:
                 root = root.__cause__
             if isinstance(root, (ValueError, TypeError, FileNotFoundError, OSError)):
-                raise SystemExit(f"error: invalid configuration: {type(root).__name__}: {root}") from None
+                print(f"error: invalid configuration: {type(root).__name__}: {root}", file=sys.stderr)
+                raise SystemExit(EXIT_CONFIG) from None
             raise
 
     def after_instantiate_classes(self) -> None:
@@ -106,7 +117,8 @@ def _bench(trainer: Any, model: Any, datamodule: Any = None, **_: Any) -> None:
     ckpt = trainer.checkpoint_callback
     trainer.fit(model, datamodule=datamodule)
     best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
-    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False, verbose=False)
+    # our checkpoints hold tensors and plain types only (tests/test_reliability.py): no pickle is executed
+    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
 
 
 def _dispatch_tool(name: str, argv: list[str]) -> int:
@@ -133,12 +145,31 @@ def cli_main(args: list[str] | None = None) -> TVRBenchCLI:
     )
 
 
+def _message(exn: BaseException) -> str:
+    """The exception's own message, without the worker traceback a DataLoader worker wraps around it."""
+    text = str(exn)
+    marker = f"{type(exn).__name__}: "
+    if "Original Traceback" in text and marker in text:
+        text = text.rsplit(marker, 1)[1]
+    return text.strip()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `tvr-bench` console script."""
+    """Entry point of the `tvr-bench` console script: exit codes 2 (configuration), 3 (data), 4 (NaN loss)."""
+    from tvr_bench.data.shards import MissingShardsError, ShardError
+    from tvr_bench.methods.base import NonFiniteLossError
+
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in TOOL_COMMANDS:
         return _dispatch_tool(args[0], args[1:])
-    cli_main(None if argv is None else args)
+    try:
+        cli_main(None if argv is None else args)
+    except (MissingShardsError, ShardError) as exn:
+        print(f"error: {_message(exn)}", file=sys.stderr)
+        return EXIT_DATA
+    except NonFiniteLossError as exn:
+        print(f"error: {_message(exn)}", file=sys.stderr)
+        return EXIT_NONFINITE
     return 0
 
 

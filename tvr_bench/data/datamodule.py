@@ -71,6 +71,8 @@ class RetrievalDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.pin_memory = pin_memory
         self._splits: dict[str, SplitShards] = {}
+        self._train_loader: StreamLoader | None = None
+        self._train_resume: dict[str, int] | None = None
 
     # ----------------------------------------------------------------- splits
     def split_shards(self, split: str) -> SplitShards:
@@ -133,7 +135,7 @@ class RetrievalDataModule(L.LightningDataModule):
             expand_captions=self.train_captions == "all",
             shuffle_buffer=self.shuffle_buffer,
         )
-        return make_loader(
+        loader = make_loader(
             pipeline,
             num_workers=self.num_workers,
             num_batches=self.train_batches_per_epoch(),
@@ -142,6 +144,29 @@ class RetrievalDataModule(L.LightningDataModule):
             endless=True,
             pin_memory=self.pin_memory,
         )
+        if self._train_resume is not None:
+            loader.load_state_dict(self._train_resume)
+            self._train_resume = None
+        self._train_loader = loader
+        return loader
+
+    # ----------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        """Position of the training stream (epoch, batches handed out), stored in Lightning checkpoints."""
+        return {} if self._train_loader is None else {"train_stream": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume mid-epoch: the next training pass skips the batches its epoch already trained on.
+
+        Lightning restores the datamodule before it asks for the training loader, so the position is
+        handed to the loader made next (or to the current one)."""
+        resume = state_dict.get("train_stream")
+        if not resume:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(resume)
+        else:
+            self._train_resume = dict(resume)
 
     def eval_dataloader(self, split: str) -> StreamLoader:
         """Every video of ``split`` once (this rank's share), with all captions, deterministic order."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import re
 import signal
 import time
 import warnings
@@ -120,8 +121,11 @@ def convert_record(record: VideoRecord, config: PrepareConfig, source_root: Path
     file = _source_name(path, source_root)
     if not path.is_file():
         return ConvertResult(record.video_id, file, reason=f"missing: {path} not found")
-    if not record.captions or not all(isinstance(c, str) and c.strip() for c in record.captions):
+    if not record.captions:
         return ConvertResult(record.video_id, file, reason=f"no captions: {record.captions!r}")
+    blank = [i for i, c in enumerate(record.captions) if not (isinstance(c, str) and c.strip())]
+    if blank:
+        return ConvertResult(record.video_id, file, reason=f"empty caption(s) at position {blank} of {record.captions!r}")
 
     def choose(info: Any) -> list[int]:
         """Native indices for this record's policy and segment."""
@@ -161,11 +165,27 @@ def convert_record(record: VideoRecord, config: PrepareConfig, source_root: Path
     return ConvertResult(record.video_id, file, encode_sample(key, frames, meta), len(record.captions))
 
 
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
+
+
+def check_split_name(split: str) -> str:
+    """A split names a directory under the output root: letters, digits, ``_`` and ``-`` only (no path)."""
+    if not isinstance(split, str) or not _SPLIT_NAME.fullmatch(split):
+        raise ValueError(
+            f"invalid split name {split!r}: use letters, digits, '_' and '-' only "
+            f"(it becomes a directory under the output root)"
+        )
+    return split
+
+
 def group_records(records: Iterable[VideoRecord]) -> dict[str, list[VideoRecord]]:
     """Group by split in first-seen order; records sharing a video id within a split are merged
-    (captions concatenated in order), as LSMDC-style one-row-per-caption annotations need."""
+    (captions concatenated in order), as LSMDC-style one-row-per-caption annotations need. Split names
+    are checked (they become directories); video ids only ever become sanitised keys inside shards."""
     splits: dict[str, dict[str, VideoRecord]] = {}
     for record in records:
+        if record.split not in splits:
+            check_split_name(record.split)
         by_id = splits.setdefault(record.split, {})
         seen = by_id.get(record.video_id)
         if seen is None:

@@ -34,6 +34,14 @@ class ShardError(RuntimeError):
     """A shard or one of its samples is unreadable or incomplete; the message names file and key."""
 
 
+class MissingShardsError(FileNotFoundError):
+    """A split was never prepared (or lost a shard); the message names the path and the data card."""
+
+
+#: Members WebDataset adds to every sample (not stored in the tar).
+_SAMPLE_FIELDS = frozenset({"__key__", "__url__", "__local_path__"})
+
+
 def sanitize_key(video_id: str) -> str:
     """Stable WebDataset key for a video id: ids with characters other than ``[A-Za-z0-9_-]`` (dots
     cut WebDataset keys) get them replaced by ``_`` plus an 8-hex hash of the original, so distinct
@@ -162,14 +170,25 @@ def read_index(split_dir: Path, dataset: str = "<dataset>") -> dict[str, Any]:
     """Load ``{split_dir}/index.json``; a clear FileNotFoundError when the split was never prepared."""
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
-        raise FileNotFoundError(missing_data_message(split_dir, dataset))
+        raise MissingShardsError(missing_data_message(split_dir, dataset))
     index_path = split_dir / INDEX_FILE
     if not index_path.is_file():
-        raise FileNotFoundError(missing_data_message(index_path, dataset))
-    index = json.loads(index_path.read_text(encoding="utf-8"))
+        raise MissingShardsError(missing_data_message(index_path, dataset))
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        entries = [(str(e["file"]), int(e["num_samples"])) for e in index["shards"]]
+        int(index["num_samples"]), int(index["num_captions"])
+    except (ValueError, KeyError, TypeError) as exn:
+        raise ShardError(
+            f"{index_path}: unreadable index ({type(exn).__name__}: {exn}); "
+            f"re-run `tvr-bench prepare --overwrite` (see data_cards/{dataset}.md)"
+        ) from exn
+    for name, _ in entries:
+        if Path(name).name != name or not name.endswith(".tar"):
+            raise ShardError(f"{index_path}: shard entry {name!r} is not a tar file name inside {split_dir}")
     for entry in index["shards"]:
         if not (split_dir / entry["file"]).is_file():
-            raise FileNotFoundError(
+            raise MissingShardsError(
                 f"{split_dir / entry['file']} is listed in {index_path} but missing; "
                 f"re-run `tvr-bench prepare` (see data_cards/{dataset}.md)"
             )
@@ -183,15 +202,26 @@ def parse_sample(sample: dict[str, Any]) -> tuple[dict[str, Any], list[bytes]]:
     """
     key = sample.get("__key__", "?")
     where = f"{sample.get('__url__', '?')}: sample {key!r}"
+    foreign = sorted(name for name in sample if name not in _SAMPLE_FIELDS and name != "json" and not FRAME_RE.match(name))
+    if foreign:
+        raise ShardError(
+            f"{where}: unexpected member(s) {', '.join(foreign)}: shards hold only NNN.jpg frames and one json "
+            f"(no other member, e.g. a pickle, is ever read)"
+        )
     if "json" not in sample:
         raise ShardError(f"{where}: no json member (metadata and captions missing)")
     try:
         meta = json.loads(sample["json"])
     except (ValueError, UnicodeDecodeError) as exn:
         raise ShardError(f"{where}: unreadable json member: {exn}") from exn
+    if not isinstance(meta, dict):
+        raise ShardError(f"{where}: json member is not an object: {meta!r:.80}")
     captions = meta.get("captions")
-    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c for c in captions):
-        raise ShardError(f"{where}: 'captions' must be a non-empty list of non-empty strings, got {captions!r}")
+    if not isinstance(captions, list) or not captions:
+        raise ShardError(f"{where}: no captions ('captions' must be a non-empty list of strings, got {captions!r})")
+    blank = [i for i, c in enumerate(captions) if not (isinstance(c, str) and c.strip())]
+    if blank:
+        raise ShardError(f"{where}: empty caption(s) at position {blank} of {captions!r}")
     frames = sorted((int(m.group(1)), name) for name in sample if (m := FRAME_RE.match(name)))
     expected = meta.get("num_frames")
     if not frames:

@@ -5,6 +5,11 @@ in a fresh seeded order, positions dealt round-robin to the slots), draws one ca
 (or expands all captions), shuffles in a buffer and batches inside the worker; the loader stops after
 a fixed number of batches, identical on every rank, computed from index.json totals.
 
+Resume: the training loader is stateful (Lightning stores its ``state_dict`` in checkpoints): a run
+resumed mid-epoch skips the batches of that epoch it already trained on, so it sees exactly the batches
+the uninterrupted run would have seen. Whole batches per worker are dropped before decoding; fewer than
+``num_workers`` batches are decoded and discarded.
+
 Evaluation: the samples of a split, in shard order, are cut into ``world_size * num_workers``
 contiguous blocks (sizes differ by at most one); a slot opens only the shards overlapping its block
 and drops other samples before any JPEG is decoded, so every sample is yielded exactly once across
@@ -123,6 +128,7 @@ class StreamState:
     url: str | None = None
     last_key: str | None = None
     shard_seq: int = 0
+    skip_batches: int = 0  # training: batches every worker drops (undecoded) at the start of this pass
 
     def open_shard(self, url: str) -> None:
         """Called by a source when it hands out a shard (the same url may come again later)."""
@@ -294,6 +300,19 @@ def _shuffle(src: Iterable[dict[str, Any]], plan: SlotPlan, bufsize: int) -> Ite
 seeded_shuffle = wds.pipelinefilter(_shuffle)
 
 
+def _skip_batches(src: Iterable[dict[str, Any]], plan: SlotPlan, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Resume: drop the items of this worker's first ``state.skip_batches`` batches before decoding."""
+    todo = plan.state.skip_batches * batch_size
+    for item in src:
+        if todo > 0:
+            todo -= 1
+            continue
+        yield item
+
+
+skip_batches = wds.pipelinefilter(_skip_batches)
+
+
 def decode_clip(jpegs: list[bytes], num_frames: int, image_size: int, key: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
     """JPEG frames of one clip -> (uint8 ``[F, 3, S, S]``, bool mask ``[F]``), uniformly subsampled
     when more are stored, zero-padded (mask False, warning naming the key) when fewer. Batches are
@@ -395,6 +414,7 @@ def train_pipeline(
         parse(caption_mode),
         pick_captions(plan, expand_captions),
         seeded_shuffle(plan, shuffle_buffer),
+        skip_batches(plan, batch_size),
         decode(num_frames, image_size),
         wds.batched(batch_size, collation_fn=collate_train, partial=False),
     )
@@ -435,22 +455,89 @@ def eval_batches_on_rank(num_samples: int, rank: int, world_size: int, num_worke
 class StreamLoader:
     """A sized iterable of batches around a :class:`webdataset.WebLoader`.
 
-    Before each pass it stores the epoch (from ``epoch_fn``, else its own pass counter) in the shared
-    stream state, so that workers started for that pass derive their seeds from it.
+    When a pass starts (its first batch is asked for) it stores the epoch (from ``epoch_fn``, else its
+    own pass counter) in the shared stream state, so that workers started for that pass derive their
+    seeds from it.
+
+    It is stateful in Lightning's sense (``state_dict`` / ``load_state_dict``, saved in checkpoints):
+    after ``load_state_dict`` the next pass over the same epoch skips the batches handed out before the
+    checkpoint. A worker's whole batches are dropped undecoded; the remaining ``< num_workers`` batches
+    are decoded and discarded, which keeps the DataLoader's round-robin order over workers.
     """
 
-    def __init__(self, loader: wds.WebLoader, num_batches: int, state: StreamState, epoch_fn: Any = None) -> None:
+    def __init__(
+        self, loader: wds.WebLoader, num_batches: int, state: StreamState, epoch_fn: Any = None, num_workers: int = 0
+    ) -> None:
         self.loader, self.num_batches, self.state, self.epoch_fn = loader, num_batches, state, epoch_fn
+        self.num_workers = num_workers
         self._passes = 0
+        self._consumed = 0
+        self._resume: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch = self.epoch_fn() if self.epoch_fn is not None else None
-        self.state.epoch = self._passes if epoch is None else int(epoch)
         self._passes += 1
-        return iter(self.loader)
+        return self._iterate(self._passes - 1)
+
+    def _resume_skip(self) -> int:
+        """Batches to skip in this pass: those of a loaded state that belong to this very epoch."""
+        resume, self._resume = self._resume, None
+        if not resume or resume.get("epoch") != self.state.epoch:
+            return 0
+        done = int(resume.get("batches", 0))
+        if resume.get("num_batches") != self.num_batches:
+            warnings.warn(
+                f"cannot restore the data position of epoch {self.state.epoch}: the checkpoint's loader had "
+                f"{resume.get('num_batches')} batches per epoch, this one {self.num_batches} (batch size or number of "
+                f"processes changed); the rest of the epoch is drawn from its start",
+                stacklevel=3,
+            )
+            return 0
+        return done if 0 < done < self.num_batches else 0
+
+    def _iterate(self, pass_number: int) -> Iterator[dict[str, Any]]:
+        """Batches of one pass; a resumed epoch leaves out the batches seen before the checkpoint.
+
+        Epoch and skip are decided when the first batch is asked for, not when the iterator is made:
+        Lightning makes the first training iterator while sizing the LR schedule, before it restores
+        the loops of a checkpoint, so ``epoch_fn`` is only right at the first batch.
+        """
+        epoch = self.epoch_fn() if self.epoch_fn is not None else None
+        self.state.epoch = pass_number if epoch is None else int(epoch)
+        skip = self._resume_skip()
+        self._consumed = 0
+        if not skip:
+            for batch in self.loader:
+                self._consumed += 1
+                yield batch
+            return
+        workers = max(1, self.num_workers)
+        self.state.skip_batches = skip // workers  # read by every worker's skip stage when the pass starts
+        iterator = iter(self.loader)
+        try:
+            for _ in range(skip - self.state.skip_batches * workers):
+                next(iterator)
+            first = next(iterator, None)
+        finally:
+            self.state.skip_batches = 0
+        self._consumed = skip
+        # the inner epoch length counts only the batches the workers did not drop: stop at num_batches
+        batch = first
+        while batch is not None and self._consumed < self.num_batches:
+            self._consumed += 1
+            yield batch
+            if self._consumed < self.num_batches:
+                batch = next(iterator, None)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the current pass stands: epoch, batches handed out, batches per epoch (plain ints)."""
+        return {"epoch": int(self.state.epoch), "batches": int(self._consumed), "num_batches": int(self.num_batches)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume: the next pass, when it is the same epoch, continues after the batches already seen."""
+        self._resume = {k: int(v) for k, v in state_dict.items() if k in ("epoch", "batches", "num_batches")}
 
 
 def make_loader(
@@ -463,8 +550,14 @@ def make_loader(
     endless: bool = False,
     pin_memory: bool = False,
 ) -> StreamLoader:
-    """Wrap a batch pipeline in a WebLoader (batching already done in the workers)."""
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    """Wrap a batch pipeline in a WebLoader (batching already done in the workers).
+
+    The DataLoader draws its worker base seed from its own generator, not from torch's global RNG, so
+    creating an iterator (each epoch, each evaluation) leaves the model's random stream untouched: a
+    resumed run continues the same dropout / sampling draws as an uninterrupted one.
+    """
+    generator = torch.Generator().manual_seed(0)
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, generator=generator)
     if endless:
         loader = loader.with_epoch(num_batches)
-    return StreamLoader(loader, num_batches, state, epoch_fn)
+    return StreamLoader(loader, num_batches, state, epoch_fn, num_workers=num_workers)

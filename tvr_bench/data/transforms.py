@@ -15,8 +15,9 @@ CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 def decode_jpeg(data: bytes, min_side: int | None = None) -> np.ndarray:
     """Decode JPEG bytes to uint8 ``[H, W, 3]``; with ``min_side`` PIL's draft mode downscales cheaply
-    while keeping both sides at least ``min_side``."""
-    with Image.open(io.BytesIO(data)) as img:
+    while keeping both sides at least ``min_side``. Only the JPEG decoder is tried: bytes in any other
+    format (PNG, EPS, ...) are refused, never handed to another PIL plugin."""
+    with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
         if min_side is not None and min(img.size) >= 2 * min_side:
             img.draft("RGB", (min_side, min_side))
         return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # convert() to the same mode copies

@@ -15,6 +15,10 @@ from tvr_bench.functional.losses import MAX_LOGIT_SCALE, clamp_logit_scale_
 Features = dict[str, Tensor]
 
 
+#: Checkpoint entry holding torch's random state (plain tensors: loads with ``weights_only=True``).
+RNG_STATE_KEY = "tvr_bench_rng_state"
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised when a training loss is NaN or infinite, naming the samples of the batch."""
 
@@ -121,6 +125,31 @@ class RetrievalModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Clamp the temperature at ln(100) after each step, as every reference does."""
         clamp_logit_scale_(self.backbone.logit_scale, self.hparams.logit_scale_max)
+
+    # ------------------------------------------------------------------ exact resume
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store torch's random state (CPU and this device) so that a resumed fit draws what the
+        uninterrupted one would have drawn (dropout, T-MASS samples)."""
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        checkpoint[RNG_STATE_KEY] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the stored random state for the first training batch of a resumed fit."""
+        trainer = self._trainer
+        fitting = trainer is not None and getattr(trainer.state, "fn", None) == "fit"
+        self._resume_rng_state = checkpoint.get(RNG_STATE_KEY) if fitting else None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Resumed fit: restore the checkpoint's random state right before the first step it trains."""
+        state = getattr(self, "_resume_rng_state", None)
+        if state is None:
+            return
+        self._resume_rng_state = None
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def _eval_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         text = self.encode_text(**self.tokenize(batch["captions"]))
