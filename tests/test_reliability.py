@@ -245,6 +245,21 @@ def test_corrupt_and_missing_shards_through_the_cli(tiny_root: Path, cli_env: Pa
     _assert_no_secret(cli_env)
 
 
+def test_verify_command_finds_corrupt_shards(tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`tvr-bench verify ROOT`: 0 and `ok` per split on good shards; 3 naming the shard after a bit flip."""
+    root = _copy_root(tiny_root, tmp_path / "root", splits=("val", "test"))
+    code, out, _ = _run_cli(["verify", str(root)], capsys)
+    assert code == 0 and out.splitlines() == ["test: ok", "val: ok"]
+    shard = root / "test" / "shard-00000.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0x10
+    shard.write_bytes(bytes(data))
+    code, out, err = _run_cli(["verify", str(root), "--splits", "test"], capsys)
+    assert code == EXIT_DATA and f"{shard}: sha256 differs from index.json" in out and "--overwrite" in err
+    code, _, err = _run_cli(["verify", str(tmp_path / "nothing")], capsys)
+    assert code == EXIT_DATA and "no prepared split" in err
+
+
 def test_missing_shard_errors_are_file_not_found() -> None:
     """MissingShardsError stays a FileNotFoundError for callers that catch that."""
     assert issubclass(MissingShardsError, FileNotFoundError)
@@ -710,9 +725,11 @@ def test_cli_refuses_a_checkpoint_holding_a_pickle(tiny_root: Path, cli_env: Pat
     """`tvr-bench test --ckpt_path evil.ckpt`: refused by the weights-only unpickler, the payload never runs."""
     marker = cli_env / "pwned"
     torch.save({"state_dict": {}, "evil": _Marker(str(marker))}, cli_env / "evil.ckpt")
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        main(["test", *_synthetic_cli(tiny_root, cli_env), "--ckpt_path", str(cli_env / "evil.ckpt")])
-    assert not marker.exists()
+    code, _, err = _run_cli(["test", *_synthetic_cli(tiny_root, cli_env), "--ckpt_path", str(cli_env / "evil.ckpt")], capsys)
+    assert code == EXIT_DATA and "error: refused to load the checkpoint" in err and "Weights only load failed" in err
+    assert not marker.exists() and "Traceback" not in err
+    code, _, err = _run_cli(["test", *_synthetic_cli(tiny_root, cli_env), "--ckpt_path", str(cli_env / "nope.ckpt")], capsys)
+    assert code == EXIT_DATA and "nope.ckpt" in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------------------- fuzz

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from tvr_bench.methods.base import RetrievalModule
 LoggerSaveConfigCallback = RunConfigCallback
 
 #: Exit codes of `tvr-bench` (besides 0): a wrong command line or configuration (as jsonargparse uses),
-#: missing or corrupt prepared data, a NaN/inf training loss.
+#: missing or damaged input files (shards, samples, a checkpoint), a NaN/inf training loss.
 EXIT_CONFIG = 2
 EXIT_DATA = 3
 EXIT_NONFINITE = 4
@@ -28,6 +29,7 @@ EXIT_NONFINITE = 4
 TOOL_COMMANDS: dict[str, str] = {
     "synth": "tvr_bench.data.commands:synth_main",
     "prepare": "tvr_bench.data.commands:prepare_main",
+    "verify": "tvr_bench.data.commands:verify_main",
     "leaderboard": "tvr_bench.report:leaderboard_main",
     "perf": "tvr_bench.perf.run:perf_main",
 }
@@ -156,7 +158,7 @@ def _message(exn: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tvr-bench` console script: exit codes 2 (configuration), 3 (data), 4 (NaN loss)."""
-    from tvr_bench.data.shards import MissingShardsError, ShardError
+    from tvr_bench.data.shards import ShardError
     from tvr_bench.methods.base import NonFiniteLossError
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -164,8 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch_tool(args[0], args[1:])
     try:
         cli_main(None if argv is None else args)
-    except (MissingShardsError, ShardError) as exn:
+    except (FileNotFoundError, ShardError) as exn:  # MissingShardsError, a missing --ckpt_path
         print(f"error: {_message(exn)}", file=sys.stderr)
+        return EXIT_DATA
+    except pickle.UnpicklingError as exn:
+        first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
+        print(
+            f"error: refused to load the checkpoint: it holds more than tensors and plain values "
+            f"(loaded with weights_only=True; only load files you trust otherwise): {first}",
+            file=sys.stderr,
+        )
         return EXIT_DATA
     except NonFiniteLossError as exn:
         print(f"error: {_message(exn)}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Command functions behind ``tvr-bench synth`` and ``tvr-bench prepare`` (argparse; return exit codes)."""
+"""Command functions behind ``tvr-bench synth``, ``prepare`` and ``verify`` (argparse; return exit codes)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from tvr_bench.data import synth
 from tvr_bench.data.frames import POLICIES
 from tvr_bench.data.prepare import PrepareConfig, prepare
 from tvr_bench.data.readers import READERS, get_reader
+from tvr_bench.data.shards import INDEX_FILE, MissingShardsError, ShardError, verify_split
 
 
 def _default_workers() -> int:
@@ -119,4 +120,40 @@ def prepare_main(argv: list[str]) -> int:
     if report.failures:
         print(f"{len(report.failures)} videos missing or undecodable: see {Path(args.out) / 'manifest.json'}")
     print(f"done in {report.seconds:.1f} s ({report.converted} converted, {report.reused} kept from earlier runs)")
+    return 0
+
+
+def verify_parser() -> argparse.ArgumentParser:
+    """Arguments of ``tvr-bench verify``."""
+    parser = argparse.ArgumentParser(
+        prog="tvr-bench verify",
+        description="Re-hash and re-read every shard of a prepared dataset against its index.json "
+        "(sha256, sample counts, every sample's members). Exit code 0 when all is well, 3 otherwise.",
+    )
+    parser.add_argument("root", type=Path, help="prepared dataset root (holds <split>/index.json)")
+    parser.add_argument("--splits", nargs="+", default=None, help="splits to check (default: every prepared split)")
+    return parser
+
+
+def verify_main(argv: list[str]) -> int:
+    """``tvr-bench verify data/msrvtt [--splits test]``: report corrupt, truncated or missing shards."""
+    args = verify_parser().parse_args(argv)
+    root: Path = args.root
+    splits = args.splits or sorted(d.name for d in root.glob("*") if (d / INDEX_FILE).is_file())
+    if not splits:
+        print(f"error: no prepared split (<split>/{INDEX_FILE}) under {root}: run `tvr-bench prepare` first", file=sys.stderr)
+        return 3
+    bad = 0
+    for split in splits:
+        try:
+            problems = verify_split(root / split)
+        except (MissingShardsError, ShardError) as exn:
+            problems = [str(exn)]
+        bad += len(problems)
+        print(f"{split}: " + ("ok" if not problems else f"{len(problems)} problem(s)"))
+        for problem in problems:
+            print(f"  {problem}")
+    if bad:
+        print(f"error: {bad} problem(s); re-run `tvr-bench prepare ... --overwrite` for this dataset", file=sys.stderr)
+        return 3
     return 0
