@@ -83,6 +83,20 @@ def _synthetic_cli(root: Path, tmp: Path, *extra: str, configs: list[str] = CONF
     ]
 
 
+@pytest.fixture(autouse=True)
+def _restore_process_state(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Fits here set the seed variables, deterministic algorithms and one torch thread: undo it afterwards."""
+    for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG"):
+        if var in os.environ:
+            monkeypatch.setenv(var, os.environ[var])
+        else:
+            monkeypatch.delenv(var, raising=False)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
 @pytest.fixture
 def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run CLI commands inside tmp_path with a fake W&B key in the environment."""

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
         print(
             f"error: refused to load the checkpoint: it holds more than tensors and plain values "
-            f"(loaded with weights_only=True; only load files you trust otherwise): {first}",
+            f"(read with weights_only=True; `--weights_only false` loads it, for a file you trust only): {first}",
             file=sys.stderr,
         )
         return EXIT_DATA
