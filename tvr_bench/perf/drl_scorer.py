@@ -15,9 +15,7 @@ rebuilt there from the same seed, and rounds interleave the variants. Inputs fol
 
 from __future__ import annotations
 
-import resource
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -33,7 +31,7 @@ from tvr_bench.functional.drl import (
     wti_similarity,
     wti_similarity_blocked,
 )
-from tvr_bench.perf.memory import reset_peak_rss
+from tvr_bench.perf.memory import peak_rss_bytes, reset_peak_rss
 
 VARIANTS = ("blocked", "one_shot", "reference_loop")
 
@@ -104,9 +102,8 @@ def score_reference_loop(x: dict[str, Any], mini_batch: int = 32) -> Tensor:
 
 
 def _peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    """Peak resident set size of this process since start or the last reset (see tvr_bench/perf/memory.py)."""
+    return peak_rss_bytes()
 
 
 def _head(x: dict[str, Any], k: int) -> dict[str, Any]:

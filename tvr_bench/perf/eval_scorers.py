@@ -16,9 +16,7 @@ of the heads plus 0.02·N(0, 1) noise (as perf anchor a), one caption per video 
 
 from __future__ import annotations
 
-import resource
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -29,7 +27,7 @@ from torch import Tensor
 
 from tvr_bench.functional.tmass import RadiusHead, counter_prior, tmass_similarity, tmass_similarity_reference
 from tvr_bench.functional.xpool import TextConditionedPool, xpool_similarity_fast, xpool_similarity_reference
-from tvr_bench.perf.memory import reset_peak_rss
+from tvr_bench.perf.memory import peak_rss_bytes, reset_peak_rss
 
 VARIANTS = ("fast", "one_shot")
 
@@ -51,9 +49,8 @@ def make_inputs(n_text: int, n_video: int, frames: int, d: int, heads: int, tria
 
 
 def _peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    """Peak resident set size of this process since start or the last reset (see tvr_bench/perf/memory.py)."""
+    return peak_rss_bytes()
 
 
 def run_variant(

@@ -1,8 +1,8 @@
 """Peak resident memory of a benchmark call, measured from a reset high-water mark.
 
-`ru_maxrss` is a high-water mark since the process started: transient allocations made while importing
-or building inputs can stay above everything a small scorer allocates later, which then shows no extra
-memory at all. On Linux, writing 5 to /proc/self/clear_refs resets the mark to the current RSS, so
+A peak-RSS figure is a high-water mark since the process started: transient allocations made while
+importing or building inputs can stay above everything a small scorer allocates later, which then shows
+no extra memory at all. On Linux, writing 5 to /proc/self/clear_refs resets the mark to the current RSS, so
 `reset_peak_rss()` right before a call and `peak_rss_bytes()` after it bound what the call itself added.
 Freed heap memory stays resident and is reused without raising the RSS, so the reset first hands free
 heap pages back to the OS (glibc `malloc_trim`): the call's allocations then show up as new pages.
@@ -16,7 +16,18 @@ from pathlib import Path
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process since start or the last reset (Linux KiB, macOS bytes)."""
+    """Peak resident set size of this process since start or the last reset.
+
+    Linux: `VmHWM` of /proc/self/status. Not `ru_maxrss`: that one is also floored by the peak of the
+    image the process was exec'ed from, so a child started by `spawn` (fork + exec) reports at least the
+    parent's RSS at fork time and a small scorer shows no growth at all. Elsewhere: `ru_maxrss`.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
