@@ -105,10 +105,14 @@ class RetrievalModule(L.LightningModule):
         return out
 
     # ------------------------------------------------------------------ Lightning hooks
+    def training_features(self, batch: dict[str, Any]) -> tuple[Features, Features]:
+        """Local text and video features of a training batch (methods with extra views override this)."""
+        text = self.encode_text(**self.tokenize(batch["captions"]))
+        return text, self.encode_video(batch["frames"], batch["frame_mask"])
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Encode, gather across ranks, compute the method's loss, refuse non-finite values."""
-        text = self.encode_text(**self.tokenize(batch["captions"]))
-        video = self.encode_video(batch["frames"], batch["frame_mask"])
+        text, video = self.training_features(batch)
         loss, extra = self.training_loss(self.gather_features(text), self.gather_features(video))
         if not torch.isfinite(loss):
             keys = ", ".join(map(str, batch.get("video_key", [])))

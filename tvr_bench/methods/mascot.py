@@ -35,7 +35,7 @@ from tvr_bench.functional.mascot import (
     text_patch_scores,
 )
 from tvr_bench.functional.pooling import mean_pool_normalised
-from tvr_bench.methods.base import Features, NonFiniteLossError, RetrievalModule
+from tvr_bench.methods.base import Features, RetrievalModule
 
 COMPLETION_LEVELS = ("patch", "frame")
 COLEARN_MODES = ("mutual", "full")
@@ -267,29 +267,18 @@ class MASCOT(RetrievalModule):
         return torch.stack([mutual_colearning_loss(sims["full"], sims[v], scale) for v in masked]).mean()
 
     # ------------------------------------------------------------------ Lightning
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        """Encode text, build the masked views with the paired captions, gather, compute and log the loss.
+    def training_features(self, batch: dict[str, Any]) -> tuple[Features, Features]:
+        """Encode the text, then the full and masked views built with the paired captions.
 
-        Overrides the base step only because the views need the local text (text-guided ranking and
-        the completion terms); the checks and logging are the base's.
+        The views need the local text (text-guided ranking and the completion terms), so MASCOT
+        builds its video features here; the gathering, checks and logging are the base's.
         """
         raw = self.backbone.encode_text(**self.tokenize(batch["captions"]))
         text = {"embeds": F.normalize(raw["embeds"], dim=-1)}
         video = self.training_views(
             batch["frames"], batch["frame_mask"], text["embeds"], raw["tokens"], raw["token_mask"]
         )
-        loss, extra = self.training_loss(self.gather_features(text), self.gather_features(video))
-        if not torch.isfinite(loss):
-            keys = ", ".join(map(str, batch.get("video_key", [])))
-            raise NonFiniteLossError(
-                f"non-finite training loss {loss.item()} at step {self.global_step}; samples in the batch: {keys}"
-            )
-        bs = len(batch["captions"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        for name, value in extra.items():
-            self.log(f"train/{name}", value, batch_size=bs)
-        self.log("train/logit_scale", self.backbone.logit_scale.detach().exp(), batch_size=bs)
-        return loss
+        return text, video
 
 
 def _real_frames(frames: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
