@@ -35,3 +35,11 @@ def _isolated_wandb(tmp_path, monkeypatch):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
     monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "disabled"))
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_short_video_warnings(monkeypatch):
+    """Give every test the full quota of 'fewer frames than asked' warnings (a per-process counter)."""
+    from tvr_bench.data import streams
+
+    monkeypatch.setattr(streams, "_short_warned", 0)
