@@ -116,7 +116,7 @@ def _bench(
 
 def bench_xpool(
     n: int = 1000, d: int = 512, frames: int = 12, heads: int = 1, n_text: int | None = None,
-    n_video: int | None = None, repeats: int = 3, budget_mb: float = 256.0, seed: int = 0,
+    n_video: int | None = None, repeats: int = 3, budget_mb: float = 512.0, seed: int = 0,
     threads: int | None = None, variants: tuple[str, ...] = VARIANTS,
 ) -> dict[str, Any]:  # fmt: skip
     """Time and measure the peak memory of X-Pool's fast scorer vs the one-shot reference math; max |diff|."""
@@ -125,7 +125,7 @@ def bench_xpool(
 
 def bench_tmass(
     n: int = 1000, d: int = 512, frames: int = 12, heads: int = 1, trials: int = 20, n_text: int | None = None,
-    n_video: int | None = None, repeats: int = 3, budget_mb: float = 256.0, seed: int = 0,
+    n_video: int | None = None, repeats: int = 3, budget_mb: float = 512.0, seed: int = 0,
     threads: int | None = None, variants: tuple[str, ...] = VARIANTS,
 ) -> dict[str, Any]:  # fmt: skip
     """Time and measure the peak memory of T-MASS's fast M-sample scorer vs the one-shot reference math."""
