@@ -50,7 +50,7 @@ def method_recipes() -> list[str]:
     """Stems of `recipes/methods/*.yaml` that define a method (per-dataset overrides excluded)."""
     datasets = DATASETS | {p.stem for p in (RECIPES / "data").glob("*.yaml")}
     stems = sorted(p.stem for p in (RECIPES / "methods").glob("*.yaml"))
-    return [s for s in stems if s.rpartition("_")[2] not in datasets]
+    return [s for s in stems if not any(s.endswith(f"_{d}") for d in datasets)]
 
 
 def build_odd_root(tiny: Path, out: Path, shard_sizes: tuple[int, ...] = ODD_SHARDS) -> Path:
