@@ -197,17 +197,24 @@ def tmass_training_loss(
 
 
 # ------------------------------------------------------------------------------------ inference
-def _trial_cosines(fw: FoldedWeights, ts: TextSide, vs: VideoSide, text: Tensor, r: Tensor, eps: Tensor) -> Tensor:
+def _trial_cosines(
+    fw: FoldedWeights, ts: TextSide, vs: VideoSide, text: Tensor, r: Tensor, eps: Tensor,
+    work: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:  # fmt: skip
     """cos(t + eps_m ⊙ R, z_{v|t}) [T, V, M] from the radius r = R [V, T, D] (video-major), without forming z.
 
     With z = g3 ⊙ (ytil / s2 + c) / s3 + b3 (ytil = sum_k alpha_k w_k, see `xpool`), the numerator is
     <t, z> + ((<eps ⊙ g3, R ⊙ ytil> / s2 + <eps ⊙ g3 ⊙ c, R>) / s3 + <eps ⊙ b3, R>) and the squared norm
     of the sample |t|² + 2 <eps ⊙ t, R> + <eps², R²>: every term is a product over D of a per-(text, trial)
     vector with a per-pair vector, i.e. a batched matmul over the text axis when eps is per text.
+    `work` optionally holds two [V, T, D] buffers reused across chunks (fresh multi-MB allocations
+    page-fault on every call).
     """
     alpha, s2, s3, tz, zz = (x.to(text.dtype) for x in pair_statistics(fw, ts, vs))
-    ry = torch.bmm(alpha.transpose(0, 1), vs.w).mul_(r)  # R ⊙ ytil, [V, T, D]
-    r2 = r * r
+    if work is None:
+        work = (torch.empty_like(r), torch.empty_like(r))
+    ry = torch.bmm(alpha.transpose(0, 1), vs.w, out=work[0]).mul_(r)  # R ⊙ ytil, [V, T, D]
+    r2 = torch.mul(r, r, out=work[1])
     m = eps.shape[-2]
     if eps.dim() == 3:  # [T, M, D]: one set of draws per text; per-pair operands viewed as [T, D, V]
         b1 = torch.bmm(eps * fw.g3, ry.permute(1, 2, 0))
@@ -301,10 +308,15 @@ def tmass_similarity(
     nt, nv = text.shape[0], frames.shape[0]
     rows = max(1, max_bytes // (tmass_pair_bytes(pool.dim, eps.shape[-2], eps.dim() == 4) * max(1, nv)))
     out = []
+    d = pool.dim
+    buf = text.new_empty(3, min(rows, nt) * nv * d)  # radius, R ⊙ ytil, R², reused by every chunk
     for i in range(0, nt, rows):
         t, e = text[i : i + rows], eps[i : i + rows]
-        r = radius(torch.einsum("vfd,td->vtf", unit, t / t.norm(dim=-1, keepdim=True))).exp_()  # [V, T, D]
-        cos = _trial_cosines(fw, prepare_text(pool, fw, t), vs, t, r, e)
+        shape = (nv, t.shape[0], d)
+        r, ry, r2 = (buf[j, : nv * t.shape[0] * d].view(shape) for j in range(3))
+        cosines = torch.einsum("vfd,td->vtf", unit, t / t.norm(dim=-1, keepdim=True))
+        torch.addmm(radius.proj.bias, cosines.flatten(0, 1), radius.proj.weight.t(), out=r.view(-1, d)).exp_()
+        cos = _trial_cosines(fw, prepare_text(pool, fw, t), vs, t, r, e, work=(ry, r2))
         if z_own is None:
             out.append(cos.amax(-1))
         else:
