@@ -8,8 +8,9 @@ materialises [n_text, n_video, D] tensors (the reference code does the same on C
 * `one_shot`: `xpool_similarity_reference` / `tmass_similarity_reference`, every pooled vector (and for
   T-MASS every radius and sample) in memory at once.
 
-Each variant runs in a fresh process (spawn) so its peak resident memory (`ru_maxrss`; tracemalloc does
-not see torch's allocator) can be read; the inputs are rebuilt there from the same seed. Inputs:
+Each variant runs in a fresh process (spawn) so its peak resident memory (the VmHWM high-water mark of
+`tvr_bench.perf.memory`, reset after the inputs are built; tracemalloc does not see torch's allocator)
+can be read; the inputs are rebuilt there from the same seed. Inputs:
 CLIP-like raw features (shared offset, per-video content, small per-frame changes), reference init
 of the heads plus 0.02·N(0, 1) noise (as perf anchor a), one caption per video unless `n_text` differs.
 """
