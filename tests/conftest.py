@@ -20,6 +20,17 @@ def parity_dir() -> Path:
     return Path(os.environ.get("TVR_PARITY_DIR", REPO_ROOT.parent / "shared" / "parity"))
 
 
+#: Float tolerance of the parity README ("compare floats with atol=1e-5") unless a file sets `atol`.
+DEFAULT_PARITY_ATOL = 1e-5
+#: The reference repos' metric names -> ours (X-Pool / T-MASS `t2v_metrics`, CLIP4Clip `compute_metrics`).
+REFERENCE_METRIC_KEYS = {"R1": "R@1", "R5": "R@5", "R10": "R@10", "MedR": "MdR", "MeanR": "MnR"}
+
+
+def parity_atol(blob: dict) -> float:
+    """The tolerance a parity case asks for, or the README's default."""
+    return float(blob.get("atol", DEFAULT_PARITY_ATOL))
+
+
 def load_parity(name: str) -> dict:
     """Load one parity file with weights_only=True, or skip the test with the reason."""
     path = parity_dir() / name

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import load_parity
+from tests.conftest import REFERENCE_METRIC_KEYS as METRIC_KEYS
+from tests.conftest import load_parity, parity_atol as _atol
 from tvr_bench.functional.tmass import (
     RadiusHead,
     counter_prior,
@@ -19,12 +20,6 @@ from tvr_bench.functional.tmass import (
 )
 from tvr_bench.functional.xpool import TextConditionedPool, map_reference_state_dict
 
-DEFAULT_ATOL = 1e-5  # parity/README.md: compare floats with atol=1e-5 unless a file says otherwise
-METRIC_KEYS = {"R1": "R@1", "R5": "R@5", "R10": "R@10", "MedR": "MdR", "MeanR": "MnR"}
-
-
-def _atol(blob: dict) -> float:
-    return float(blob.get("atol", DEFAULT_ATOL))
 
 
 def _prefixes(state: dict) -> tuple[str, str]:
