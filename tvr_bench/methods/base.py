@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -29,7 +29,15 @@ class RetrievalModule(L.LightningModule):
     Subclasses implement `encode_text`, `encode_video`, `similarity` and `training_loss`
     (see docs/INTERFACES.md). The backbone's parameters form the `backbone` learning-rate group
     (`backbone_lr`); everything else the `head` group (`lr`).
+
+    ``DATA_PROTOCOL`` is the data side of the method's reference protocol: frame ``sampling`` of the
+    shards, the training ``train_stream`` (``pairs``: every (video, caption) pair once per epoch, globally
+    shuffled; ``videos``: every video once per epoch with one random caption) and train-time ``augment``
+    (``none`` | ``clip_train``). The CLI fills any of these the data config leaves unset; sources are in
+    the method cards (docs/methods/).
     """
+
+    DATA_PROTOCOL: ClassVar[dict[str, str]] = {"sampling": "fps1_uniform", "train_stream": "pairs", "augment": "none"}
 
     def __init__(
         self,

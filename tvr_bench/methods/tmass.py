@@ -35,6 +35,8 @@ class TMASS(RetrievalModule):
     candidate has fewer captions; videos may have at most `max_captions` captions in this mode).
     """
 
+    DATA_PROTOCOL = {"sampling": "segment_middle", "train_stream": "videos", "augment": "clip_train"}  # docs/methods/tmass.md, 'Reproducing the paper'
+
     def __init__(
         self,
         *args,

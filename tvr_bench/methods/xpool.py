@@ -25,6 +25,8 @@ class XPool(RetrievalModule):
     exact folded scorer (`fast_eval`); the reference math (materialising z) is used in training mode.
     """
 
+    DATA_PROTOCOL = {"sampling": "segment_middle", "train_stream": "videos", "augment": "clip_train"}  # docs/methods/xpool.md, 'Reproducing the paper'
+
     def __init__(
         self,
         *args,
