@@ -10,22 +10,19 @@ import argparse
 import csv
 import datetime as _dt
 import io
-import json
 import re
 import statistics
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tvr_bench.callbacks.leaderboard import RESULTS_SUBDIR, SCHEMA, atomic_write, canonical_backbone, flat_row
+from tvr_bench.results import GROUP_KEY, RESULTS_SUBDIR, atomic_write, canonical_backbone, flat_row, load_results
 
 DIRECTIONS = ("t2v", "v2t")
 METRICS = ("R@1", "R@5", "R@10", "MdR", "MnR")
 RETRIEVAL_KEYS = tuple(f"{d}/{m}" for d in DIRECTIONS for m in METRICS)
-GROUP_KEY = ("method", "dataset", "backbone")
 #: flat-row fields that describe a run rather than measure it (never averaged)
 IDENTITY_FIELDS = ("method", "dataset", "backbone", "frames", "words", "seed", "git_commit", "timestamp", "device")
 UNVERIFIED_TAG = "[P?]"
@@ -48,23 +45,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def load_results(runs_dir: str | Path) -> list[dict[str, Any]]:
-    """Every valid result JSON under `runs_dir/results/` (sorted by file name); broken files are skipped with a warning."""
-    results = []
-    for path in sorted((Path(runs_dir) / RESULTS_SUBDIR).glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            warnings.warn(f"skipping unreadable result {path}: {err}")
-            continue
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA or not all(data.get(k) for k in GROUP_KEY):
-            warnings.warn(f"skipping {path}: not a {SCHEMA} result")
-            continue
-        data["_path"] = str(path)
-        results.append(data)
-    return results
-
-
 def default_expected_dir() -> Path | None:
     """`recipes/expected` in the working directory, else next to the installed package's source tree."""
     for candidate in (Path.cwd() / "recipes" / "expected", Path(__file__).resolve().parents[1] / "recipes" / "expected"):

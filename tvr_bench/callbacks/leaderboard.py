@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -23,10 +22,16 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from tvr_bench.loggers import OfflineWandbLogger, run_directory, slug
-
-SCHEMA = "tvr-bench/result/v1"
-RESULTS_SUBDIR = "results"
+from tvr_bench.loggers import OfflineWandbLogger, run_directory
+from tvr_bench.report import build_leaderboard
+from tvr_bench.results import (  # noqa: F401  (re-exported: the names this module always offered)
+    RESULTS_SUBDIR,
+    SCHEMA,
+    atomic_write,
+    canonical_backbone,
+    flat_row,
+    result_filename,
+)
 
 __all__ = [
     "LeaderboardWriter",
@@ -43,36 +48,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def canonical_backbone(name: str | None) -> str:
-    """Backbone label used in leaderboards: `ViT-B/32` for any CLIP B/32 (hub name or folder), else the name."""
-    if not name:
-        return "unknown"
-    text = str(name).rstrip("/\\")
-    low = text.lower().replace("_", "-")
-    for pattern, label in (("large-patch14", "ViT-L/14"), ("l-14", "ViT-L/14"), ("l/14", "ViT-L/14"),
-                           ("patch32", "ViT-B/32"), ("b-32", "ViT-B/32"), ("b/32", "ViT-B/32"), ("b32", "ViT-B/32"),
-                           ("patch16", "ViT-B/16"), ("b-16", "ViT-B/16"), ("b/16", "ViT-B/16"), ("b16", "ViT-B/16")):
-        if pattern in low:
-            return label
-    return os.path.basename(text) or text
-
-
 def dataset_name(datamodule: Any) -> str:
     """The datamodule's `name` (or `dataset`/`dataset_name`), else its class name without `DataModule`."""
     if datamodule is None:
@@ -163,42 +138,11 @@ def find_evaluator(callbacks: list[Any]) -> Any | None:
     return None
 
 
-def result_filename(method: str, dataset: str, backbone: str, seed: int | None) -> str:
-    """File name of one run's result JSON: unique per (method, dataset, backbone, seed)."""
-    return f"{slug(method)}__{slug(dataset)}__{slug(backbone)}__seed{'none' if seed is None else seed}.json"
-
-
 def _json_safe(value: Any) -> Any:
     """A JSON-serialisable copy (tensors to lists, unknown objects to strings)."""
     if isinstance(value, torch.Tensor):
         return value.tolist()
     return json.loads(json.dumps(value, default=str))
-
-
-def flat_row(result: dict[str, Any]) -> dict[str, Any]:
-    """The flat leaderboard row of a result JSON (one scalar per column): CSV, W&B table, summary."""
-    row: dict[str, Any] = {k: result.get(k) for k in ("method", "dataset", "backbone", "frames", "words", "seed")}
-    row.update({k: float(v) for k, v in sorted((result.get("metrics") or {}).items())})
-    row.update({f"dsl/{k}": float(v) for k, v in sorted((result.get("dsl_metrics") or {}).items())})
-    params = result.get("params") or {}
-    train = result.get("train") or {}
-    ev = result.get("eval") or {}
-    row.update(
-        {
-            "params": params.get("total"),
-            "trainable_params": params.get("trainable"),
-            "train_seconds": train.get("seconds"),
-            "train_pairs_per_s": train.get("pairs_per_s"),
-            "eval_seconds": ev.get("seconds"),
-            "eval_ms_per_query": ev.get("ms_per_query"),
-            "n_texts": ev.get("texts"),
-            "n_videos": ev.get("videos"),
-            "git_commit": (result.get("git") or {}).get("commit"),
-            "timestamp": result.get("timestamp"),
-            "device": (result.get("device") or {}).get("name"),
-        }
-    )
-    return row
 
 
 # ---------------------------------------------------------------------------------------------- callback
@@ -360,8 +304,6 @@ class LeaderboardWriter(L.Callback):
         self.last_result = result
         self.last_path = self.write_result(result)
         if self.rebuild:
-            from tvr_bench.report import build_leaderboard
-
             try:
                 build_leaderboard(self.runs_dir, self.expected_dir)
             except Exception as err:  # a broken foreign JSON must not lose this run's result

@@ -1,0 +1,110 @@
+"""Result files shared by the LeaderboardWriter callback, the leaderboard builder and `tvr-bench compare`:
+the result JSON schema and file names, atomic writes, the canonical backbone label, the flat leaderboard row
+and the loader of `runs/results/*.json`. Pure helpers without Lightning hooks, so that
+`tvr_bench.callbacks.leaderboard` and `tvr_bench.report` both import this module and not each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from tvr_bench.loggers import slug
+
+SCHEMA = "tvr-bench/result/v1"
+RESULTS_SUBDIR = "results"
+#: the fields that name a leaderboard row (one row per distinct value of these, seeds averaged)
+GROUP_KEY = ("method", "dataset", "backbone")
+
+__all__ = [
+    "GROUP_KEY",
+    "RESULTS_SUBDIR",
+    "SCHEMA",
+    "atomic_write",
+    "canonical_backbone",
+    "flat_row",
+    "load_results",
+    "result_filename",
+]
+
+
+def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def canonical_backbone(name: str | None) -> str:
+    """Backbone label used in leaderboards: `ViT-B/32` for any CLIP B/32 (hub name or folder), else the name."""
+    if not name:
+        return "unknown"
+    text = str(name).rstrip("/\\")
+    low = text.lower().replace("_", "-")
+    for pattern, label in (("large-patch14", "ViT-L/14"), ("l-14", "ViT-L/14"), ("l/14", "ViT-L/14"),
+                           ("patch32", "ViT-B/32"), ("b-32", "ViT-B/32"), ("b/32", "ViT-B/32"), ("b32", "ViT-B/32"),
+                           ("patch16", "ViT-B/16"), ("b-16", "ViT-B/16"), ("b/16", "ViT-B/16"), ("b16", "ViT-B/16")):
+        if pattern in low:
+            return label
+    return os.path.basename(text) or text
+
+
+def result_filename(method: str, dataset: str, backbone: str, seed: int | None) -> str:
+    """File name of one run's result JSON: unique per (method, dataset, backbone, seed)."""
+    return f"{slug(method)}__{slug(dataset)}__{slug(backbone)}__seed{'none' if seed is None else seed}.json"
+
+
+def flat_row(result: dict[str, Any]) -> dict[str, Any]:
+    """The flat leaderboard row of a result JSON (one scalar per column): CSV, W&B table, summary."""
+    row: dict[str, Any] = {k: result.get(k) for k in ("method", "dataset", "backbone", "frames", "words", "seed")}
+    row.update({k: float(v) for k, v in sorted((result.get("metrics") or {}).items())})
+    row.update({f"dsl/{k}": float(v) for k, v in sorted((result.get("dsl_metrics") or {}).items())})
+    params = result.get("params") or {}
+    train = result.get("train") or {}
+    ev = result.get("eval") or {}
+    row.update(
+        {
+            "params": params.get("total"),
+            "trainable_params": params.get("trainable"),
+            "train_seconds": train.get("seconds"),
+            "train_pairs_per_s": train.get("pairs_per_s"),
+            "eval_seconds": ev.get("seconds"),
+            "eval_ms_per_query": ev.get("ms_per_query"),
+            "n_texts": ev.get("texts"),
+            "n_videos": ev.get("videos"),
+            "git_commit": (result.get("git") or {}).get("commit"),
+            "timestamp": result.get("timestamp"),
+            "device": (result.get("device") or {}).get("name"),
+        }
+    )
+    return row
+
+
+def load_results(runs_dir: str | Path) -> list[dict[str, Any]]:
+    """Every valid result JSON under `runs_dir/results/` (sorted by file name); broken files are skipped with a warning."""
+    results = []
+    for path in sorted((Path(runs_dir) / RESULTS_SUBDIR).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            warnings.warn(f"skipping unreadable result {path}: {err}")
+            continue
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA or not all(data.get(k) for k in GROUP_KEY):
+            warnings.warn(f"skipping {path}: not a {SCHEMA} result")
+            continue
+        data["_path"] = str(path)
+        results.append(data)
+    return results
