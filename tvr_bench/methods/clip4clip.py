@@ -14,6 +14,8 @@ from tvr_bench.methods.base import Features, RetrievalModule
 class CLIP4Clip(RetrievalModule):
     """Cosine of the text embedding with the masked mean of normalised frame embeddings."""
 
+    REFERENCE_OPTIMIZER = "bertadam"  # `optimizer: reference`: CLIP4Clip modules/optimization.py BertAdam (docs/methods/clip4clip.md, Optimiser)
+
     def __init__(self, *args, head: str = "meanP", temporal_layers: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
         if head not in {"meanP", "seqTransf"}:

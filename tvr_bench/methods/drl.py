@@ -27,6 +27,8 @@ TEMPORAL = ("seqTransf", "meanP")
 class DRL(RetrievalModule):
     """Token-wise text-video score (WTI, TI or dp) over seqTransf frames, InfoNCE + λ·CDCR."""
 
+    REFERENCE_OPTIMIZER = "bertadam"  # `optimizer: reference`: DRL tvr/models/optimization.py BertAdam (docs/methods/drl.md, Optimiser)
+
     def __init__(
         self,
         *args,

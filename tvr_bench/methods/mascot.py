@@ -60,6 +60,8 @@ class MASCOT(RetrievalModule):
     * `colearn_weight` and `colearn_mode` (`mutual`: high ↔ low views; `full`: each masked view ↔ full view).
     """
 
+    REFERENCE_OPTIMIZER = "bertadam"  # no MASCOT code: CLIP4Clip's BertAdam, the base it builds on (docs/methods/mascot.md, Optimiser)
+
     def __init__(
         self,
         *args: Any,

@@ -36,6 +36,7 @@ class TMASS(RetrievalModule):
     """
 
     DATA_PROTOCOL = {"sampling": "segment_middle", "train_stream": "videos", "augment": "clip_train"}  # docs/methods/tmass.md, 'Reproducing the paper'
+    REFERENCE_OPTIMIZER = "legacy_adamw"  # `optimizer: reference`: T-MASS modules/optimization.py AdamW (docs/methods/tmass.md, Optimiser)
 
     def __init__(
         self,

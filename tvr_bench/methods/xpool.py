@@ -26,6 +26,7 @@ class XPool(RetrievalModule):
     """
 
     DATA_PROTOCOL = {"sampling": "segment_middle", "train_stream": "videos", "augment": "clip_train"}  # docs/methods/xpool.md, 'Reproducing the paper'
+    REFERENCE_OPTIMIZER = "legacy_adamw"  # `optimizer: reference`: X-Pool modules/optimization.py AdamW (docs/methods/xpool.md, Optimiser)
 
     def __init__(
         self,
