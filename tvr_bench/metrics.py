@@ -183,6 +183,21 @@ def retrieval_metrics(
     return out
 
 
+def query_ranks(
+    sim: Tensor, text_to_video: Tensor, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> dict[str, Tensor]:
+    """Per-query ranks behind :func:`retrieval_metrics`: `t2v` `[n_text]`, `v2t` per captioned video, and
+    `v2t_video`, the column of each `v2t` query (same tie, NaN and multi-caption rules as the metrics)."""
+    with torch.no_grad():
+        target = _check_inputs(sim, text_to_video)
+        has_caption = torch.bincount(target, minlength=sim.shape[1]) > 0
+        return {
+            "t2v": t2v_ranks(sim, target, chunk_bytes=chunk_bytes),
+            "v2t": v2t_ranks(sim, target, chunk_bytes=chunk_bytes),
+            "v2t_video": has_caption.nonzero().flatten(),
+        }
+
+
 def text_to_video_from_keys(caption_video_keys: Sequence[str], video_keys: Sequence[str]) -> Tensor:
     """Long `[n_text]` column index of each caption's video key within `video_keys`."""
     column = {}

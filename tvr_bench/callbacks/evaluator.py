@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 
-from tvr_bench.metrics import dual_softmax, retrieval_metrics
+from tvr_bench.metrics import dual_softmax, query_ranks, retrieval_metrics
 
 Features = dict[str, Tensor]
 
@@ -73,6 +73,30 @@ def blocked_similarity(
     return out
 
 
+@torch.no_grad()
+def per_query_results(sim: Tensor, text_to_video: Tensor, video_keys: list[str], caption_keys: list[str],
+                      dsl_sim: Tensor | None = None, top_k: int = 5) -> dict[str, Any]:
+    """Per-query ranks (t2v per caption, v2t per captioned video, DSL too when given) with their keys, and the
+    top-k videos (column, score) of every text: what the leaderboard saves and the qualitative page shows."""
+    ranks = query_ranks(sim, text_to_video)
+    k = min(top_k, sim.shape[1])
+    top = torch.topk(sim.float().nan_to_num(nan=float("-inf")), k, dim=1)
+    out = {
+        "video_keys": list(video_keys),
+        "caption_keys": list(caption_keys),
+        "text_to_video": text_to_video.cpu(),
+        "t2v_rank": ranks["t2v"].cpu(),
+        "v2t_rank": ranks["v2t"].cpu(),
+        "v2t_video": ranks["v2t_video"].cpu(),
+        "top_index": top.indices.cpu(),
+        "top_score": top.values.cpu(),
+    }
+    if dsl_sim is not None:
+        dsl = query_ranks(dsl_sim, text_to_video)
+        out.update(dsl_t2v_rank=dsl["t2v"].cpu(), dsl_v2t_rank=dsl["v2t"].cpu())
+    return out
+
+
 def _gather_objects(obj: Any) -> list[Any]:
     """All-gather a picklable object from every rank (a one-element list without DDP)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -96,6 +120,9 @@ class RetrievalEvaluator(L.Callback):
         self.last_metrics: dict[str, float] = {}
         self.last_eval_seconds: float = 0.0
         self.last_counts: dict[str, int] = {}
+        #: after a test: per-query ranks, keys and top-k retrieved videos (see `per_query_results`)
+        self.last_per_query: dict[str, Any] | None = None
+        self.top_k = 5
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Silence Lightning's `sync_dist=True` advice for our metrics: every rank computes the same
@@ -206,8 +233,12 @@ class RetrievalEvaluator(L.Callback):
             payload = {"sim": sim, "text_to_video": t2v, "video_keys": video_keys, "caption_keys": caption_keys}
             torch.save(payload, self.save_scores)
         metrics = retrieval_metrics(sim, t2v)
-        if self.dsl:
-            metrics.update({f"dsl/{k}": v for k, v in retrieval_metrics(dual_softmax(sim), t2v).items()})
+        dsl_sim = dual_softmax(sim) if self.dsl else None
+        if dsl_sim is not None:
+            metrics.update({f"dsl/{k}": v for k, v in retrieval_metrics(dsl_sim, t2v).items()})
+        self.last_per_query = (
+            per_query_results(sim, t2v, video_keys, caption_keys, dsl_sim, self.top_k) if stage == "test" else None
+        )
         if was_training:
             pl_module.train()
         self.last_eval_seconds = time.perf_counter() - start
