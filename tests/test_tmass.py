@@ -349,16 +349,25 @@ def test_module_reference_pairing_and_training():
     with torch.no_grad():
         out = model._eval_step(batch)
         text, video = out["text"], out["video"]
-        assert text["caption_pos"].tolist() == [1, 0, 0, 0, 2, 1]
-        assert video["caption_embeds"].shape[:2] == (3, 4)
+        with pytest.raises(KeyError, match="prepare_eval_features"):
+            model.similarity(text, video)
+        # rows in the evaluator's order: by video, then by the `key#j` index
+        order = sorted(range(6), key=lambda i: (batch["video_key"][int(batch["caption_video"][i])], batch["caption_key"][i]))
+        text = {k: v[order] for k, v in text.items()}
+        t2v = batch["caption_video"][order]
         text["index"], video["index"] = torch.arange(6), torch.arange(3)
+        text, video = model.prepare_eval_features(text, video, t2v)
+        assert text["caption_pos"].tolist() == [0, 1, 0, 0, 1, 2]
+        assert video["caption_embeds"].shape[:2] == (3, 3)  # as many positions as the longest video has captions
         sims = model.similarity(text, video)
     # caption position 1 exists for videos 0 and 2 only; position 2 only for video 2
-    assert sims[0, 1].isnan() and not sims[0, 0].isnan() and not sims[0, 2].isnan()
-    assert sims[4, :2].isnan().all() and not sims[4, 2].isnan()
-    assert not sims[[1, 2, 3]].isnan().any()
+    assert sims[1, 1].isnan() and not sims[1, 0].isnan() and not sims[1, 2].isnan()
+    assert sims[5, :2].isnan().all() and not sims[5, 2].isnan()
+    assert not sims[[0, 2, 3]].isnan().any()
     with pytest.raises(ValueError, match="max_captions"):
-        own_caption_layout(text["embeds"], batch["caption_video"], batch["caption_key"], 3, 2)
+        own_caption_layout(text["embeds"], t2v, 3, 2)
+    query = TMASS(backbone="tiny", num_frames=4, trials=3, max_words=16)
+    assert query.prepare_eval_features(text, video, t2v) == (text, video)  # the default pairing adds nothing
     model.train()
     text = model.encode_text(**model.tokenize(batch["captions"][:3]))
     video = model.encode_video(batch["frames"], batch["frame_mask"])
@@ -369,3 +378,83 @@ def test_module_reference_pairing_and_training():
     assert model.radius.proj.weight.grad is not None and model.pool.q_proj.weight.grad is not None
     with pytest.raises(ValueError, match="num_frames"):
         model.encode_video(torch.randn(1, 5, *batch["frames"].shape[2:]), torch.ones(1, 5, dtype=torch.bool))
+
+
+def test_one_caption_pairings_differ_on_negatives():
+    """With ONE caption per video the two pairings still differ: the reference scores the selected sample
+    against the candidate pooled with its own caption, the query pairing against the candidate pooled with
+    the query. Positives coincide, negatives do not (a worked example for docs/methods/tmass.md)."""
+    n, dim, trials = 6, 64, 20
+    pool, radius, text, frames = _setup(dim, 1, 0.2, n, n, frames=8, seed=3)
+    eps = counter_prior("uniform01", 1.0, 0, torch.arange(n), trials, dim, torch.arange(n))  # per pair, as the reference
+    own, pos = text.unsqueeze(1), torch.zeros(n, dtype=torch.long)  # caption i belongs to video i
+    with torch.no_grad():
+        query = tmass_similarity_reference(pool, radius, text, frames, None, eps)
+        reference = tmass_similarity_reference(pool, radius, text, frames, None, eps, own, pos)
+        fast_ref = tmass_similarity(pool, radius, text, frames, None, eps, own, pos)
+        # an independent loop oracle of the reference's rule, pair by pair
+        z = pool(text, frames)  # [T, V, D]: z[t, v] = z_{v | t}
+        oracle = torch.empty(n, n)
+        for t in range(n):
+            for v in range(n):
+                r = radius(torch.nn.functional.cosine_similarity(text[t], frames[v], dim=-1)).exp()
+                samples = text[t] + eps[t, v] * r  # [M, D]
+                best = torch.nn.functional.cosine_similarity(samples, z[t, v][None], dim=-1).argmax()
+                oracle[t, v] = torch.nn.functional.cosine_similarity(samples[best], z[v, v], dim=0)
+    torch.testing.assert_close(reference, oracle, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast_ref, oracle, atol=1e-5, rtol=0)
+    diag = torch.eye(n, dtype=torch.bool)
+    torch.testing.assert_close(query[diag], reference[diag], atol=1e-6, rtol=0)
+    assert float((query - reference)[~diag].abs().max()) > 1e-3  # negatives differ
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\(\)`")
+def test_reference_pairing_with_captions_split_across_eval_batches(tmp_path):
+    """The evaluator path (batches -> assemble -> prepare_eval_features -> blocked scores) reproduces the reference
+    loop entry by entry when the eval batch size splits a video's captions over several batches (positions and
+    own captions come from the whole set, as the reference groups them)."""
+    from types import SimpleNamespace
+
+    from tvr_bench.callbacks.evaluator import RetrievalEvaluator
+    from tvr_bench.methods.tmass import TMASS
+
+    blob = load_parity("tmass_eval_loop.pt")
+    atol, cfg = _atol(blob), blob["config"]
+    pool, radius = _modules(blob)
+    text, frames = blob["text_features"], blob["frame_features"]
+    vids = list(blob["all_vid_ids"])
+    col, pos = _grouping(vids)
+    first_seen = list(dict.fromkeys(vids))  # video of each frame_features row (first-appearance order)
+    model = TMASS(backbone="tiny", num_frames=cfg["num_frames"], trials=cfg["stochasic_trials"], pairing="reference",
+                  eval_memory_mb=1e-3)  # a tiny budget: one text x one video per block  # fmt: skip
+    model.pool, model.radius = pool, radius
+    model.eval()
+    eps_pair = blob["eps_trials"].permute(2, 0, 1, 3)  # [pairs, videos (first-seen order), trials, D]
+    # the evaluator sorts texts by (video key, key#j) and videos by key; map its indices back to the saved eps
+    text_rows = sorted(range(len(vids)), key=lambda i: (vids[i], int(pos[i])))
+    video_rows = sorted(range(len(first_seen)), key=lambda v: first_seen[v])
+    model.eval_eps = lambda t, v: eps_pair[torch.tensor(text_rows)[t["index"]]][:, torch.tensor(video_rows)[v["index"]]]
+    evaluator = RetrievalEvaluator(print_table=False, save_scores=str(tmp_path / "scores.pt"))
+    batch_size = cfg["val_batch_size"]
+    batches = [list(range(i, min(i + batch_size, len(vids)))) for i in range(0, len(vids), batch_size)]
+    split = {v for v in set(vids) if len({b for b, rows in enumerate(batches) for i in rows if vids[i] == v}) > 1}
+    assert split, "the batch size must split some video's captions over two batches for this test to mean anything"
+    for rows in batches:
+        batch_videos = list(dict.fromkeys(vids[i] for i in rows))
+        evaluator.on_test_batch_end(None, model, {
+            "text": {"embeds": text[rows]},
+            "video": {"frames": frames[[first_seen.index(v) for v in batch_videos]],
+                      "frame_mask": torch.ones(len(batch_videos), frames.shape[1], dtype=torch.bool)},
+            "video_key": batch_videos,
+            "caption_key": [f"{vids[i]}#{int(pos[i])}" for i in rows],
+            "caption_video": torch.tensor([batch_videos.index(vids[i]) for i in rows]),
+        }, None, 0)  # fmt: skip
+    with torch.no_grad():
+        evaluator._evaluate(SimpleNamespace(is_global_zero=True), model, "test")
+    saved = torch.load(tmp_path / "scores.pt", weights_only=False)
+    assert saved["caption_keys"] == [f"{vids[i]}#{int(pos[i])}" for i in text_rows]
+    vcols = [first_seen.index(k) for k in saved["video_keys"]]
+    for key in (k for k in blob if k.startswith("sims") and "DSL" not in k):
+        expected = blob[key][col[text_rows], pos[text_rows]][:, vcols]  # [texts, videos] in the evaluator's order
+        assert torch.equal(saved["sim"].isnan(), expected.isnan()), key
+        torch.testing.assert_close(saved["sim"].nan_to_num(7.0), expected.nan_to_num(7.0), atol=atol, rtol=0, msg=key)

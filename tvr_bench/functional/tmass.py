@@ -10,7 +10,8 @@
 
 z_{v|t} is X-Pool's pooled video (`tvr_bench.functional.xpool`). The reference code scores the
 selected sample against the candidate video pooled with *its own* caption at the query's caption
-position instead of with the query (`pairing="reference"` below); the default follows the paper.
+position instead of with the query (`own_text`/`text_pos` below, the model's `pairing="reference"`); the
+two differ on negatives even with one caption per video (docs/methods/tmass.md, 'Scoring protocol').
 
 Fast inference. cos(t + eps ⊙ R, z) = (<t, z> + <eps, R ⊙ z>) / (|z| sqrt(|t|² + 2<t ⊙ eps, R> + <eps², R²>)),
 so with eps shared by all videos of a text (`eps` of shape [T, M, D]) the M trials of a text against

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -29,10 +27,11 @@ class TMASS(RetrievalModule):
     Evaluation draws `trials` samples per (text, video) from a counter hash of `eval_seed` and the
     global text index (`eps_mode='text'`: the same M draws for every video of a text) or text and video
     index (`eps_mode='pair'`: independent draws per pair, as the reference; M·D numbers per pair).
-    `pairing='query'` (default, the paper) conditions every candidate on the query text;
-    `pairing='reference'` reproduces the reference code, which scores the selected sample against the
-    candidate video pooled with its own caption at the query's caption position (NaN where the
-    candidate has fewer captions; videos may have at most `max_captions` captions in this mode).
+    `pairing='query'` (default) conditions every candidate on the query text;
+    `pairing='reference'` reproduces the reference code (the paper's numbers), which scores the selected
+    sample against the candidate video pooled with its own caption at the query's caption position (NaN
+    where the candidate has fewer captions; at most `max_captions` captions per video in this mode). The
+    two differ on negatives even with one caption per video (docs/methods/tmass.md, 'Scoring protocol').
     """
 
     DATA_PROTOCOL = {"sampling": "segment_middle", "train_stream": "videos", "augment": "clip_train"}  # docs/methods/tmass.md, 'Reproducing the paper'
@@ -93,16 +92,18 @@ class TMASS(RetrievalModule):
             )
         return {"frames": feats, "frame_mask": frame_mask.bool()}
 
-    def _eval_step(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Add each caption's position and each video's own caption embeddings for `pairing='reference'`."""
-        out = super()._eval_step(batch)
-        if self.pairing == "reference":
-            pos, own = own_caption_layout(
-                out["text"]["embeds"], batch["caption_video"], list(batch["caption_key"]), len(batch["video_key"]), self.max_captions
-            )
-            out["text"]["caption_pos"] = pos
-            out["video"]["caption_embeds"] = own
-        return out
+    def prepare_eval_features(self, text: Features, video: Features, text_to_video: Tensor) -> tuple[Features, Features]:
+        """With `pairing='reference'`, add each caption's position and each video's own captions, from the whole set.
+
+        Called by the evaluator once every rank's batches are assembled (texts sorted by video, then by
+        their `key#j` order), so a video whose captions came in several evaluation batches still gets
+        positions 0, 1, ... and all of its captions (the reference groups them over the whole split).
+        """
+        if self.pairing != "reference":
+            return text, video
+        n_video = next(iter(video.values())).shape[0]
+        pos, own = own_caption_layout(text["embeds"], text_to_video, n_video, self.max_captions)
+        return {**text, "caption_pos": pos}, {**video, "caption_embeds": own}
 
     # ------------------------------------------------------------------ scores
     def eval_eps(self, text: Features, video: Features) -> Tensor:
@@ -123,7 +124,10 @@ class TMASS(RetrievalModule):
         own = pos = None
         if self.pairing == "reference":
             if "caption_embeds" not in video or "caption_pos" not in text:
-                raise KeyError("pairing='reference' needs the features made by TMASS._eval_step (caption_pos, caption_embeds)")
+                raise KeyError(
+                    "pairing='reference' needs caption_pos and caption_embeds: call TMASS.prepare_eval_features on the "
+                    "assembled evaluation features first (the RetrievalEvaluator does)"
+                )
             own, pos = video["caption_embeds"], text["caption_pos"]
         if self.fast_eval and not (self.pool.training and self.pool.dropout.p > 0):
             budget = int(self.hparams.eval_memory_mb * 2**20)
@@ -147,24 +151,28 @@ class TMASS(RetrievalModule):
         )  # fmt: skip
 
 
-def own_caption_layout(
-    text_embeds: Tensor, caption_video: Tensor, caption_keys: list[str], n_video: int, max_captions: int
-) -> tuple[Tensor, Tensor]:
-    """Position of each caption among its video's captions (by `key#j` order) and [B, P, D] NaN-padded own captions."""
-    cv = caption_video.long().tolist()
-    order = sorted(range(len(cv)), key=lambda i: (cv[i], _caption_index(caption_keys[i]), i))
-    pos = torch.zeros(len(cv), dtype=torch.long)
-    seen: dict[int, int] = {}
-    for i in order:
-        pos[i] = seen.get(cv[i], 0)
-        seen[cv[i]] = pos[i].item() + 1
-    if seen and max(seen.values()) > max_captions:
-        raise ValueError(f"a video has {max(seen.values())} captions, more than max_captions={max_captions}")
-    own = text_embeds.new_full((n_video, max_captions, text_embeds.shape[1]), float("nan"))
-    own[caption_video.long().to(own.device), pos.to(own.device)] = text_embeds
-    return pos.to(text_embeds.device), own
+def caption_positions(text_to_video: Tensor, n_video: int) -> Tensor:
+    """Position of each text among the texts of its video, counted in row order ([T] long)."""
+    t2v = text_to_video.long()
+    order = torch.argsort(t2v, stable=True)
+    counts = torch.bincount(t2v, minlength=n_video)
+    starts = counts.cumsum(0) - counts
+    pos = torch.empty_like(t2v)
+    pos[order] = torch.arange(t2v.numel(), device=t2v.device) - starts[t2v[order]]
+    return pos
 
 
-def _caption_index(key: str) -> int:
-    tail = key.rpartition("#")[2]
-    return int(tail) if tail.isdigit() else 0
+def own_caption_layout(text_embeds: Tensor, text_to_video: Tensor, n_video: int, max_captions: int) -> tuple[Tensor, Tensor]:
+    """Each caption's position among its video's captions (row order) and the [V, P, D] NaN-padded own captions."""
+    t2v = text_to_video.long().to(text_embeds.device)
+    if t2v.numel() and (int(t2v.min()) < 0 or int(t2v.max()) >= n_video):
+        raise ValueError(f"text_to_video must index the {n_video} videos, got values in [{int(t2v.min())}, {int(t2v.max())}]")
+    pos = caption_positions(t2v, n_video)
+    most = int(pos.max()) + 1 if pos.numel() else 1
+    if most > max_captions:
+        raise ValueError(
+            f"a video has {most} captions, more than model.init_args.max_captions={max_captions} (pairing='reference')"
+        )
+    own = text_embeds.new_full((n_video, most, text_embeds.shape[1]), float("nan"))
+    own[t2v, pos] = text_embeds
+    return pos, own
