@@ -28,7 +28,12 @@ __all__ = [
     "canonical_backbone",
     "flat_row",
     "load_results",
+    "protocol_of",
+    "ranks_path",
     "result_filename",
+    "test_set_label",
+    "variant_label",
+    "variant_of",
 ]
 
 
@@ -62,9 +67,53 @@ def canonical_backbone(name: str | None) -> str:
     return os.path.basename(text) or text
 
 
-def result_filename(method: str, dataset: str, backbone: str, seed: int | None) -> str:
-    """File name of one run's result JSON: unique per (method, dataset, backbone, seed)."""
-    return f"{slug(method)}__{slug(dataset)}__{slug(backbone)}__seed{'none' if seed is None else seed}.json"
+#: the `protocol` values a result has when its JSON predates the block (or an input was not exposed)
+PROTOCOL_DEFAULTS: dict[str, Any] = {"profile": "default", "features": "end-to-end"}
+#: protocol fields that make runs different leaderboard rows (besides method, dataset, backbone)
+VARIANT_FIELDS = ("profile", "features", "pairing", "eps_mode")
+RANKS_SUFFIX = ".ranks.npz"
+
+
+def protocol_of(result: dict[str, Any]) -> dict[str, Any]:
+    """The result's `protocol` block with the defaults filled in."""
+    return {**PROTOCOL_DEFAULTS, **(result.get("protocol") or {})}
+
+
+def variant_label(protocol: dict[str, Any]) -> str:
+    """Label of a protocol variant (`""` for the default): non-default profile and features, T-MASS pairing."""
+    proto = {**PROTOCOL_DEFAULTS, **protocol}
+    parts = []
+    for name in VARIANT_FIELDS:
+        value = proto.get(name)
+        if value is not None and value != PROTOCOL_DEFAULTS.get(name):
+            parts.append(f"{name}={value}")
+    return ", ".join(parts)
+
+
+def variant_of(result: dict[str, Any]) -> str:
+    """The protocol variant label of a result JSON (see :func:`variant_label`)."""
+    return variant_label(protocol_of(result))
+
+
+def test_set_label(test_videos: Any, protocol_videos: Any) -> str:
+    """`"987/1,000 videos"` when the test set is below the protocol size, `"complete"` at it, `""` when unknown."""
+    if not test_videos or not protocol_videos:
+        return ""
+    if int(test_videos) >= int(protocol_videos):
+        return "complete"
+    return f"{int(test_videos):,}/{int(protocol_videos):,} videos"
+
+
+def result_filename(method: str, dataset: str, backbone: str, seed: int | None, variant: str = "") -> str:
+    """File name of one run's result JSON: unique per (method, dataset, backbone, protocol variant, seed)."""
+    tail = f"__{slug(variant)}" if variant else ""
+    return f"{slug(method)}__{slug(dataset)}__{slug(backbone)}{tail}__seed{'none' if seed is None else seed}.json"
+
+
+def ranks_path(result_path: str | os.PathLike[str]) -> Path:
+    """The per-query ranks file beside a result JSON (`x.json` -> `x.ranks.npz`)."""
+    path = Path(result_path)
+    return path.with_name(path.name[: -len(".json")] + RANKS_SUFFIX if path.name.endswith(".json") else path.name + RANKS_SUFFIX)
 
 
 def flat_row(result: dict[str, Any]) -> dict[str, Any]:
@@ -72,6 +121,17 @@ def flat_row(result: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {k: result.get(k) for k in ("method", "dataset", "backbone", "frames", "words", "seed")}
     row.update({k: float(v) for k, v in sorted((result.get("metrics") or {}).items())})
     row.update({f"dsl/{k}": float(v) for k, v in sorted((result.get("dsl_metrics") or {}).items())})
+    intervals = result.get("intervals") or {}
+    for prefix, block in (("", intervals.get("metrics")), ("dsl/", intervals.get("dsl_metrics"))):
+        for key, (lo, hi) in sorted((block or {}).items()):
+            row[f"{prefix}{key}_ci_lo"] = float(lo)
+            row[f"{prefix}{key}_ci_hi"] = float(hi)
+    proto = protocol_of(result)
+    row.update({k: proto.get(k) for k in ("profile", "features", "selection", "pairing", "eps_mode", "optimizer")})
+    row["variant"] = variant_of(result)
+    row["test_videos"] = proto.get("test_videos")
+    row["protocol_videos"] = proto.get("protocol_videos")
+    row["test_set"] = test_set_label(proto.get("test_videos"), proto.get("protocol_videos"))
     params = result.get("params") or {}
     train = result.get("train") or {}
     ev = result.get("eval") or {}

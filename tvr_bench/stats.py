@@ -159,14 +159,18 @@ class PerQuery:
             None if self.dsl_v2t_rank is None else self.dsl_v2t_rank[v],
         )
 
-    def save(self, path: str) -> None:
-        """Write the ranks and keys as a compressed `.npz` (plain arrays: loads with `allow_pickle=False`)."""
+    def save(self, path: str | Any) -> None:
+        """Write the ranks and keys as a compressed `.npz` to a path or binary file (plain arrays: loads with
+        `allow_pickle=False`)."""
         arrays = {k: getattr(self, k) for k in ("t2v_rank", "t2v_key", "t2v_video", "v2t_rank", "v2t_key")}
         arrays["t2v_rank"] = arrays["t2v_rank"].astype(np.int32)
         arrays["v2t_rank"] = arrays["v2t_rank"].astype(np.int32)
         for name in ("dsl_t2v_rank", "dsl_v2t_rank"):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name).astype(np.int32)
+        if hasattr(path, "write"):
+            np.savez_compressed(path, **arrays)
+            return
         with open(path, "wb") as fh:
             np.savez_compressed(fh, **arrays)
 

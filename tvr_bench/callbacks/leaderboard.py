@@ -9,6 +9,7 @@ second (fit time minus validation time), and the wall time of the whole test loo
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import os
 import platform
@@ -19,18 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from tvr_bench.loggers import OfflineWandbLogger, run_directory
-from tvr_bench.report import build_leaderboard
+from tvr_bench.report import build_leaderboard, leaderboard_rows
+from tvr_bench.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, PerQuery, bootstrap_intervals
 from tvr_bench.results import (  # noqa: F401  (re-exported: the names this module always offered)
     RESULTS_SUBDIR,
     SCHEMA,
     atomic_write,
     canonical_backbone,
     flat_row,
+    ranks_path,
     result_filename,
+    test_set_label,
+    variant_label,
 )
 
 __all__ = [
@@ -157,6 +163,10 @@ class LeaderboardWriter(L.Callback):
         expected_dir: folder of the paper numbers (`recipes/expected`; default: found next to the package).
         seed: the run's seed; default: the one Lightning's `seed_everything` recorded (`PL_GLOBAL_SEED`).
         wandb_table_key: key of the W&B table.
+        profile: the recipe profile recorded in the result's `protocol` (`paper` for the paper-reproduction
+            layer); rows of different profiles are never ranked together.
+        bootstrap_resamples: resamples of the 95% intervals over test queries (0: no intervals).
+        qualitative: number of sampled text queries on the qualitative page and W&B table (0: none).
     """
 
     def __init__(
@@ -167,8 +177,16 @@ class LeaderboardWriter(L.Callback):
         expected_dir: str | None = None,
         seed: int | None = None,
         wandb_table_key: str = "leaderboard",
+        profile: str = "default",
+        bootstrap_resamples: int = DEFAULT_RESAMPLES,
+        qualitative: int = 50,
     ) -> None:
         super().__init__()
+        self.profile = profile
+        self.bootstrap_resamples = bootstrap_resamples
+        self.qualitative = qualitative
+        self.last_qualitative: Path | None = None
+        self._per_query: PerQuery | None = None
         self.runs_dir = runs_dir
         self.enabled = enabled
         self.rebuild = rebuild
@@ -303,17 +321,24 @@ class LeaderboardWriter(L.Callback):
         result = self.build_result(trainer, pl_module, evaluator, eval_seconds, run_dir)
         self.last_result = result
         self.last_path = self.write_result(result)
+        built = None
         if self.rebuild:
             try:
-                build_leaderboard(self.runs_dir, self.expected_dir)
+                built = build_leaderboard(self.runs_dir, self.expected_dir)
             except Exception as err:  # a broken foreign JSON must not lose this run's result
                 warnings.warn(f"LeaderboardWriter: could not rebuild the leaderboard: {err}")
-        self.log_to_wandb(trainer, result)
+        self.log_to_wandb(trainer, result, built)
+        if self.qualitative > 0 and run_dir is not None:
+            try:
+                self.write_qualitative(trainer, evaluator, result, run_dir)
+            except Exception as err:  # frames unreadable (remote shards, deleted files): the result stays
+                warnings.warn(f"LeaderboardWriter: no qualitative page: {type(err).__name__}: {err}")
 
     def build_result(self, trainer: Any, pl_module: Any, evaluator: Any, eval_seconds: float | None,
                      run_dir: str | None = None) -> dict[str, Any]:
         """The self-describing result dict of this run."""
         ident = self.identity(trainer, pl_module)
+        protocol = self.protocol(trainer, pl_module, evaluator)
         metrics = {k: float(v) for k, v in evaluator.last_metrics.items() if not k.startswith("dsl/")}
         dsl = {k[len("dsl/"):]: float(v) for k, v in evaluator.last_metrics.items() if k.startswith("dsl/")}
         counts = dict(getattr(evaluator, "last_counts", {}) or {})
@@ -362,24 +387,151 @@ class LeaderboardWriter(L.Callback):
                 "hparams": _json_safe(dict(getattr(datamodule, "hparams", {}) or {})) if datamodule is not None else {},
             },
             "evaluator": {"dsl": bool(getattr(evaluator, "dsl", bool(dsl)))},
+            "protocol": protocol,
         }
+        result.update(self.intervals(evaluator))
         return _json_safe(result)
+
+    def protocol(self, trainer: Any, pl_module: Any, evaluator: Any) -> dict[str, Any]:
+        """The result's `protocol` block (docs/INTERFACES.md point 3): test vs protocol size, profile, model
+        selection, T-MASS pairing, features and optimizer."""
+        datamodule = getattr(trainer, "datamodule", None)
+        hparams = getattr(pl_module, "hparams", {}) or {}
+        test_split = getattr(datamodule, "test_split", "test")
+        test_videos = (getattr(evaluator, "last_counts", {}) or {}).get("videos")
+        if test_videos is None and hasattr(datamodule, "split_shards"):
+            try:
+                test_videos = int(datamodule.split_shards(test_split).num_samples)
+            except Exception:
+                test_videos = None
+        protocol_size = getattr(datamodule, "protocol_size", None)
+        protocol_videos = protocol_size(test_split) if callable(protocol_size) else None
+        monitor = getattr(getattr(trainer, "checkpoint_callback", None), "monitor", None)
+        val_split = getattr(datamodule, "val_split", None)
+        if not monitor or not val_split or not getattr(trainer, "ckpt_path", None):
+            selection = "last"
+        else:
+            selection = "test" if val_split == test_split else "val"
+        get = hparams.get if hasattr(hparams, "get") else (lambda *_: None)
+        return {
+            "test_split": test_split,
+            "test_videos": test_videos,
+            "protocol_videos": protocol_videos,
+            "complete": protocol_videos is None or (test_videos is not None and test_videos >= protocol_videos),
+            "test_set": test_set_label(test_videos, protocol_videos),
+            "profile": self.profile,
+            "selection": selection,
+            "pairing": get("pairing"),
+            "eps_mode": get("eps_mode"),
+            "features": "frozen-clip" if getattr(datamodule, "features_dir", None) else "end-to-end",
+            "optimizer": get("optimizer") or "adamw",
+        }
+
+    def intervals(self, evaluator: Any) -> dict[str, Any]:
+        """`intervals` (95% bootstrap over test queries, resampling videos with all their captions) and
+        `per_query` (the ranks file) entries of the result; empty without the evaluator's per-query ranks."""
+        self._per_query = None
+        per_query = getattr(evaluator, "last_per_query", None)
+        if not per_query:
+            return {}
+        pq = per_query_ranks(per_query)
+        self._per_query = pq
+        out: dict[str, Any] = {"per_query": {"file": None, "t2v_queries": int(len(pq.t2v_rank)),
+                                             "v2t_queries": int(len(pq.v2t_rank)), "units": "video"}}
+        if self.bootstrap_resamples > 0:
+            block = {
+                "method": "percentile bootstrap over test queries; unit: video with all its captions",
+                "level": DEFAULT_LEVEL,
+                "resamples": int(self.bootstrap_resamples),
+                "seed": 0,
+                "metrics": bootstrap_intervals([pq.directions()], self.bootstrap_resamples),
+            }
+            if pq.dsl_t2v_rank is not None:
+                block["dsl_metrics"] = bootstrap_intervals([pq.directions(dsl=True)], self.bootstrap_resamples)
+            out["intervals"] = block
+        return out
 
     def write_result(self, result: dict[str, Any]) -> Path:
         """Write one result JSON atomically under `runs_dir/results/` and return its path."""
-        name = result_filename(result["method"], result["dataset"], result["backbone"], result.get("seed"))
-        return atomic_write(Path(self.runs_dir) / RESULTS_SUBDIR / name, json.dumps(result, indent=2, sort_keys=False) + "\n")
+        name = result_filename(result["method"], result["dataset"], result["backbone"], result.get("seed"),
+                               variant_label(result.get("protocol") or {}))
+        path = Path(self.runs_dir) / RESULTS_SUBDIR / name
+        ranks = ranks_path(path)
+        if self._per_query is not None and result.get("per_query"):
+            buf = io.BytesIO()
+            self._per_query.save(buf)
+            atomic_write(ranks, buf.getvalue())
+            result["per_query"]["file"] = ranks.name
+        elif ranks.exists():
+            ranks.unlink()  # a rerun without ranks must not leave the previous run's ranks beside its JSON
+        return atomic_write(path, json.dumps(result, indent=2, sort_keys=False) + "\n")
 
-    def log_to_wandb(self, trainer: Any, result: dict[str, Any]) -> None:
-        """Log the leaderboard row as a W&B table and put its numbers into the run summary."""
+    def log_to_wandb(self, trainer: Any, result: dict[str, Any], built: dict[str, Any] | None = None) -> None:
+        """Log the run's leaderboard row (table + run summary), its identity and protocol into the run config
+        (W&B's run comparer and parallel coordinates read them), the whole rebuilt leaderboard (table
+        `<key>_all`, with the significance column) and the per-query rank histograms."""
         row = flat_row(result)
         for logger in trainer.loggers:
             if not isinstance(logger, WandbLogger):
                 continue
             logger.log_table(key=self.wandb_table_key, columns=list(row), data=[list(row.values())])
-            summary = getattr(logger.experiment, "summary", None)
+            run = logger.experiment
+            summary = getattr(run, "summary", None)
             if summary is not None and hasattr(summary, "update"):
                 summary.update({f"result/{k}": v for k, v in row.items() if v is not None})
+            config = getattr(run, "config", None)
+            if config is not None and hasattr(config, "update"):
+                ident = {k: result.get(k) for k in ("method", "dataset", "backbone", "frames", "words", "seed")}
+                config.update({**ident, **{f"protocol/{k}": v for k, v in (result.get("protocol") or {}).items()}},
+                              allow_val_change=True)
+            if built is not None:
+                rows = leaderboard_rows(built["aggregated"], built["expected"])
+                if rows:
+                    columns = list(dict.fromkeys(k for r in rows for k in r))
+                    logger.log_table(key=f"{self.wandb_table_key}_all", columns=columns,
+                                     data=[[r.get(c) for c in columns] for r in rows])
+            if self._per_query is not None and hasattr(run, "log"):
+                import wandb
+
+                histograms = {}
+                for direction in ("t2v", "v2t"):
+                    ranks = getattr(self._per_query, f"{direction}_rank")
+                    top = int(ranks.max())
+                    counts, edges = np.histogram(ranks, bins=min(64, top), range=(0.5, top + 0.5))
+                    histograms[f"test/{direction}_rank_histogram"] = wandb.Histogram(np_histogram=(counts, edges))
+                run.log(histograms)
+
+    def write_qualitative(self, trainer: Any, evaluator: Any, result: dict[str, Any], run_dir: str) -> Path | None:
+        """The qualitative page `<run dir>/qualitative.html` and W&B table `qualitative` of sampled queries."""
+        from tvr_bench.qualitative import qualitative_for_run
+
+        per_query = getattr(evaluator, "last_per_query", None)
+        datamodule = getattr(trainer, "datamodule", None)
+        if not per_query or datamodule is None or not hasattr(datamodule, "split_shards"):
+            return None
+        wandb_runs = [lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        title = f"{result['method']} on {result['dataset']} ({result['backbone']}, seed {result.get('seed')})"
+        self.last_qualitative = qualitative_for_run(
+            per_query, datamodule, Path(run_dir) / "qualitative.html", self.qualitative, title, wandb_runs,
+            seed=int(result.get("seed") or 0),
+        )
+        return self.last_qualitative
+
+
+def per_query_ranks(per_query: dict[str, Any]) -> PerQuery:
+    """The evaluator's `last_per_query` as a keyed PerQuery (the ranks file's content)."""
+    video_keys = np.asarray(per_query["video_keys"], dtype=str)
+    t2v = np.asarray(per_query["text_to_video"])
+    as_np = lambda name: None if per_query.get(name) is None else np.asarray(per_query[name])  # noqa: E731
+    return PerQuery(
+        t2v_rank=as_np("t2v_rank"),
+        t2v_key=np.asarray(per_query["caption_keys"], dtype=str),
+        t2v_video=video_keys[t2v],
+        v2t_rank=as_np("v2t_rank"),
+        v2t_key=video_keys[np.asarray(per_query["v2t_video"])],
+        dsl_t2v_rank=as_np("dsl_t2v_rank"),
+        dsl_v2t_rank=as_np("dsl_v2t_rank"),
+    )
 
 
 def _define_best_val_summaries(run: Any) -> None:

@@ -1,0 +1,223 @@
+"""Qualitative results of a test: sampled text queries with a frame strip of their correct video, the top-5
+retrieved videos (frame strips and scores) and the rank of the correct one, as a self-contained HTML page
+(JPEG data URIs, no external file) and as a W&B table; plus per-query rank histograms.
+
+The frames are read back from the test split's shards (the stored JPEGs of the few videos shown), so
+nothing is kept in memory during the test itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tvr_bench.results import atomic_write
+
+STRIP_FRAMES = 4
+STRIP_HEIGHT = 64
+JPEG_QUALITY = 70
+
+__all__ = ["QueryView", "frame_strip", "read_videos", "render_html", "sample_queries", "qualitative_for_run"]
+
+
+@dataclass
+class QueryView:
+    """One row of the page: a text query, its correct video, rank and the top retrieved videos with scores."""
+
+    caption_key: str
+    text: str
+    video_key: str
+    rank: int
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+def sample_queries(n_text: int, n: int, seed: int = 0) -> np.ndarray:
+    """`n` distinct text query indices drawn uniformly (seeded), in increasing order."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_text, size=min(n, n_text), replace=False))
+
+
+def frame_strip(jpegs: list[bytes], frames: int = STRIP_FRAMES, height: int = STRIP_HEIGHT) -> Any:
+    """A PIL image of `frames` evenly spaced frames side by side, `height` pixels high."""
+    from PIL import Image
+
+    picks = np.linspace(0, len(jpegs) - 1, num=min(frames, len(jpegs))).round().astype(int)
+    images = []
+    for i in picks:
+        with Image.open(io.BytesIO(jpegs[int(i)])) as img:
+            img = img.convert("RGB")
+            width = max(1, round(img.width * height / img.height))
+            images.append(img.resize((width, height)))
+    strip = Image.new("RGB", (sum(im.width for im in images) + 2 * (len(images) - 1), height), "white")
+    x = 0
+    for im in images:
+        strip.paste(im, (x, 0))
+        x += im.width + 2
+    return strip
+
+
+def _jpeg_data_uri(image: Any, quality: int = JPEG_QUALITY) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _png_data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def read_videos(urls: Iterable[str], keys: set[str]) -> dict[str, tuple[list[str], list[bytes]]]:
+    """`{video key: (captions, frame JPEGs)}` for `keys`, read from the shards at `urls` (stops when all are found)."""
+    import webdataset as wds
+
+    from tvr_bench.data.shards import parse_sample
+
+    found: dict[str, tuple[list[str], list[bytes]]] = {}
+    for url in urls:
+        dataset = wds.WebDataset(str(url), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+        for sample in dataset:
+            if sample["__key__"] in keys and sample["__key__"] not in found:
+                meta, jpegs = parse_sample(sample)
+                found[sample["__key__"]] = (list(meta["captions"]), jpegs)
+        if len(found) == len(keys):
+            break
+    missing = sorted(keys - set(found))
+    if missing:
+        raise KeyError(f"{len(missing)} video(s) not found in the test shards, e.g. {missing[:3]}")
+    return found
+
+
+def rank_histogram_png(ranks: dict[str, np.ndarray]) -> bytes:
+    """PNG of the per-query rank histograms (one panel per direction, log-scaled rank axis)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(ranks), 2.8), dpi=90)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(ranks), squeeze=False)[0]
+    for ax, (name, r) in zip(axes, ranks.items()):
+        top = int(r.max())
+        bins = np.unique(np.geomspace(1, top + 1, num=min(40, top + 1)).round())
+        ax.hist(r, bins=bins, color="C0")
+        ax.set_xscale("log")
+        ax.set_title(f"{name}: rank of the correct item ({len(r)} queries)", fontsize=9)
+        ax.set_xlabel("rank (log scale)")
+        ax.set_ylabel("queries")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def render_html(title: str, views: list[QueryView], strips: dict[str, str], histogram_png: bytes | None = None,
+                summary: str = "") -> str:
+    """The self-contained page: one table row per query; `strips` maps video keys to JPEG data URIs."""
+    esc = html.escape
+    rows = []
+    for v in views:
+        cells = []
+        for key, score in v.top:
+            mark = " correct" if key == v.video_key else ""
+            cells.append(f'<td class="cand{mark}"><img src="{strips[key]}" alt="{esc(key)}"><br>'
+                         f"{esc(key)}<br>score {score:.4f}</td>")
+        rank_class = "hit" if v.rank == 1 else ("near" if v.rank <= len(v.top) else "miss")
+        rows.append(
+            f'<tr><td class="query">{esc(v.text)}<br><small>{esc(v.caption_key)}</small></td>'
+            f'<td class="rank {rank_class}">{v.rank}</td>'
+            f'<td class="cand correct"><img src="{strips[v.video_key]}" alt="{esc(v.video_key)}"><br>{esc(v.video_key)}</td>'
+            + "".join(cells) + "</tr>"
+        )
+    k = max((len(v.top) for v in views), default=5)
+    head = "".join(f"<th>top {i + 1}</th>" for i in range(k))
+    hist = f'<h2>Rank histograms</h2><img class="hist" src="{_png_data_uri(histogram_png)}" alt="rank histograms">' \
+        if histogram_png else ""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1em; }}
+table {{ border-collapse: collapse; }}
+td, th {{ border: 1px solid #ccc; padding: 4px; vertical-align: top; font-size: 12px; }}
+td.query {{ max-width: 18em; }}
+td.rank {{ font-weight: bold; text-align: center; }}
+td.hit {{ background: #d4f7d4; }} td.near {{ background: #fff3c4; }} td.miss {{ background: #f7d4d4; }}
+td.correct img {{ outline: 3px solid #2a2; }}
+</style></head><body>
+<h1>{esc(title)}</h1>
+<p>{esc(summary)}</p>
+<p>Each row: a text query sampled from the test set, the rank of its correct video (1 = retrieved first), the
+correct video (green frame), then the five best-scoring videos with their scores; a green frame marks the
+correct video among them. Frame strips show {STRIP_FRAMES} evenly spaced stored frames.</p>
+<table><thead><tr><th>query</th><th>rank</th><th>correct video</th>{head}</tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody></table>
+{hist}
+</body></html>
+"""
+
+
+def qualitative_for_run(per_query: dict[str, Any], datamodule: Any, html_path: str | Path, n_queries: int = 50,
+                        title: str = "qualitative results", wandb_runs: list[Any] | None = None,
+                        seed: int = 0) -> Path:
+    """Write the page for the evaluator's `last_per_query` (frames from the datamodule's test shards) and log
+    the same rows as a W&B table `qualitative` plus the rank histogram image to every run in `wandb_runs`."""
+    video_keys = list(per_query["video_keys"])
+    caption_keys = list(per_query["caption_keys"])
+    text_to_video = np.asarray(per_query["text_to_video"])
+    t2v_rank = np.asarray(per_query["t2v_rank"])
+    top_index = np.asarray(per_query["top_index"])
+    top_score = np.asarray(per_query["top_score"], dtype=np.float64)
+    chosen = sample_queries(len(caption_keys), n_queries, seed)
+    needed = {video_keys[int(text_to_video[i])] for i in chosen} | {video_keys[int(j)] for i in chosen for j in top_index[i]}
+    split = getattr(datamodule, "test_split", "test")
+    videos = read_videos(datamodule.split_shards(split).urls, needed)
+    paragraph = getattr(datamodule, "caption_mode", "each") == "paragraph"
+    views = []
+    for i in chosen:
+        key = caption_keys[int(i)]
+        vkey = video_keys[int(text_to_video[i])]
+        captions = videos[vkey][0]
+        _, _, tail = key.rpartition("#")
+        text = " ".join(captions) if paragraph else (captions[int(tail)] if tail.isdigit() and int(tail) < len(captions) else key)
+        top = [(video_keys[int(j)], float(s)) for j, s in zip(top_index[i], top_score[i])]
+        views.append(QueryView(key, text, vkey, int(t2v_rank[i]), top))
+    images = {k: frame_strip(videos[k][1]) for k in needed}
+    strips = {k: _jpeg_data_uri(img) for k, img in images.items()}
+    ranks = {"t2v": t2v_rank, "v2t": np.asarray(per_query["v2t_rank"])}
+    histogram = rank_histogram_png(ranks)
+    summary = (f"{len(views)} of {len(caption_keys)} text queries sampled uniformly (seed {seed}); "
+               f"{len(video_keys)} videos in the gallery.")
+    path = atomic_write(html_path, render_html(title, views, strips, histogram, summary))
+    for run in wandb_runs or []:
+        log_wandb_table(run, views, images, histogram)
+    return path
+
+
+def log_wandb_table(run: Any, views: list[QueryView], images: dict[str, Any], histogram_png: bytes | None) -> None:
+    """Log the rows as the W&B table `qualitative` (frame strips as images) and the histogram figure."""
+    import wandb
+    from PIL import Image
+
+    k = max((len(v.top) for v in views), default=5)
+    columns = ["caption_key", "query", "rank", "correct_video", "correct_frames"]
+    for i in range(k):
+        columns += [f"top{i + 1}_video", f"top{i + 1}_frames", f"top{i + 1}_score"]
+    table = wandb.Table(columns=columns)
+    for v in views:
+        row: list[Any] = [v.caption_key, v.text, v.rank, v.video_key, wandb.Image(images[v.video_key], caption=v.video_key)]
+        for key, score in v.top:
+            row += [key, wandb.Image(images[key], caption=f"{key} ({score:.4f})"), score]
+        row += [None] * (len(columns) - len(row))
+        table.add_data(*row)
+    payload: dict[str, Any] = {"qualitative": table}
+    if histogram_png:
+        with Image.open(io.BytesIO(histogram_png)) as img:
+            payload["test/rank_histograms"] = wandb.Image(img.copy())
+    run.log(payload)
