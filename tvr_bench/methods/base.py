@@ -11,12 +11,20 @@ from torch import Tensor
 
 from tvr_bench.backbones.clip import CLIPBackbone
 from tvr_bench.functional.losses import MAX_LOGIT_SCALE, clamp_logit_scale_
+from tvr_bench.optim import REFERENCE_OPTIMIZERS, BertAdam, LegacyAdamW, schedule_lambda
 
 Features = dict[str, Tensor]
 
 
 #: Checkpoint entry holding torch's random state (plain tensors: loads with ``weights_only=True``).
 RNG_STATE_KEY = "tvr_bench_rng_state"
+
+#: Values of the `optimizer` init argument: the suite's AdamW, or the method's reference update rule.
+OPTIMIZERS = ("adamw", "reference")
+#: Global gradient-norm clip every reference applies before its optimiser step (CLIP4Clip
+#: main_task_retrieval.py:278, DRL main.py:267, X-Pool trainer/trainer.py:61, T-MASS
+#: trainer/trainer_stochastic.py:69); BertAdam clips each tensor at the same norm again inside its step.
+REFERENCE_CLIP_NORM = 1.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,7 +36,9 @@ class RetrievalModule(L.LightningModule):
 
     Subclasses implement `encode_text`, `encode_video`, `similarity` and `training_loss`
     (see docs/INTERFACES.md). The backbone's parameters form the `backbone` learning-rate group
-    (`backbone_lr`); everything else the `head` group (`lr`).
+    (`backbone_lr`); everything else the `head` group (`lr`). `optimizer` picks the update rule: `adamw`
+    (default: torch AdamW, no decay on norms/biases/temperature) or `reference` (the method's
+    `REFERENCE_OPTIMIZER` with the reference's groups and schedule; see `configure_optimizers`).
 
     ``DATA_PROTOCOL`` is the data side of the method's reference protocol: frame ``sampling`` of the
     shards, the training ``train_stream`` (``pairs``: every (video, caption) pair once per epoch, globally
@@ -38,6 +48,9 @@ class RetrievalModule(L.LightningModule):
     """
 
     DATA_PROTOCOL: ClassVar[dict[str, str]] = {"sampling": "fps1_uniform", "train_stream": "pairs", "augment": "none"}
+    #: Update rule of the method's reference code, used with `optimizer: reference` (one of
+    #: tvr_bench.optim.REFERENCE_OPTIMIZERS; None: the method has no reference optimiser).
+    REFERENCE_OPTIMIZER: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -54,8 +67,13 @@ class RetrievalModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         eval_memory_mb: float = 1024.0,
         logit_scale_max: float = MAX_LOGIT_SCALE,
+        optimizer: str = "adamw",
     ):
         super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"model optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if optimizer == "reference" and type(self).REFERENCE_OPTIMIZER not in REFERENCE_OPTIMIZERS:
+            raise ValueError(f"optimizer='reference': {type(self).__name__} declares no reference optimiser")
         if max_words < 3:
             raise ValueError(f"max_words must be at least 3 (start, one word, end), got {max_words}")
         if not 0.0 <= warmup_ratio < 1.0:
@@ -207,21 +225,73 @@ class RetrievalModule(L.LightningModule):
             )
         return out
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW with linear warm-up then cosine decay, stepped every optimisation step."""
+    def reference_param_groups(self) -> list[dict[str, Any]]:
+        """The reference code's groups: backbone (CLIP) vs new-layer learning rate, weight decay by the reference's rule.
+
+        BertAdam (CLIP4Clip main_task_retrieval.py:189-206, DRL main.py:185-201): no decay only where the
+        name contains 'bias'; its 'LayerNorm.*' patterns match no CLIP name, so layer norms, embeddings and
+        the logit scale are decayed. Legacy AdamW (X-Pool train.py:50-58, T-MASS train.py:73-81): every
+        parameter decayed. `no_decay_norm_bias` does not apply here.
+        """
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.param_groups(), betas=tuple(hp.betas), eps=hp.adam_eps)
+        bert = type(self).REFERENCE_OPTIMIZER == "bertadam"
+        groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                part = "backbone" if name.startswith("backbone.") else "head"
+                groups.setdefault((part, bert and "bias" in name), []).append(p)
+        return [
+            {
+                "params": params,
+                "lr": hp.backbone_lr if part == "backbone" else hp.lr,
+                "weight_decay": 0.0 if no_decay else hp.weight_decay,
+                "name": f"{part}{'_no_decay' if no_decay else ''}",
+            }
+            for (part, no_decay), params in sorted(groups.items())
+        ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The optimiser and its per-step LambdaLR schedule (factor 0 at the first step, as every reference).
+
+        `optimizer: adamw`: torch AdamW on `param_groups`, linear warm-up over int(warmup_ratio * total)
+        steps then a half cosine. `optimizer: reference`: the method's `REFERENCE_OPTIMIZER` on
+        `reference_param_groups` - BertAdam with `warmup_cosine_overall` or the legacy AdamW with the
+        same schedule as `adamw` (tvr_bench/optim.py); the trainer must clip the global gradient norm at
+        1.0 as the references do.
+        """
+        hp = self.hparams
         total = self._total_steps()
-        warmup = int(hp.warmup_ratio * total)
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / max(1, warmup)
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-
+        if hp.optimizer == "reference":
+            self._check_reference_clipping()
+            kind = type(self).REFERENCE_OPTIMIZER
+            if kind == "bertadam":
+                optimizer: torch.optim.Optimizer = BertAdam(
+                    self.reference_param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps,
+                    max_grad_norm=REFERENCE_CLIP_NORM,
+                )
+                schedule = schedule_lambda("cosine_overall", total, hp.warmup_ratio)
+            else:
+                optimizer = LegacyAdamW(self.reference_param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps)
+                schedule = schedule_lambda("cosine", total, hp.warmup_ratio)
+        else:
+            optimizer = torch.optim.AdamW(self.param_groups(), betas=tuple(hp.betas), eps=hp.adam_eps)
+            schedule = schedule_lambda("cosine", total, hp.warmup_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _check_reference_clipping(self) -> None:
+        """`optimizer: reference` needs the references' global clip: trainer.gradient_clip_val 1.0, algorithm 'norm'."""
+        trainer = self._trainer
+        if trainer is None:
+            return
+        value = trainer.gradient_clip_val
+        algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm").lower()
+        if value is None or float(value) != REFERENCE_CLIP_NORM or not algorithm.endswith("norm"):
+            raise ValueError(
+                f"model optimizer='reference' reproduces the reference loop, which clips the global gradient norm at "
+                f"{REFERENCE_CLIP_NORM} before the optimiser step: set trainer.gradient_clip_val: {REFERENCE_CLIP_NORM} "
+                f"and gradient_clip_algorithm: norm (got {value!r}, {algorithm!r}; recipes/base.yaml sets them)"
+            )
 
     def _total_steps(self) -> int:
         trainer = self._trainer  # `self.trainer` raises outside a Trainer (plain PyTorch loops)
