@@ -79,9 +79,14 @@ class ToyDataModule(L.LightningDataModule):
 class FakeEvaluator(L.Callback):
     """Sets `last_metrics` / `last_counts` / `last_eval_seconds` at the end of each test, like RetrievalEvaluator."""
 
-    def __init__(self, metrics: dict[str, float] | None = None, dsl: bool = False, shift: float = 0.0):
+    def __init__(self, metrics: dict[str, float] | None = None, dsl: bool = False, shift: float = 0.0,
+                 sim: torch.Tensor | None = None, text_to_video: torch.Tensor | None = None):
+        """With `sim` and `text_to_video`, the metrics and per-query ranks are the real ones of that matrix."""
         super().__init__()
         self.metrics = dict(metrics or TOY_METRICS)
+        self.sim = sim
+        self.text_to_video = text_to_video
+        self.last_per_query: dict[str, Any] | None = None
         self.dsl = dsl
         self.shift = shift
         self.last_metrics: dict[str, float] = {}
@@ -90,12 +95,61 @@ class FakeEvaluator(L.Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Publish the toy metrics."""
+        if self.sim is not None:
+            from tvr_bench.callbacks.evaluator import per_query_results
+            from tvr_bench.metrics import dual_softmax, retrieval_metrics
+
+            metrics = retrieval_metrics(self.sim, self.text_to_video)
+            dsl_sim = dual_softmax(self.sim) if self.dsl else None
+            if dsl_sim is not None:
+                metrics.update({f"dsl/{k}": v for k, v in retrieval_metrics(dsl_sim, self.text_to_video).items()})
+            video_keys = [f"video{i:03d}" for i in range(self.sim.shape[1])]
+            counter: dict[int, int] = {}
+            caption_keys = []
+            for v in self.text_to_video.tolist():
+                caption_keys.append(f"video{v:03d}#{counter.get(v, 0)}")
+                counter[v] = counter.get(v, 0) + 1
+            self.last_per_query = per_query_results(self.sim, self.text_to_video, video_keys, caption_keys, dsl_sim)
+            self.last_metrics = metrics
+            self.last_counts = {"texts": int(self.sim.shape[0]), "videos": int(self.sim.shape[1])}
+            self.last_eval_seconds = 0.01
+            return
         metrics = {k: v + self.shift for k, v in self.metrics.items()}
         if self.dsl:
             metrics.update({f"dsl/{k}": v + 1.0 for k, v in self.metrics.items()})
         self.last_metrics = metrics
         self.last_counts = {"texts": 24, "videos": 12}
         self.last_eval_seconds = 0.01
+
+
+def toy_scores(n_video: int = 40, captions: int = 2, quality: float = 1.5, seed: int = 0,
+               noise_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random (text x video) score matrix with `captions` captions per video; `quality` lifts the correct pairs.
+    `noise_seed` changes the scores but not the queries (another method on the same test set)."""
+    t2v = torch.arange(n_video).repeat_interleave(captions)
+    g = torch.Generator().manual_seed(seed if noise_seed is None else 1000 + noise_seed)
+    sim = torch.randn(len(t2v), n_video, generator=g)
+    sim[torch.arange(len(t2v)), t2v] += quality
+    return sim, t2v
+
+
+def ranked_result(method: str, dataset: str, seed: int, quality: float, noise_seed: int, n_video: int = 40,
+                  **extra: Any) -> tuple[dict[str, Any], Any]:
+    """A result JSON whose metrics, intervals and per-query ranks come from a simulated score matrix."""
+    from tvr_bench.callbacks.evaluator import per_query_results
+    from tvr_bench.callbacks.leaderboard import per_query_ranks
+    from tvr_bench.metrics import retrieval_metrics
+    from tvr_bench.stats import bootstrap_intervals
+
+    sim, t2v = toy_scores(n_video=n_video, quality=quality, noise_seed=noise_seed)
+    video_keys = [f"video{i:03d}" for i in range(n_video)]
+    caption_keys = [f"video{v:03d}#{j % 2}" for j, v in enumerate(t2v.tolist())]
+    pq = per_query_ranks(per_query_results(sim, t2v, video_keys, caption_keys))
+    result = fake_result(method, dataset, "tiny", seed, 0.0, **extra)
+    result["metrics"] = retrieval_metrics(sim, t2v)
+    result["intervals"] = {"resamples": 2000, "metrics": bootstrap_intervals([pq.directions()], 2000)}
+    result["per_query"] = {"file": None}
+    return result, pq
 
 
 def fake_result(method: str, dataset: str, backbone: str, seed: int, t2v_r1: float, **extra: Any) -> dict[str, Any]:
@@ -117,11 +171,13 @@ def fake_result(method: str, dataset: str, backbone: str, seed: int, t2v_r1: flo
     return result
 
 
-def write_results(runs: Path, results: list[dict[str, Any]]) -> None:
-    """Write result dicts as runs/results/*.json."""
+def write_results(runs: Path, results: list[dict[str, Any]], ranks: dict[int, Any] | None = None) -> None:
+    """Write result dicts as runs/results/*.json (and `ranks[id(result)]`, a PerQuery, beside it)."""
     folder = runs / "results"
     folder.mkdir(parents=True, exist_ok=True)
     for r in results:
-        (folder / f"{r['method']}__{r['dataset']}__{r['backbone'].replace('/', '-')}__seed{r['seed']}.json").write_text(
-            json.dumps(r)
-        )
+        name = f"{r['method']}__{r['dataset']}__{r['backbone'].replace('/', '-')}__seed{r['seed']}"
+        if ranks is not None and id(r) in ranks:
+            ranks[id(r)].save(str(folder / f"{name}.ranks.npz"))
+            r["per_query"] = {"file": f"{name}.ranks.npz"}
+        (folder / f"{name}.json").write_text(json.dumps(r))

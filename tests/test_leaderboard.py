@@ -150,10 +150,12 @@ def test_csv_and_markdown_show_this_run_next_to_paper():
 
     md = to_markdown(agg, expected)
     lines = md.splitlines()
-    this = next(i for i, line in enumerate(lines) if line.startswith("| clip4clip | msrvtt |"))
-    assert "| this run | 0,1,2 | 42.5 ± 1.5 |" in lines[this]
-    assert lines[this + 1].startswith("|  |  |  |  |  | paper |  | 43.1 | 70.4† |")  # the paper row right below
-    assert "| xpool | synthetic | tiny | 12 | 32 | this run | 0 | 30.0 |" in md
+    this = next(i for i, line in enumerate(lines) if line.startswith("| ★ | clip4clip | msrvtt |"))
+    assert "| sel=? , opt=? |".replace(" ,", ",") in lines[this]  # old results: no protocol block
+    assert "| this run | 0,1,2 | 42.5 ± 1.5 |" in lines[this]  # no per-query ranks: no interval
+    assert lines[this + 1].startswith("|  |  |  |  |  |  |  |  |  | paper |  | 43.1 | 70.4† |")  # the paper row below
+    assert "| ★ | xpool | synthetic | tiny | 12 | 32 | sel=?, opt=? | – | this run | 0 | 30.0 |" in md
+    assert "### msrvtt · ViT-B/32 · profile default · end-to-end" in md
     assert "## Efficiency" in md and "| 1.50 | 1.00 |" in md
     assert "[I#104]" in md and "recipes/expected/clip4clip.yaml" in md
 
@@ -216,8 +218,12 @@ def test_writer_records_a_self_describing_result(tmp_path):
     row = flat_row(result)
     assert row["t2v/R@1"] == 40.0 and row["dsl/v2t/R@1"] == 39.0 and row["seed"] == 3
     md = (runs / "leaderboard.md").read_text()
-    assert "| toymethod | toyset | tiny | 4 | 8 | this run | 3 | 40.0 ± " not in md  # single seed: no ±
-    assert "| toymethod | toyset | tiny | 4 | 8 | this run | 3 | 40.0 |" in md
+    assert "| toymethod | toyset | tiny | 4 | 8 | sel=last, opt=adamw | – | this run | 3 | 40.0 ± " not in md  # one seed
+    assert "| ★ | toymethod | toyset | tiny | 4 | 8 | sel=last, opt=adamw | – | this run | 3 | 40.0 |" in md
+    assert result["protocol"] == {
+        "test_split": "test", "test_videos": 12, "protocol_videos": None, "complete": True, "test_set": "",
+        "profile": "default", "selection": "last", "pairing": None, "eps_mode": None, "features": "end-to-end",
+        "optimizer": "adamw"}
     assert "## With dual softmax at inference (DSL)" in md
     assert (runs / "leaderboard.csv").is_file() and (runs / "leaderboard.png").is_file()
 
@@ -276,3 +282,131 @@ def test_disabled_writer_writes_nothing(tmp_path):
     trainer = _trainer(tmp_path, LeaderboardWriter(runs_dir=str(runs), enabled=False), FakeEvaluator())
     trainer.test(ToyMethod(), datamodule=ToyDataModule())
     assert not runs.exists()
+
+
+# ---------------------------------------------------------------------------------------------- intervals, protocol
+def test_writer_saves_per_query_ranks_and_intervals(tmp_path):
+    import numpy as np
+
+    from tests.leaderboard_toys import toy_scores
+    from tvr_bench.metrics import retrieval_metrics
+    from tvr_bench.stats import PerQuery
+
+    runs = tmp_path / "runs"
+    sim, t2v = toy_scores(n_video=30, captions=3)
+    writer = LeaderboardWriter(runs_dir=str(runs), seed=0, bootstrap_resamples=2000, qualitative=0)
+    trainer = _trainer(tmp_path, writer, FakeEvaluator(sim=sim, text_to_video=t2v, dsl=True), max_steps=1,
+                       limit_val_batches=0)
+    trainer.fit(ToyMethod(), datamodule=ToyDataModule())
+    trainer.test(ToyMethod(), datamodule=ToyDataModule())
+    result = json.loads(writer.last_path.read_text())
+    ranks_file = writer.last_path.with_name("toymethod__toyset__tiny__seed0.ranks.npz")
+    assert result["per_query"] == {"file": ranks_file.name, "t2v_queries": 90, "v2t_queries": 30, "units": "video"}
+    with np.load(ranks_file, allow_pickle=False) as data:  # plain arrays: no pickle
+        assert data["t2v_rank"].shape == (90,) and data["t2v_key"][0] == "video000#0" and data["v2t_key"][29] == "video029"
+    pq = PerQuery.load(str(ranks_file))
+    metrics = retrieval_metrics(sim, t2v)
+    assert float(np.mean(pq.t2v_rank <= 1)) * 100 == pytest.approx(metrics["t2v/R@1"])
+    block = result["intervals"]
+    assert block["resamples"] == 2000 and block["level"] == 0.95 and "video" in block["method"]
+    assert set(block["metrics"]) == set(metrics) and set(block["dsl_metrics"]) == set(metrics)
+    for key, (lo, hi) in block["metrics"].items():
+        assert lo <= metrics[key] <= hi
+    row = flat_row(result)
+    assert row["t2v/R@1_ci_lo"] == block["metrics"]["t2v/R@1"][0] and "dsl/v2t/MnR_ci_hi" in row
+    md = (runs / "leaderboard.md").read_text()
+    lo, hi = block["metrics"]["t2v/R@1"]
+    assert f"{metrics['t2v/R@1']:.1f} [{lo:.1f}, {hi:.1f}]" in md
+    csv_row = next(csv.DictReader(io.StringIO((runs / "leaderboard.csv").read_text())))
+    assert float(csv_row["t2v/R@1_ci_lo"]) == pytest.approx(lo) and csv_row["interval"].startswith("95% bootstrap")
+
+
+class _ProtocolDataModule(ToyDataModule):
+    """A toy datamodule exposing the protocol-size and features inputs of docs/INTERFACES.md."""
+
+    def __init__(self, protocol: int | None = None, features_dir: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self._protocol = protocol
+        self.features_dir = features_dir
+        self.test_split = "test"
+        self.val_split = "val"
+
+    def protocol_size(self, split: str) -> int | None:
+        return self._protocol
+
+
+def test_incomplete_test_set_is_marked_and_never_ranked_with_complete_rows(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, protocol in ((0, 12), (1, 13)):  # FakeEvaluator tests 12 videos
+        writer = LeaderboardWriter(runs_dir=str(runs), seed=seed)
+        trainer = _trainer(tmp_path, writer, FakeEvaluator(shift=seed), max_steps=1, limit_val_batches=0)
+        dm = _ProtocolDataModule(protocol=protocol, dataset=f"set{seed}")
+        trainer.fit(ToyMethod(), datamodule=dm)
+        trainer.test(ToyMethod(), datamodule=dm)
+        proto = writer.last_result["protocol"]
+        assert (proto["test_videos"], proto["protocol_videos"], proto["complete"]) == (12, protocol, protocol == 12)
+    write_results(runs, [dict(fake_result("other", "set1", "tiny", 0, 90.0), protocol={"test_videos": 13, "protocol_videos": 13})])
+    built = build_leaderboard(runs)
+    md = (runs / "leaderboard.md").read_text()
+    assert "12/13 videos" in md and "### set1 · tiny · profile default · end-to-end · INCOMPLETE test set" in md
+    incomplete = md.split("INCOMPLETE test set")[1].split("\n\n")[1]  # that block's table
+    assert "toymethod" in incomplete and "other" not in incomplete  # the complete row has its own table
+    rows = {(r["method"], r["dataset"]): r for r in csv.DictReader(io.StringIO((runs / "leaderboard.csv").read_text()))}
+    assert rows[("toymethod", "set1")]["test_set"] == "12/13 videos" and rows[("toymethod", "set1")]["complete"] == "False"
+    assert rows[("toymethod", "set0")]["test_set"] == "complete"
+    assert rows[("toymethod", "set1")]["significance"] == "best"  # best of its own (incomplete) block only
+    assert rows[("other", "set1")]["significance"] == "best"
+    assert {g["test_set"] for g in built["aggregated"]} == {"complete", "12/13 videos"}
+
+
+def test_profiles_and_features_never_share_a_ranking_and_paper_rows_show_the_difference():
+    expected = load_expected(EXPECTED)
+    results = [
+        fake_result("tmass", "msrvtt", "ViT-B/32", 0, 48.0, protocol={"profile": "paper", "pairing": "reference", "eps_mode": "pair"}),
+        fake_result("tmass", "msrvtt", "ViT-B/32", 0, 45.0, protocol={"profile": "default", "pairing": "query"}),
+        fake_result("xpool", "msrvtt", "ViT-B/32", 0, 44.0, protocol={"features": "frozen-clip"}),
+        fake_result("clip4clip", "msrvtt", "ViT-B/32", 0, 41.0),
+    ]
+    agg = aggregate(results)
+    blocks = {(g["method"], g["variant"]): (g["profile"], g["features"], g["significance"]) for g in agg}
+    assert blocks[("tmass", "profile=paper, pairing=reference, eps_mode=pair")] == ("paper", "end-to-end", "best")
+    assert blocks[("xpool", "features=frozen-clip")] == ("default", "frozen-clip", "best")
+    assert blocks[("tmass", "pairing=query")][2] == "best"  # default end-to-end block: 45 > 41
+    assert blocks[("clip4clip", "")][2] == "n/a (no per-query ranks)"
+    md = to_markdown(agg, expected)
+    assert md.count("### msrvtt · ViT-B/32") == 3
+    lines = md.splitlines()
+    i = next(i for i, line in enumerate(lines) if "tmass (profile=paper" in line)
+    assert "| paper |" in lines[i + 1] and "| 50.2 |" in lines[i + 1]
+    assert "| ours − paper |" in lines[i + 2] and "| -2.2 |" in lines[i + 2]
+    rows = {(r["method"], r["variant"]): r for r in leaderboard_rows(agg, expected)}
+    assert rows[("tmass", "profile=paper, pairing=reference, eps_mode=pair")]["diff/t2v/R@1"] == pytest.approx(-2.2)
+    assert "diff/t2v/R@1" not in rows[("tmass", "pairing=query")]
+    assert rows[("tmass", "pairing=query")]["pairing"] == "query"
+
+
+def test_rows_not_significantly_different_from_the_best_are_grouped(tmp_path):
+    from tests.leaderboard_toys import ranked_result
+
+    runs = tmp_path / "runs"
+    best, pq_best = ranked_result("best", "sim", 0, quality=3.0, noise_seed=1, n_video=150)
+    tied, pq_tied = ranked_result("tied", "sim", 0, quality=2.9, noise_seed=2, n_video=150)
+    worse, pq_worse = ranked_result("worse", "sim", 0, quality=0.5, noise_seed=3, n_video=150)
+    seed1, pq_seed1 = ranked_result("best", "sim", 1, quality=3.0, noise_seed=4, n_video=150)
+    write_results(runs, [best, tied, worse, seed1],
+                  ranks={id(best): pq_best, id(tied): pq_tied, id(worse): pq_worse, id(seed1): pq_seed1})
+    built = build_leaderboard(runs)
+    groups = {g["method"]: g for g in built["aggregated"]}
+    assert groups["best"]["significance"] == "best" and groups["best"]["n_runs"] == 2
+    assert groups["tied"]["significance"] == "tied" and groups["tied"]["p_vs_best"] >= 0.05
+    assert groups["worse"]["significance"] == "worse" and groups["worse"]["p_vs_best"] < 0.01
+    assert "mean of 2 seeds" in groups["best"]["interval_kind"]  # seed mean, queries resampled jointly
+    lo, hi = groups["best"]["intervals"]["t2v/R@1"]
+    assert lo <= groups["best"]["stats"]["t2v/R@1"]["mean"] <= hi
+    md = (runs / "leaderboard.md").read_text()
+    assert "| ★ | best |" in md and "| ≈ | tied |" in md and "|  | worse |" in md
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO((runs / "leaderboard.csv").read_text()))}
+    assert (rows["best"]["tied_with_best"], rows["tied"]["tied_with_best"], rows["worse"]["tied_with_best"]) == (
+        "True", "True", "False")
+    with Image.open(runs / "leaderboard.png") as img:
+        assert img.format == "PNG"

@@ -1,5 +1,9 @@
 """`tvr-bench leaderboard`: build `leaderboard.csv`, `leaderboard.md` and `leaderboard.png` from the result
-JSONs under `runs/results/`, with mean ± std over seeds and the published numbers of `recipes/expected/`.
+JSONs under `runs/results/`: mean ± std over seeds, 95% bootstrap intervals over test queries, the rows not
+significantly different from the best of each ranking block, and the published numbers of `recipes/expected/`.
+
+A *ranking block* is (dataset, backbone, profile, features, complete test set): rows of different blocks are
+never ranked together, and a row whose test set is below the protocol size is marked ("987/1,000 videos").
 
 Everything but the file writing is a pure function of the loaded results, so it is easy to test.
 """
@@ -12,25 +16,47 @@ import datetime as _dt
 import io
 import re
 import statistics
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tvr_bench.results import GROUP_KEY, RESULTS_SUBDIR, atomic_write, canonical_backbone, flat_row, load_results
+import numpy as np
+
+from tvr_bench.results import (
+    GROUP_KEY,
+    RESULTS_SUBDIR,
+    atomic_write,
+    canonical_backbone,
+    flat_row,
+    load_results,
+    protocol_of,
+    test_set_label,
+    variant_of,
+)
+from tvr_bench.stats import DEFAULT_RESAMPLES, PerQuery, bootstrap_intervals, permutation_pvalues_ratio
 
 DIRECTIONS = ("t2v", "v2t")
 METRICS = ("R@1", "R@5", "R@10", "MdR", "MnR")
 RETRIEVAL_KEYS = tuple(f"{d}/{m}" for d in DIRECTIONS for m in METRICS)
 #: flat-row fields that describe a run rather than measure it (never averaged)
-IDENTITY_FIELDS = ("method", "dataset", "backbone", "frames", "words", "seed", "git_commit", "timestamp", "device")
+IDENTITY_FIELDS = ("method", "dataset", "backbone", "frames", "words", "seed", "git_commit", "timestamp", "device",
+                   "profile", "features", "selection", "pairing", "eps_mode", "optimizer", "variant", "test_set",
+                   "test_videos", "protocol_videos")
+#: significance level of the "not significantly different from the best" grouping
+ALPHA = 0.05
+BEST_MARK = "★"
+TIED_MARK = "≈"
 UNVERIFIED_TAG = "[P?]"
 UNVERIFIED_MARK = "†"
 
 __all__ = [
     "aggregate",
     "build_leaderboard",
+    "load_per_query",
+    "mark_significance",
     "default_expected_dir",
     "leaderboard_main",
     "leaderboard_rows",
@@ -121,13 +147,59 @@ def _joined(values: Iterable[Any]) -> str:
     return "/".join(str(v) for v in dict.fromkeys(v for v in values if v is not None))
 
 
+def load_per_query(result: dict[str, Any]) -> PerQuery | None:
+    """The per-query ranks saved beside a loaded result JSON (None when the run saved none or the file is gone)."""
+    name = (result.get("per_query") or {}).get("file")
+    if not name or not result.get("_path"):
+        return None
+    path = Path(result["_path"]).parent / name
+    if not path.is_file():
+        warnings.warn(f"{result['_path']} names the ranks file {path}, which is missing")
+        return None
+    return PerQuery.load(str(path))
+
+
+def _same_queries(sets: list[PerQuery]) -> bool:
+    """True when every rank set holds exactly the same text queries and videos."""
+    first = sets[0].sorted()
+    for other in sets[1:]:
+        o = other.sorted()
+        if not (np.array_equal(first.t2v_key, o.t2v_key) and np.array_equal(first.v2t_key, o.v2t_key)
+                and np.array_equal(first.t2v_video, o.t2v_video)):
+            return False
+    return True
+
+
+def _group_intervals(results: list[dict[str, Any]], per_query: list[PerQuery | None]) -> tuple[dict, dict, str]:
+    """(metric intervals, DSL intervals, what they are) of one leaderboard row."""
+    stored = [r.get("intervals") or {} for r in results]
+    if len(results) == 1:
+        if stored[0].get("metrics"):
+            return stored[0]["metrics"], stored[0].get("dsl_metrics") or {}, "95% bootstrap over test queries"
+        return {}, {}, "none (the result has no intervals)"
+    if any(pq is None for pq in per_query):
+        return {}, {}, "none (a seed has no per-query ranks)"
+    sets = [pq.sorted() for pq in per_query if pq is not None]
+    if not _same_queries(sets):
+        return {}, {}, "none (the seeds were tested on different queries)"
+    n_boot = int(stored[0].get("resamples") or DEFAULT_RESAMPLES)
+    metrics = bootstrap_intervals([pq.directions() for pq in sets], n_boot)
+    dsl = {}
+    if all(pq.dsl_t2v_rank is not None for pq in sets):
+        dsl = bootstrap_intervals([pq.directions(dsl=True) for pq in sets], n_boot)
+    return metrics, dsl, f"95% bootstrap over test queries of the mean of {len(sets)} seeds (queries resampled jointly)"
+
+
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per (method, dataset, backbone): seeds, and mean/std/n of every numeric field over them."""
+    """One entry per (method, dataset, backbone, protocol variant): seeds, mean/std/n of every numeric field over
+    them, protocol, 95% intervals, and the significance marks of :func:`mark_significance`."""
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for result in results:
-        groups.setdefault(tuple(str(result[k]) for k in GROUP_KEY), []).append(flat_row(result))
+        key = (*(str(result[k]) for k in GROUP_KEY), variant_of(result))
+        groups.setdefault(key, []).append(result)
     out = []
-    for key, rows in groups.items():
+    for key, members in groups.items():
+        rows = [flat_row(r) for r in members]
         fields = [f for f in dict.fromkeys(f for r in rows for f in r) if f not in IDENTITY_FIELDS]
         stats = {}
         for field in fields:
@@ -137,41 +209,139 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if n:
                     stats[field] = {"mean": mean, "std": std, "n": n}
         seeds = sorted((r["seed"] for r in rows if r.get("seed") is not None), key=lambda s: (str(type(s)), s))
+        protocols = [protocol_of(r) for r in members]
+        test_videos = min((p.get("test_videos") for p in protocols if p.get("test_videos")), default=None)
+        protocol_videos = max((p.get("protocol_videos") for p in protocols if p.get("protocol_videos")), default=None)
+        complete = all(p.get("complete", True) is not False for p in protocols) and (
+            not protocol_videos or not test_videos or test_videos >= protocol_videos)
+        per_query = [load_per_query(r) for r in members]
+        intervals, dsl_intervals, interval_kind = _group_intervals(members, per_query)
         out.append(
             {
-                **dict(zip(GROUP_KEY, key)),
+                **dict(zip(GROUP_KEY, key[:3])),
+                "variant": key[3],
+                "profile": protocols[0]["profile"],
+                "features": protocols[0]["features"],
+                "selection": _joined(p.get("selection") for p in protocols),
+                "optimizer": _joined(p.get("optimizer") for p in protocols),
+                "pairing": _joined(p.get("pairing") for p in protocols),
+                "eps_mode": _joined(p.get("eps_mode") for p in protocols),
+                "test_videos": test_videos,
+                "protocol_videos": protocol_videos,
+                "complete": complete,
+                "test_set": test_set_label(test_videos, protocol_videos),
                 "frames": _joined(r.get("frames") for r in rows),
                 "words": _joined(r.get("words") for r in rows),
                 "seeds": seeds,
                 "n_runs": len(rows),
                 "stats": stats,
+                "intervals": intervals,
+                "dsl_intervals": dsl_intervals,
+                "interval_kind": interval_kind,
                 "git_commits": sorted({r["git_commit"] for r in rows if r.get("git_commit")}),
                 "devices": _joined(r.get("device") for r in rows),
                 "last_timestamp": max((r.get("timestamp") or "" for r in rows), default=""),
+                "_per_query": per_query,
             }
         )
-    out.sort(key=lambda g: (g["dataset"], g["backbone"], -(g["stats"].get("t2v/R@1", {}).get("mean") or 0.0), g["method"]))
+    out.sort(key=lambda g: (*block_of(g), -(g["stats"].get("t2v/R@1", {}).get("mean") or 0.0), g["method"], g["variant"]))
+    mark_significance(out)
     return out
 
 
+def block_of(g: dict[str, Any]) -> tuple[str, str, str, str, bool]:
+    """The ranking block of a row: (dataset, backbone, profile, features, incomplete); rows of different
+    blocks never share a ranking (complete rows sort before incomplete ones)."""
+    return (g["dataset"], g["backbone"], g["profile"], g["features"], not g.get("complete", True))
+
+
+def block_title(block: tuple[str, str, str, str, bool]) -> str:
+    """Heading of a ranking block."""
+    dataset, backbone, profile, features, incomplete = block
+    text = f"{dataset} · {backbone} · profile {profile} · {features}"
+    return text + (" · INCOMPLETE test set (not comparable with complete rows)" if incomplete else "")
+
+
+def _hits_at_1(g: dict[str, Any]) -> tuple[PerQuery, np.ndarray] | None:
+    """(reference rank set, per-video t2v hits@1 averaged over the row's seeds), None without ranks."""
+    sets = g.get("_per_query") or []
+    if not sets or any(pq is None for pq in sets):
+        return None
+    sets = [pq.sorted() for pq in sets]
+    if not _same_queries(sets):
+        return None
+    hits = np.mean([pq.directions()["t2v"].per_unit(("hits", 1)) for pq in sets], axis=0)
+    return sets[0], hits
+
+
+def mark_significance(aggregated: list[dict[str, Any]], alpha: float = ALPHA, n_perm: int = DEFAULT_RESAMPLES) -> None:
+    """Mark, in each ranking block, the best row by t2v R@1 (`best`) and the rows whose paired permutation test
+    against it gives p >= `alpha` (`tied`: not significantly different), in place: `significance`, `p_vs_best`."""
+    blocks: dict[tuple, list[dict[str, Any]]] = {}
+    for g in aggregated:
+        g.update(significance="", p_vs_best=None, tied_with_best=None)
+        if (g["stats"].get("t2v/R@1") or {}).get("mean") is not None:
+            blocks.setdefault(block_of(g), []).append(g)
+    for members in blocks.values():
+        best = max(members, key=lambda g: g["stats"]["t2v/R@1"]["mean"])
+        best.update(significance="best", tied_with_best=True)
+        ref = _hits_at_1(best)
+        for g in members:
+            if g is best:
+                continue
+            mine = _hits_at_1(g)
+            if ref is None or mine is None:
+                g["significance"] = "n/a (no per-query ranks)"
+                continue
+            if not _same_queries([ref[0], mine[0]]):
+                g["significance"] = "n/a (different test queries)"
+                continue
+            p = float(permutation_pvalues_ratio(ref[1] - mine[1], n_perm)[0])
+            g["p_vs_best"] = p
+            g["tied_with_best"] = p >= alpha
+            g["significance"] = "tied" if p >= alpha else "worse"
+
+
+def _paper_for(g: dict[str, Any], expected: list[dict[str, Any]]) -> dict[str, Any] | None:
+    papers = paper_entries(expected, g["method"], g["dataset"], g["backbone"])
+    return papers[0] if papers else None
+
+
 def leaderboard_rows(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Flat CSV rows: identity, `<field>` mean and `<field>_std` for every measured field, the first paper entry."""
-    fields = list(dict.fromkeys(f for g in aggregated for f in g["stats"]))
+    """Flat CSV rows: identity, protocol, test set, `<field>` mean, `<field>_std` over seeds and `<field>_ci_lo/hi`
+    (95% interval over queries) for every measured field, significance vs the block's best, the first paper entry
+    and, for `profile: paper` rows, `diff/<metric>` = ours - paper."""
+    fields = list(dict.fromkeys(f for g in aggregated for f in g["stats"] if "_ci_" not in f))
     fields.sort(key=lambda f: (0, RETRIEVAL_KEYS.index(f)) if f in RETRIEVAL_KEYS else (1, 0))
     rows = []
     for g in aggregated:
         row: dict[str, Any] = {k: g[k] for k in GROUP_KEY}
+        row.update(variant=g["variant"], profile=g["profile"], features=g["features"], selection=g["selection"],
+                   optimizer=g["optimizer"], pairing=g["pairing"], eps_mode=g["eps_mode"],
+                   test_videos=g["test_videos"], protocol_videos=g["protocol_videos"], complete=g["complete"],
+                   test_set=g["test_set"], ranking_block=" | ".join(map(str, block_of(g)[:4])) + (
+                       " | incomplete" if not g["complete"] else ""),
+                   significance=g["significance"], p_vs_best=g["p_vs_best"], tied_with_best=g["tied_with_best"])
         row.update(frames=g["frames"], words=g["words"], n_runs=g["n_runs"], seeds=" ".join(map(str, g["seeds"])))
         for field in fields:
             stat = g["stats"].get(field) or {}
             row[field] = stat.get("mean")
             row[f"{field}_std"] = stat.get("std")
-        papers = paper_entries(expected, g["method"], g["dataset"], g["backbone"])
-        paper = papers[0] if papers else None
+            bounds = (g["dsl_intervals"].get(field[4:]) if field.startswith("dsl/") else g["intervals"].get(field))
+            if field in RETRIEVAL_KEYS or field.startswith("dsl/"):
+                row[f"{field}_ci_lo"] = bounds[0] if bounds else None
+                row[f"{field}_ci_hi"] = bounds[1] if bounds else None
+        row["interval"] = g["interval_kind"]
+        paper = _paper_for(g, expected)
         row["paper_label"] = paper["label"] if paper else None
         for key in RETRIEVAL_KEYS:
             row[f"paper/{key}"] = paper["metrics"].get(key) if paper else None
             row[f"paper/{key}_provenance"] = paper["provenance"].get(key) if paper else None
+        if g["profile"] == "paper":
+            for key in RETRIEVAL_KEYS:
+                ours = (g["stats"].get(key) or {}).get("mean")
+                theirs = paper["metrics"].get(key) if paper else None
+                row[f"diff/{key}"] = None if ours is None or theirs is None else ours - theirs
         row["paper_source"] = paper["source"] if paper else None
         row["git_commits"] = " ".join(g["git_commits"])
         row["devices"] = g["devices"]
@@ -196,15 +366,20 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _fmt_stat(stat: dict[str, Any] | None, digits: int = 1, scale: float = 1.0) -> str:
-    """`mean ± std` (std only with several seeds), `–` when missing."""
+def _fmt_stat(stat: dict[str, Any] | None, digits: int = 1, scale: float = 1.0,
+              interval: list[float] | None = None) -> str:
+    """`mean ± std [lo, hi]`: std over seeds only with several seeds, the 95% interval when known; `–` when missing."""
     if not stat or stat.get("mean") is None:
         return "–"
     text = f"{stat['mean'] * scale:.{digits}f}"
-    return text + (f" ± {stat['std'] * scale:.{digits}f}" if stat.get("std") is not None else "")
+    text += f" ± {stat['std'] * scale:.{digits}f}" if stat.get("std") is not None else ""
+    if interval:
+        text += f" [{interval[0] * scale:.{digits}f}, {interval[1] * scale:.{digits}f}]"
+    return text
 
 
-TEXT_COLUMNS = {"method", "dataset", "backbone", "frames", "words", "source", "seeds", "device", "commit"}
+TEXT_COLUMNS = {"", "method", "dataset", "backbone", "frames", "words", "source", "seeds", "device", "commit",
+                "protocol", "test set", "variant"}
 
 
 def _fmt_const(stat: dict[str, Any] | None, scale: float = 1.0) -> str:
@@ -222,56 +397,96 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _mark(g: dict[str, Any]) -> str:
+    return {"best": BEST_MARK, "tied": TIED_MARK}.get(g.get("significance", ""), "")
+
+
+def _protocol_cell(g: dict[str, Any]) -> str:
+    """Selection, optimizer and (T-MASS) pairing of a row, compactly."""
+    parts = [f"sel={g['selection'] or '?'}", f"opt={g['optimizer'] or '?'}"]
+    if g.get("pairing"):
+        parts.append(f"pairing={g['pairing']}")
+    if g.get("eps_mode"):
+        parts.append(f"eps={g['eps_mode']}")
+    return ", ".join(parts)
+
+
+def _signed(value: float | None) -> str:
+    return "–" if value is None else f"{value:+.1f}"
+
+
 def to_markdown(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]], n_files: int | None = None,
                 built_at: str | None = None) -> str:
-    """Markdown leaderboard: retrieval (this run, then the paper rows), DSL when present, efficiency, sources."""
+    """Markdown leaderboard: one retrieval table per ranking block (this run, then the paper rows), DSL when
+    present, efficiency, sources."""
     built_at = built_at or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     n_files = sum(g["n_runs"] for g in aggregated) if n_files is None else n_files
     out = [
         "# tvr-bench leaderboard",
         "",
         f"Built by `tvr-bench leaderboard` from {n_files} result file(s) on {built_at}. "
-        "Recalls in %, ranks 1-based; `mean ± std` is over seeds (sample standard deviation) when a row has "
-        f"several. \"paper\" rows are the published figures in `recipes/expected/`; {UNVERIFIED_MARK} marks a "
+        "Recalls in %, ranks 1-based. A cell reads `mean ± std [lo, hi]`: `± std` is the seed spread (sample "
+        "standard deviation over seeds, only with several seeds); `[lo, hi]` is the 95% bootstrap interval over "
+        "test queries (10,000 resamples of the test videos with all their captions) of the number shown, i.e. of "
+        "the seed mean when there are several seeds. "
+        f"{BEST_MARK} marks the best row (t2v R@1) of each table, {TIED_MARK} the rows not significantly different "
+        f"from it (paired permutation test on per-query t2v R@1, p ≥ {ALPHA}). Each table is one ranking block: "
+        "rows of different datasets, backbones, profiles or features, or with an incomplete test set, are never "
+        f"ranked together. \"paper\" rows are the published figures in `recipes/expected/`; {UNVERIFIED_MARK} marks a "
         "number recalled from the paper but not verified against the PDF (`[P?]`).",
         "",
     ]
     if not aggregated:
         out += ["No results yet: run `make bench` (each test writes `runs/results/*.json`).", ""]
         return "\n".join(out)
-    header = ["method", "dataset", "backbone", "frames", "words", "source", "seeds"] + [
+    header = ["", "method", "dataset", "backbone", "frames", "words", "protocol", "test set", "source", "seeds"] + [
         f"{d} {m}" for d in DIRECTIONS for m in METRICS
     ]
-    rows = []
+    blank = ["", "", "", "", "", "", "", "", ""]
     sources = []
-    for g in aggregated:
-        seeds = ",".join(map(str, g["seeds"])) or str(g["n_runs"])
-        rows.append([g["method"], g["dataset"], g["backbone"], g["frames"], g["words"], "this run", seeds]
-                    + [_fmt_stat(g["stats"].get(k)) for k in RETRIEVAL_KEYS])
-        for paper in paper_entries(expected, g["method"], g["dataset"], g["backbone"]):
-            cells = []
-            for key in RETRIEVAL_KEYS:
-                value = paper["metrics"].get(key)
-                mark = "" if value is None or is_verified(paper["provenance"][key]) else UNVERIFIED_MARK
-                cells.append(_fmt(value) + mark)
-            rows.append(["", "", "", "", "", paper["label"], ""] + cells)
-            tags = sorted(set(paper["provenance"].values()))
-            sources.append(f"- **{g['method']} / {g['dataset']} / {g['backbone']}**, {paper['label']}: "
-                           f"{paper['source']} (provenance: {', '.join(tags)}; `recipes/expected/{paper['file']}`)"
-                           + (f". {paper['note']}" if paper["note"] else ""))
-    out += ["## Retrieval", "", _md_table(header, rows), ""]
+    out += ["## Retrieval", ""]
+    for block in dict.fromkeys(block_of(g) for g in aggregated):
+        rows = []
+        for g in (g for g in aggregated if block_of(g) == block):
+            seeds = ",".join(map(str, g["seeds"])) or str(g["n_runs"])
+            method = g["method"] + (f" ({g['variant']})" if g["variant"] else "")
+            rows.append([_mark(g), method, g["dataset"], g["backbone"], g["frames"], g["words"], _protocol_cell(g),
+                         g["test_set"] or "–", "this run", seeds]
+                        + [_fmt_stat(g["stats"].get(k), interval=g["intervals"].get(k)) for k in RETRIEVAL_KEYS])
+            for paper in paper_entries(expected, g["method"], g["dataset"], g["backbone"]):
+                cells = []
+                for key in RETRIEVAL_KEYS:
+                    value = paper["metrics"].get(key)
+                    mark = "" if value is None or is_verified(paper["provenance"][key]) else UNVERIFIED_MARK
+                    cells.append(_fmt(value) + mark)
+                rows.append(blank + [paper["label"]] + [""] + cells)
+                if g["profile"] == "paper":
+                    diffs = [_signed(None if paper["metrics"].get(k) is None or (g["stats"].get(k) or {}).get("mean") is None
+                                     else g["stats"][k]["mean"] - paper["metrics"][k]) for k in RETRIEVAL_KEYS]
+                    rows.append(blank + ["ours − paper"] + [""] + diffs)
+                tags = sorted(set(paper["provenance"].values()))
+                sources.append(f"- **{g['method']} / {g['dataset']} / {g['backbone']}**, {paper['label']}: "
+                               f"{paper['source']} (provenance: {', '.join(tags)}; `recipes/expected/{paper['file']}`)"
+                               + (f". {paper['note']}" if paper["note"] else ""))
+        out += [f"### {block_title(block)}", "", _md_table(header, rows), ""]
+    kinds = sorted({g["interval_kind"] for g in aggregated})
+    out += ["Intervals: " + "; ".join(kinds) + ".", ""]
     if any(k.startswith("dsl/") for g in aggregated for k in g["stats"]):
-        dsl_rows = [[g["method"], g["dataset"], g["backbone"], g["frames"], g["words"], "this run",
-                     ",".join(map(str, g["seeds"]))] + [_fmt_stat(g["stats"].get(f"dsl/{k}")) for k in RETRIEVAL_KEYS]
+        dsl_rows = [[_mark(g), g["method"] + (f" ({g['variant']})" if g["variant"] else ""), g["dataset"], g["backbone"],
+                     g["frames"], g["words"], _protocol_cell(g), g["test_set"] or "–", "this run",
+                     ",".join(map(str, g["seeds"]))]
+                    + [_fmt_stat(g["stats"].get(f"dsl/{k}"), interval=g["dsl_intervals"].get(k)) for k in RETRIEVAL_KEYS]
                     for g in aggregated if any(k.startswith("dsl/") for k in g["stats"])]
-        out += ["## With dual softmax at inference (DSL)", "", _md_table(header, dsl_rows), ""]
+        out += ["## With dual softmax at inference (DSL)", "",
+                f"({BEST_MARK}/{TIED_MARK} refer to the plain ranking above.)", "", _md_table(header, dsl_rows), ""]
     eff_header = ["method", "dataset", "backbone", "seeds", "params (M)", "trainable (M)", "train time (s)",
                   "train pairs/s", "eval time (s)", "eval ms/query", "texts", "videos", "device", "commit"]
     eff_rows = []
     for g in aggregated:
         s = g["stats"]
         eff_rows.append([
-            g["method"], g["dataset"], g["backbone"], ",".join(map(str, g["seeds"])) or str(g["n_runs"]),
+            g["method"] + (f" ({g['variant']})" if g["variant"] else ""), g["dataset"], g["backbone"],
+            ",".join(map(str, g["seeds"])) or str(g["n_runs"]),
             _fmt_const(s.get("params"), 1e-6), _fmt_const(s.get("trainable_params"), 1e-6),
             _fmt_stat(s.get("train_seconds")), _fmt_stat(s.get("train_pairs_per_s")),
             _fmt_stat(s.get("eval_seconds"), 2), _fmt_stat(s.get("eval_ms_per_query"), 2),
@@ -283,77 +498,98 @@ def to_markdown(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]]
             "pairs over the fit time minus validation. Eval time is the whole test loop (encoding and scoring); "
             "per query = eval time / number of text queries.", ""]
     if sources:
-        out += ["## Paper sources", "", *sources, ""]
+        out += ["## Paper sources", "", *dict.fromkeys(sources), ""]
     out += ["![R@1 per method and dataset](leaderboard.png)", ""]
     return "\n".join(out)
 
 
 def plot_leaderboard(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]], path: str | Path) -> Path:
-    """Bar chart of t2v and v2t R@1 per (dataset, backbone) and method: error bars over seeds, paper values as diamonds."""
+    """Bar chart of t2v and v2t R@1 per ranking block and method: 95% query-bootstrap error bars, ★/≈ for the best
+    and tied rows, hatched bars and the test-set size for incomplete test sets, paper values as diamonds."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    groups = list(dict.fromkeys((g["dataset"], g["backbone"]) for g in aggregated))
-    methods = list(dict.fromkeys(g["method"] for g in aggregated))
-    color = {m: f"C{i % 10}" for i, m in enumerate(methods)}
-    most = max((sum(1 for g in aggregated if (g["dataset"], g["backbone"]) == grp) for grp in groups), default=1)
-    fig = Figure(figsize=(min(24.0, max(7.0, 2.0 + 2 * len(groups) * (0.6 + 0.45 * most))), 4.6), dpi=110)
+    blocks = list(dict.fromkeys(block_of(g) for g in aggregated))
+    labels = list(dict.fromkeys(g["method"] + (f" ({g['variant']})" if g["variant"] else "") for g in aggregated))
+    color = {m: f"C{i % 10}" for i, m in enumerate(labels)}
+    most = max((sum(1 for g in aggregated if block_of(g) == b) for b in blocks), default=1)
+    fig = Figure(figsize=(min(24.0, max(7.0, 2.0 + 2 * len(blocks) * (0.6 + 0.45 * most))), 5.0), dpi=110)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, sharey=True)
     labelled: set[str] = set()
+    ymax = _ymax(aggregated, expected)
     for ax, direction in zip(axes, DIRECTIONS):
         key = f"{direction}/R@1"
-        for gi, (dataset, backbone) in enumerate(groups):
-            members = [g for g in aggregated if (g["dataset"], g["backbone"]) == (dataset, backbone)
-                       and (g["stats"].get(key) or {}).get("mean") is not None]
+        for bi, block in enumerate(blocks):
+            members = [g for g in aggregated if block_of(g) == block and (g["stats"].get(key) or {}).get("mean") is not None]
             width = 0.8 / max(1, len(members))
             for mi, g in enumerate(members):
                 stat = g["stats"][key]
-                x = gi - 0.4 + width * (mi + 0.5)
-                show = g["method"] not in labelled
-                labelled.add(g["method"])
-                bars = ax.bar([x], [stat["mean"]], width=width * 0.9, color=color[g["method"]],
-                              label=g["method"] if show else None,
-                              yerr=[stat["std"]] if stat.get("std") is not None else None, capsize=4)
+                label = g["method"] + (f" ({g['variant']})" if g["variant"] else "")
+                x = bi - 0.4 + width * (mi + 0.5)
+                show = label not in labelled
+                labelled.add(label)
+                interval = g["intervals"].get(key)
+                yerr = None
+                if interval:
+                    yerr = [[max(0.0, stat["mean"] - interval[0])], [max(0.0, interval[1] - stat["mean"])]]
+                elif stat.get("std") is not None:
+                    yerr = [[stat["std"]], [stat["std"]]]
+                bars = ax.bar([x], [stat["mean"]], width=width * 0.9, color=color[label], label=label if show else None,
+                              yerr=yerr, capsize=4, hatch="//" if not g["complete"] else None,
+                              edgecolor="white" if g["complete"] else "black")
                 ax.bar_label(bars, labels=[f"{stat['mean']:.1f}"], label_type="center", fontsize=7, color="white")
-                for paper in paper_entries(expected, g["method"], dataset, backbone)[:1]:
+                top = interval[1] if interval else stat["mean"] + (stat.get("std") or 0.0)
+                mark = _mark(g) if direction == "t2v" else ""
+                note = mark + ("\n" + g["test_set"].replace(" videos", "") if not g["complete"] and g["test_set"] else "")
+                if note:
+                    ax.text(x, top + 0.02 * ymax, note, ha="center", va="bottom", fontsize=8)
+                for paper in paper_entries(expected, g["method"], g["dataset"], g["backbone"])[:1]:
                     if key in paper["metrics"]:
                         show_paper = "paper" not in labelled
                         labelled.add("paper")
                         ax.plot([x], [paper["metrics"][key]], marker="D", markersize=6, markeredgecolor="white",
                                 color="black", linestyle="none", label="paper" if show_paper else None)
-        ax.set_xticks(range(len(groups)), [f"{d}\n{b}" for d, b in groups], fontsize=8)
-        ax.set_xlim(-0.6, max(0, len(groups) - 1) + 0.6)
+        names = []
+        for dataset, backbone, profile, features, incomplete in blocks:
+            extra = "" if profile == "default" else f"\n{profile}"
+            extra += "" if features == "end-to-end" else f"\n{features}"
+            names.append(f"{dataset}\n{backbone}{extra}" + ("\nINCOMPLETE" if incomplete else ""))
+        ax.set_xticks(range(len(blocks)), names, fontsize=8)
+        ax.set_xlim(-0.6, max(0, len(blocks) - 1) + 0.6)
         ax.set_title(f"{direction} R@1", fontsize=10)
-        ax.set_ylim(0, min(100.0, max(10.0, _ymax(aggregated, expected) * 1.15)))
+        ax.set_ylim(0, min(100.0, max(10.0, ymax * 1.2)))
         ax.grid(axis="y", alpha=0.3)
         if not aggregated:
             ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes)
     axes[0].set_ylabel("R@1 (%)")
-    handles, labels = [], []
+    handles, names = [], []
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
+            if lab not in names:
                 handles.append(h)
-                labels.append(lab)
-    fig.suptitle("tvr-bench: R@1 per method and dataset (mean ± std over seeds)", y=0.985, fontsize=11)
+                names.append(lab)
+    fig.suptitle(f"tvr-bench: R@1 per method (error bars: 95% bootstrap interval over test queries; "
+                 f"{BEST_MARK} best, {TIED_MARK} not significantly different; hatched: incomplete test set)",
+                 y=0.985, fontsize=9)
     if handles:
-        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.93), ncol=min(6, len(handles)),
+        fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.93), ncol=min(6, len(handles)),
                    fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return atomic_write(path, buf.getvalue())
 
 
 def _ymax(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]]) -> float:
-    """Largest R@1 (+ std) or paper R@1 on the plot."""
+    """Largest R@1 (upper interval bound or + std) or paper R@1 on the plot."""
     top = 0.0
     for g in aggregated:
         for d in DIRECTIONS:
             stat = g["stats"].get(f"{d}/R@1") or {}
             if stat.get("mean") is not None:
-                top = max(top, stat["mean"] + (stat.get("std") or 0.0))
+                interval = g["intervals"].get(f"{d}/R@1")
+                top = max(top, interval[1] if interval else stat["mean"] + (stat.get("std") or 0.0))
             for paper in paper_entries(expected, g["method"], g["dataset"], g["backbone"])[:1]:
                 top = max(top, paper["metrics"].get(f"{d}/R@1", 0.0))
     return top
@@ -380,18 +616,22 @@ def _print_console(aggregated: list[dict[str, Any]], expected: list[dict[str, An
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="tvr-bench leaderboard (R@1, mean ± std over seeds)")
-    for i, col in enumerate(("method", "dataset", "backbone", "seeds", "t2v R@1", "paper t2v", "v2t R@1", "paper v2t")):
-        table.add_column(col, justify="left" if i < 3 else "right", no_wrap=True)
+    table = Table(title="tvr-bench leaderboard (R@1: mean ± seed std [95% bootstrap interval over test queries]; "
+                        f"{BEST_MARK} best, {TIED_MARK} not significantly different)")
+    for i, col in enumerate(("", "method", "dataset", "backbone", "profile", "test set", "seeds", "t2v R@1",
+                             "paper t2v", "v2t R@1", "paper v2t")):
+        table.add_column(col, justify="left" if i < 6 else "right", no_wrap=True)
     for g in aggregated:
         papers = paper_entries(expected, g["method"], g["dataset"], g["backbone"])
         p = papers[0]["metrics"] if papers else {}
-        table.add_row(g["method"], g["dataset"], g["backbone"], ",".join(map(str, g["seeds"])) or str(g["n_runs"]),
-                      _fmt_stat(g["stats"].get("t2v/R@1")), _fmt(p.get("t2v/R@1")),
-                      _fmt_stat(g["stats"].get("v2t/R@1")), _fmt(p.get("v2t/R@1")))
+        table.add_row(_mark(g), g["method"] + (f" ({g['variant']})" if g["variant"] else ""), g["dataset"],
+                      g["backbone"], g["profile"], g["test_set"] or "–",
+                      ",".join(map(str, g["seeds"])) or str(g["n_runs"]),
+                      _fmt_stat(g["stats"].get("t2v/R@1"), interval=g["intervals"].get("t2v/R@1")), _fmt(p.get("t2v/R@1")),
+                      _fmt_stat(g["stats"].get("v2t/R@1"), interval=g["intervals"].get("v2t/R@1")), _fmt(p.get("v2t/R@1")))
     console = Console()
     if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
-        console = Console(width=160)
+        console = Console(width=200)
     console.print(table)
 
 
