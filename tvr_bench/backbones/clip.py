@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -115,6 +117,7 @@ class CLIPBackbone(nn.Module):
         self.name = name
         self.clip, self.tokenizer = load_clip(name)
         self.clip.config.use_cache = False
+        self._precomputed_text: dict[str, Tensor] | None = None
         if gradient_checkpointing:
             self.clip.gradient_checkpointing_enable()
         self._apply_freeze(freeze)
@@ -150,8 +153,20 @@ class CLIPBackbone(nn.Module):
         )
         return {k: v.to(device) if device is not None else v for k, v in out.items() if k in ("input_ids", "attention_mask")}
 
+    @contextmanager
+    def precomputed_text(self, outputs: dict[str, Tensor]) -> Iterator[None]:
+        """Within the block `encode_text` returns these cached outputs of a frozen backbone instead of
+        running the text tower (cached features, docs/features.md)."""
+        self._precomputed_text = _CachedText(outputs)
+        try:
+            yield
+        finally:
+            self._precomputed_text = None
+
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         """Return `embeds` [N, D] (projected end token), `tokens` [N, L, D] (projected states) and `token_mask`."""
+        if self._precomputed_text is not None:
+            return self._precomputed_text
         out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
         projection = self.clip.text_projection
         return {
@@ -162,7 +177,12 @@ class CLIPBackbone(nn.Module):
 
     # ------------------------------------------------------------------ vision
     def encode_frames(self, pixels: Tensor) -> Tensor:
-        """Project the class token of each image: [N, 3, H, W] -> [N, D]."""
+        """Project the class token of each image: [N, 3, H, W] -> [N, D]. A 2-D input [N, D] holds the
+        cached output of this frozen backbone (docs/features.md) and is returned as it is."""
+        if pixels.ndim == 2:
+            if pixels.shape[1] != self.embed_dim:
+                raise ValueError(f"cached frame features have width {pixels.shape[1]}, the backbone {self.embed_dim}")
+            return pixels
         out = self.clip.vision_model(pixel_values=pixels, return_dict=True)
         return self.clip.visual_projection(out.pooler_output)
 
@@ -176,6 +196,8 @@ class CLIPBackbone(nn.Module):
         `output_attentions` the last layer's class-token attention over the kept patches (mean over
         heads) is returned as `cls_attention` [N, K].
         """
+        if pixels.ndim != 4:
+            raise ValueError("patch tokens need pixels [N, 3, H, W]; cached features hold class-token embeddings only")
         vm = self.clip.vision_model
         tokens = vm.embeddings(pixels)  # [N, 1 + P, W], position embeddings included
         if keep_index is not None:
@@ -207,6 +229,13 @@ class CLIPBackbone(nn.Module):
             for name, p in self.clip.named_parameters():
                 if name.startswith(("text_model.embeddings", "vision_model.embeddings", "vision_model.pre_layrnorm")):
                     p.requires_grad_(False)
+
+
+class _CachedText(dict):
+    """Cached text outputs; a missing entry (token states not extracted) names the fix."""
+
+    def __missing__(self, key: str) -> Tensor:
+        raise KeyError(f"the cached text features hold no {key!r}: extract them again without --no-tokens (docs/features.md)")
 
 
 def _layer_out(out: Tensor | tuple) -> Tensor:

@@ -31,6 +31,18 @@ class NonFiniteLossError(RuntimeError):
     """Raised when a training loss is NaN or infinite, naming the samples of the batch."""
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous (for collectives that read raw memory)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
 class RetrievalModule(L.LightningModule):
     """Shared training and evaluation logic; subclasses supply the method's features, score and loss.
 
@@ -115,25 +127,42 @@ class RetrievalModule(L.LightningModule):
         b, f = frames.shape[:2]
         return self.backbone.encode_frames(frames.flatten(0, 1)).view(b, f, -1)
 
+    def encode_batch_text(self, batch: dict[str, Any]) -> Features:
+        """The method's text features of a batch: from its captions, or from the frozen backbone's cached
+        outputs `text_features` when the batch comes from a features directory (docs/features.md)."""
+        cached = batch.get("text_features")
+        if cached is None:
+            return self.encode_text(**self.tokenize(batch["captions"]))
+        with self.backbone.precomputed_text(cached):
+            return self.encode_text(None, cached.get("token_mask"))  # type: ignore[arg-type]
+
     def tokenize(self, captions: list[str]) -> dict[str, Tensor]:
         """Token ids and attention mask of captions on this module's device."""
         return self.backbone.tokenize(captions, self.hparams.max_words, self.device)
 
     def gather_features(self, feats: Features) -> Features:
-        """All-gather features from every DDP rank with gradients (identity on one process or without a trainer)."""
+        """All-gather features from every DDP rank with gradients (identity on one process or without a trainer).
+
+        Every rank computes the same loss L on the gathered batch; the gather's backward sums dL/df_r over
+        the W ranks (W dL/df_r) and DDP averages the parameter gradients, so they equal the gradients of
+        one process with the whole batch (tests/test_ddp.py). The references' AllGather returns only the
+        local slice, i.e. 1/W of that on the feature path (docs/scaling.md).
+        """
         trainer = self._trainer  # `self.trainer` raises when the module is used without a Trainer
         if trainer is None or trainer.world_size <= 1:
             return feats
         out = {}
         for key, value in feats.items():
-            gathered = self.all_gather(value, sync_grads=True)
-            out[key] = gathered.flatten(0, 1)
+            gathered = self.all_gather(value, sync_grads=True).flatten(0, 1)
+            # torch's gather backward sends the incoming gradient as is; gloo reads a non-contiguous one
+            # (T-MASS's frame gradient is) as raw memory, so hand it a contiguous copy
+            out[key] = _ContiguousGrad.apply(gathered) if gathered.requires_grad else gathered
         return out
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_features(self, batch: dict[str, Any]) -> tuple[Features, Features]:
         """Local text and video features of a training batch (methods with extra views override this)."""
-        text = self.encode_text(**self.tokenize(batch["captions"]))
+        text = self.encode_batch_text(batch)
         return text, self.encode_video(batch["frames"], batch["frame_mask"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -182,7 +211,7 @@ class RetrievalModule(L.LightningModule):
             torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def _eval_step(self, batch: dict[str, Any]) -> dict[str, Any]:
-        text = self.encode_text(**self.tokenize(batch["captions"]))
+        text = self.encode_batch_text(batch)
         video = self.encode_video(batch["frames"], batch["frame_mask"])
         return {
             "text": text,
