@@ -23,7 +23,7 @@ import yaml
 
 from tests.official_fixtures import build_raw, expected, fixtures_dir, require_fixtures
 from tvr_bench.data.benchmarks.catalog import datamodules, official_specs
-from tvr_bench.data.benchmarks.common import BenchmarkDataModule, paragraph_parts
+from tvr_bench.data.benchmarks.common import VIDEO_EXTENSIONS, BenchmarkDataModule, paragraph_parts
 from tvr_bench.data.commands import prepare_main
 from tvr_bench.data.readers import get_reader
 from tvr_bench.data.shards import INDEX_FILE, MANIFEST_FILE, iter_shard, parse_sample
@@ -62,6 +62,7 @@ def _prepared(base: str, dataset: str, videos: str = "videos", annotations: str 
         "--out", str(out),
         "--workers", "1",
         "--no-progress",
+        "--allow-incomplete",  # the fixtures hold a handful of each split's videos
         *extra,
     ]
     assert prepare_main(argv) == 0
@@ -81,6 +82,15 @@ def samples(root: Path, split: str) -> list[tuple[str, dict[str, Any], int]]:
         for sample in iter_shard(shard):
             meta, frames = parse_sample(sample)
             out.append((sample["__key__"], meta, len(frames)))
+    return out
+
+
+def frame_bytes(root: Path, split: str) -> dict[str, list[bytes]]:
+    """Every sample's stored JPEG frames (bytes), by key."""
+    out = {}
+    for shard in sorted((root / split).glob("shard-*.tar")):
+        for sample in iter_shard(shard):
+            out[sample["__key__"]] = [v for k, v in sorted(sample.items()) if k.endswith(".jpg")]
     return out
 
 
@@ -291,12 +301,25 @@ def test_video2dataset_source(work: Path) -> None:
         failed.size = len(payload)
         tar.addfile(failed, io.BytesIO(payload))
     out = work / "out" / "vatex-v2d"
-    argv = [dataset, "--videos", str(v2d), "--annotations", str(raw / dataset / "annotations"), "--out", str(out), "--workers", "1", "--no-progress", "--source", "video2dataset"]
+    argv = [dataset, "--videos", str(v2d), "--annotations", str(raw / dataset / "annotations"), "--out", str(out), "--workers", "1", "--no-progress", "--source", "video2dataset", "--allow-incomplete"]
     assert prepare_main(argv) == 0
     for split, exp in expected_splits(dataset).items():
         assert sorted(meta["video_id"] for _, meta, _ in samples(out, split)) == sorted(exp["video_ids"])
-    index = json.loads((out / "video2dataset_videos" / "video2dataset_index.json").read_text())
+    index = json.loads((out / "video2dataset_index.json").read_text())
     assert len(index["videos"]) == len(videos) and len(index["skipped"]) == 1
+    # read in place: no video file was written anywhere (neither beside the shards nor under --out)
+    written = [p for p in [*out.rglob("*"), *v2d.rglob("*")] if p.suffix.lstrip(".").lower() in VIDEO_EXTENSIONS]
+    assert written == []
+    # the frames are those the same videos give as plain files, and the source names the tar member
+    files = prepared(work, dataset)
+    for split in expected_splits(dataset):
+        from_files = {key: (meta["frame_indices"], meta["captions"]) for key, meta, _ in samples(files, split)}
+        from_tars = {key: (meta["frame_indices"], meta["captions"]) for key, meta, _ in samples(out, split)}
+        assert from_tars == from_files
+        for _, meta, _ in samples(out, split):
+            tar_name, _, member = meta["source"]["file"].partition(":")
+            assert tar_name == "00000.tar" and member == index["videos"][meta["video_id"]]["member"]
+        assert frame_bytes(out, split) == frame_bytes(files, split)
 
 
 # --------------------------------------------------------------- DataModules, recipes, cards
@@ -323,7 +346,8 @@ def test_recipe_and_card(dataset: str) -> None:
     assert not {"lr", "backbone_lr", "freeze"} & set(model)
     assert model.get("max_words") == (64 if dataset in PARAGRAPH else None)  # else the method's own
     card = (REPO / "data_cards" / f"{dataset}.md").read_text()
-    assert f"tvr-bench prepare {dataset} " in card and f"--out {cls.default_root()}" in card
+    # the exact command the CLI names (tests/test_cli_protocol.py checks every method's sampling)
+    assert cls.prepare_command() in card, cls.prepare_command()
     assert get_reader(dataset).num_frames == cls.NUM_FRAMES
     dm = cls(**init)
     assert dm.image_size == 224 and dm.caption_mode == cls.CAPTION_MODE
@@ -360,6 +384,8 @@ def test_bench_without_shards_points_to_data_card(tmp_path: Path, monkeypatch: p
     assert done.value.code == EXIT_DATA
     err = capsys.readouterr().err
     assert "the lsmdc shards are not prepared: 'data/lsmdc' does not exist" in err and "data_cards/lsmdc.md" in err
+    assert f"`{datamodules()['lsmdc'].prepare_command('fps1_uniform', 12)}`" in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1 and "Traceback" not in err
 
 
 def test_video2dataset_id_rules() -> None:
@@ -393,7 +419,7 @@ def test_listed_video_without_text_is_reported(work: Path) -> None:
             writer.writeheader()
             writer.writerows(rows)
     out = work / "out" / "charades-blank"
-    argv = ["charades", "--videos", str(raw / "charades" / "videos"), "--annotations", str(annotations), "--out", str(out), "--workers", "1", "--no-progress"]
+    argv = ["charades", "--videos", str(raw / "charades" / "videos"), "--annotations", str(annotations), "--out", str(out), "--workers", "1", "--no-progress", "--allow-incomplete"]
     assert prepare_main(argv) == 0
     failures = {f["video_id"]: f["reason"] for f in json.loads((out / MANIFEST_FILE).read_text())["failures"]}
     assert failures[victim].startswith("no captions")

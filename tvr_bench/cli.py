@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 import pickle
 import sys
@@ -13,6 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from tvr_bench.callbacks.evaluator import RetrievalEvaluator
 from tvr_bench.callbacks.leaderboard import LeaderboardWriter, canonical_backbone, dataset_name
 from tvr_bench.data.datamodule import RetrievalDataModule
+from tvr_bench.data.shards import INDEX_FILE
 from tvr_bench.loggers import OfflineWandbLogger, RunConfigCallback, finish_wandb
 from tvr_bench.methods.base import RetrievalModule
 
@@ -31,8 +34,83 @@ TOOL_COMMANDS: dict[str, str] = {
     "prepare": "tvr_bench.data.commands:prepare_main",
     "verify": "tvr_bench.data.commands:verify_main",
     "leaderboard": "tvr_bench.report:leaderboard_main",
+    "compare": "tvr_bench.compare:compare_main",
     "perf": "tvr_bench.perf.run:perf_main",
+    "features": "tvr_bench.features.cli:features_main",
 }
+
+
+#: Data init args a method's ``DATA_PROTOCOL`` fills when the data config leaves them unset.
+PROTOCOL_KEYS: tuple[str, ...] = ("sampling", "train_stream", "augment")
+
+
+def _import_class(class_path: str) -> type | None:
+    """The class a config's ``class_path`` names (None when it cannot be imported)."""
+    module_name, _, class_name = str(class_path).rpartition(".")
+    try:
+        value = getattr(__import__(module_name, fromlist=[class_name]), class_name, None)
+    except ImportError:
+        return None
+    return value if isinstance(value, type) else None
+
+
+def fill_data_protocol(init: Any, data_cls: type | None, model_cls: type | None) -> dict[str, str]:
+    """Set each unset (None or absent) ``sampling``/``train_stream``/``augment`` data init arg that the
+    data class accepts from the model class's ``DATA_PROTOCOL``; explicit values win. Returns what was set."""
+    protocol = getattr(model_cls, "DATA_PROTOCOL", None) or {}
+    if data_cls is None or not protocol:
+        return {}
+    try:
+        accepted = inspect.signature(data_cls.__init__).parameters
+    except (TypeError, ValueError):
+        return {}
+    filled: dict[str, str] = {}
+    for key in PROTOCOL_KEYS:
+        if key in accepted and key in protocol and init.get(key) is None:
+            init[key] = protocol[key]
+            filled[key] = protocol[key]
+    return filled
+
+
+def _is_local(root: str) -> bool:
+    """Whether a shard root is a local directory path (not an URL or a ``pipe:`` command)."""
+    return "://" not in root and not root.startswith("pipe:")
+
+
+def unprepared_shards_message(cls: Any, init: Any, model_cls: type | None = None) -> str | None:
+    """One line naming the exact ``tvr-bench prepare`` command when the shards a benchmark run reads are
+    missing or were prepared with another sampling or fewer frames; None when they look ready."""
+    sampling = init.get("sampling")
+    num_frames = init.get("num_frames") or cls.NUM_FRAMES
+    explicit = init.get("root")
+    root = explicit or cls.default_root(sampling, num_frames)
+    if not _is_local(str(root)):
+        return None
+    who = f"{model_cls.__name__} " if model_cls is not None and sampling else ""
+    want = f"{who}needs {sampling or cls.SAMPLING} frames ({num_frames} per video)"
+    command = cls.prepare_command(sampling, num_frames, out=str(root))
+    where = f"See data_cards/{cls.NAME}.md; --videos/--annotations are where you unpacked the release."
+    if not Path(root).is_dir():
+        return (
+            f"the {cls.NAME} shards are not prepared: {str(root)!r} does not exist ({want}). "
+            f"Run `{command}`. {where}"
+        )
+    for index_path in sorted(Path(root).glob(f"*/{INDEX_FILE}")):
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # a damaged index is reported by the DataModule, with its own message
+        have_sampling, have_frames = index.get("sampling"), index.get("num_frames")
+        wrong_sampling = sampling is not None and have_sampling not in (None, sampling)
+        too_few = isinstance(have_frames, int) and have_frames < num_frames
+        if wrong_sampling or too_few:
+            fix = cls.prepare_command(sampling, num_frames) if explicit else f"{command} --overwrite"
+            drop = " and remove data.init_args.root" if explicit else ""
+            return (
+                f"{str(root)!r} holds {cls.NAME} shards prepared with {have_sampling} sampling and {have_frames} "
+                f"frames, but this run {want}. Run `{fix}`{drop}. {where}"
+            )
+    return None
 
 
 class TVRBenchCLI(LightningCLI):
@@ -44,7 +122,9 @@ class TVRBenchCLI(LightningCLI):
         parser.add_lightning_class_args(LeaderboardWriter, "leaderboard")
 
     def before_instantiate_classes(self) -> None:
-        """Fail early, naming the data card, when a real benchmark's shards are not prepared yet."""
+        """Fill the data protocol the method asks for (frame sampling, training stream, augmentation) where
+        the data config leaves it unset, then stop early, naming the exact prepare command, when a real
+        benchmark's shards for that protocol are not prepared."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config is not None and "weights_only" in config and config.get("weights_only") is None:
             config["weights_only"] = True  # `--ckpt_path`: tensors and plain types only, never arbitrary pickles
@@ -55,18 +135,18 @@ class TVRBenchCLI(LightningCLI):
 
         from tvr_bench.data.benchmarks.common import BenchmarkDataModule
 
-        module_name, _, class_name = data.class_path.rpartition(".")
-        cls = getattr(__import__(module_name, fromlist=[class_name]), class_name, None)
+        cls = _import_class(data.class_path)
+        if not isinstance(data.get("init_args"), Namespace):
+            data["init_args"] = Namespace()
+        init = data.init_args
+        model = config.get("model")
+        model_cls = _import_class(model.class_path) if getattr(model, "class_path", None) else None
+        fill_data_protocol(init, cls, model_cls)
         if not (isinstance(cls, type) and issubclass(cls, BenchmarkDataModule)):
             return
-        init = data.init_args if isinstance(data.init_args, Namespace) else Namespace()
-        root = init.get("root") or cls.default_root(init.get("sampling"))
-        if not Path(root).is_dir():
-            print(
-                f"error: the {cls.NAME} shards are not prepared: {root!r} does not exist. "
-                f"See data_cards/{cls.NAME}.md for how to get the videos and run `tvr-bench prepare {cls.NAME}`.",
-                file=sys.stderr,
-            )
+        message = unprepared_shards_message(cls, init, model_cls)
+        if message is not None:
+            print(f"error: {message}", file=sys.stderr)
             raise SystemExit(EXIT_DATA)
 
     def instantiate_classes(self) -> None:
@@ -106,6 +186,19 @@ class TVRBenchCLI(LightningCLI):
             raise
         finish_wandb(self.trainer.loggers)
 
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's subcommands, plus one help entry per TOOL_COMMANDS tool so ``--help`` lists them all
+        (the tools themselves are dispatched by :func:`main` before Lightning parses anything)."""
+        super()._add_subcommands(parser, **kwargs)
+        action = parser._subcommands_action
+        if action is None:
+            return
+        for name in TOOL_COMMANDS:
+            if name in self._subcommand_parsers:
+                continue
+            summary = tool_summary(name)
+            action.add_subcommand(name, LightningArgumentParser(description=summary, add_help=False), help=summary)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """Lightning's subcommands plus `bench` (fit, then test the best checkpoint)."""
@@ -121,6 +214,22 @@ def _bench(trainer: Any, model: Any, datamodule: Any = None, **_: Any) -> None:
     best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
     # our checkpoints hold tensors and plain types only (tests/test_reliability.py): no pickle is executed
     trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
+
+
+def tool_summary(name: str) -> str:
+    """One line for ``tvr-bench --help``: the first docstring line of the tool's function (its module's
+    when the function has none), or where it lives when it cannot be imported."""
+    module_name, func_name = TOOL_COMMANDS[name].split(":")
+    try:
+        module = __import__(module_name, fromlist=[func_name])
+    except Exception as exn:  # noqa: BLE001 - help must list the tool even when it is broken
+        return f"({TOOL_COMMANDS[name]}; cannot be imported: {type(exn).__name__})"
+    func = getattr(module, func_name, None)
+    for doc in (getattr(func, "__doc__", None), module.__doc__):
+        line = (doc or "").strip().splitlines()[0].strip() if (doc or "").strip() else ""
+        if line:
+            return line
+    return f"see `tvr-bench {name} --help`"
 
 
 def _dispatch_tool(name: str, argv: list[str]) -> int:

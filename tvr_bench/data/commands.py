@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from tvr_bench.data import synth
 from tvr_bench.data.frames import POLICIES
 from tvr_bench.data.prepare import PrepareConfig, prepare
 from tvr_bench.data.readers import READERS, get_reader
-from tvr_bench.data.shards import INDEX_FILE, MissingShardsError, ShardError, verify_split
+from tvr_bench.data.shards import INDEX_FILE, MANIFEST_FILE, MissingShardsError, ShardError, verify_split, write_json_atomic
 
 
 def _default_workers() -> int:
@@ -69,7 +70,13 @@ def prepare_parser() -> argparse.ArgumentParser:
         choices=("files", "video2dataset"),
         default="files",
         help="what --videos holds: video files (default) or video2dataset output shards "
-        "(*.tar, mp4+txt+json per sample; unpacked to <out>/video2dataset_videos first)",
+        "(*.tar, mp4+txt+json per sample; videos are decoded inside the tars, never copied out)",
+    )
+    parser.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="exit 0 even when the test split has fewer videos than the official protocol "
+        "(results are then marked with their test size, e.g. 987/1,000 videos)",
     )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="keep finished shards of an interrupted run")
@@ -78,8 +85,80 @@ def prepare_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _other_sampling_commands(args: argparse.Namespace, sampling: str, num_frames: int) -> list[str]:
+    """The same prepare command for each other sampling policy, into the root its DataModule reads by default."""
+    from tvr_bench.data.benchmarks.catalog import datamodules
+
+    cls = datamodules().get(args.dataset)
+    users = methods_by_sampling()
+    out = []
+    for other in POLICIES:
+        if other == sampling:
+            continue
+        root = cls.default_root(other, num_frames) if cls is not None else f"{args.out}-{other}"
+        parts = ["tvr-bench prepare", args.dataset]
+        if args.source != "files":
+            parts.append(f"--source {args.source}")
+        parts += [f"--videos {args.videos}", f"--annotations {args.annotations}"]
+        if args.frames:
+            parts.append(f"--frames {args.frames}")
+        parts += [f"--sampling {other}", f"--out {root}"]
+        who = ", ".join(users.get(other, [])) or "no built-in method"
+        out.append(f"{' '.join(parts)}   # {other}: {who}")
+    return out
+
+
+def methods_by_sampling() -> dict[str, list[str]]:
+    """Frame sampling policy -> the built-in methods whose DATA_PROTOCOL uses it (class names)."""
+    import importlib
+    import pkgutil
+
+    import tvr_bench.methods as package
+    from tvr_bench.methods.base import RetrievalModule
+
+    users: dict[str, list[str]] = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        try:
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+        except Exception:  # noqa: BLE001 - a method that cannot import is simply not listed
+            continue
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, RetrievalModule) and value is not RetrievalModule and value.__module__ == module.__name__:
+                protocol = getattr(value, "DATA_PROTOCOL", {}) or {}
+                users.setdefault(str(protocol.get("sampling", "")), []).append(value.__name__)
+    return {k: sorted(set(v)) for k, v in users.items()}
+
+
+def protocol_table(dataset: str, splits: dict[str, dict[str, int]]) -> dict[str, dict[str, object]]:
+    """Per split: prepared videos, the official protocol's videos (None when it fixes none), complete."""
+    from tvr_bench.data.benchmarks.catalog import datamodules
+
+    cls = datamodules().get(dataset)
+    names = list(splits)
+    if cls is not None:
+        names += [s for s in cls.PROTOCOL_SIZES if s not in splits]
+    table: dict[str, dict[str, object]] = {}
+    for split in names:
+        prepared = int(splits.get(split, {}).get("num_samples", 0))
+        size = cls.protocol_size(split) if cls is not None else None
+        table[split] = {"prepared": prepared, "protocol": size, "complete": size is None or prepared >= size}
+    return table
+
+
+def report_split_of(dataset: str) -> str:
+    """The split a benchmark reports its results on (its DataModule's TEST_SPLIT; ``test`` otherwise)."""
+    from tvr_bench.data.benchmarks.catalog import datamodules
+
+    cls = datamodules().get(dataset)
+    return cls.TEST_SPLIT if cls is not None else "test"
+
+
 def prepare_main(argv: list[str]) -> int:
-    """``tvr-bench prepare <dataset> --videos DIR --annotations DIR --out DIR [...]``."""
+    """``tvr-bench prepare <dataset> --videos DIR --annotations DIR --out DIR [...]``.
+
+    Exit codes: 0 done; 1 bad input or output directory; 2 wrong arguments; 3 the test split has fewer
+    videos than the official protocol (unless ``--allow-incomplete``).
+    """
     args = prepare_parser().parse_args(argv)
     reader = get_reader(args.dataset)
     config = PrepareConfig(
@@ -93,17 +172,22 @@ def prepare_main(argv: list[str]) -> int:
     if not args.videos.is_dir():
         print(f"error: --videos {args.videos} is not a directory (see data_cards/{args.dataset}.md)", file=sys.stderr)
         return 2
-    videos = args.videos
+    registered = False
     try:
         if args.source == "video2dataset":
-            from tvr_bench.data.benchmarks.video2dataset import extract_videos
+            from tvr_bench.data.benchmarks.common import VideoIndex
+            from tvr_bench.data.benchmarks.video2dataset import index_videos, write_index
 
-            videos = extract_videos(args.videos, args.out / "video2dataset_videos", progress=not args.no_progress)
+            v2d = index_videos(args.videos, progress=not args.no_progress)
+            write_index(v2d, args.out)
+            VideoIndex.use_members(args.videos, v2d.members)
+            registered = True
+            print(f"video2dataset: {len(v2d.members)} videos found in the tars, {len(v2d.skipped)} samples skipped")
         report = prepare(
-            reader.read(videos, args.annotations),
+            reader.read(args.videos, args.annotations),
             args.out,
             config,
-            source_root=videos,
+            source_root=args.videos,
             workers=args.workers,
             resume=args.resume,
             overwrite=args.overwrite,
@@ -112,15 +196,53 @@ def prepare_main(argv: list[str]) -> int:
     except (FileExistsError, FileNotFoundError, ValueError) as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 1
-    for split, counts in report.splits.items():
+    finally:
+        if registered:
+            from tvr_bench.data.benchmarks.common import VideoIndex
+
+            VideoIndex.use_members(args.videos, None)
+    table = protocol_table(args.dataset, report.splits)
+    _record_protocol(Path(args.out), table, args.allow_incomplete)
+    for split, row in table.items():
+        counts = report.splits.get(split, {"num_captions": 0, "num_shards": 0, "num_failed": 0})
+        size = row["protocol"]
+        of = f"{row['prepared']:,}/{size:,} videos (protocol)" if size is not None else f"{row['prepared']:,} videos (no protocol size)"
+        mark = "" if row["complete"] else "  INCOMPLETE"
         print(
-            f"{split}: {counts['num_samples']} videos, {counts['num_captions']} captions, "
-            f"{counts['num_shards']} shards, {counts['num_failed']} failed"
+            f"{split}: {of}, {counts['num_captions']:,} captions, {counts['num_shards']} shards, "
+            f"{counts['num_failed']} failed{mark}"
         )
     if report.failures:
         print(f"{len(report.failures)} videos missing or undecodable: see {Path(args.out) / 'manifest.json'}")
     print(f"done in {report.seconds:.1f} s ({report.converted} converted, {report.reused} kept from earlier runs)")
+    for line in _other_sampling_commands(args, config.sampling, config.num_frames):
+        print(f"other frame sampling: {line}")
+    test = report_split_of(args.dataset)
+    row = table.get(test)
+    if row is not None and not row["complete"] and not args.allow_incomplete:
+        listed = report.splits.get(test, {})
+        failed = int(listed.get("num_failed", 0))
+        print(
+            f"error: the {test} split is incomplete: {row['prepared']:,} of the protocol's {row['protocol']:,} videos "
+            f"prepared ({row['prepared'] + failed:,} listed in the annotations, {failed:,} of them missing or "
+            f"undecodable: see {Path(args.out) / 'manifest.json'}). A smaller gallery makes retrieval easier "
+            f"(R@1 rises), so results on it cannot be compared with published ones. Add the missing videos and run "
+            f"again with --overwrite, or accept it with --resume --allow-incomplete (results then record "
+            f"{row['prepared']:,}/{row['protocol']:,} videos).",
+            file=sys.stderr,
+        )
+        return 3
     return 0
+
+
+def _record_protocol(out: Path, table: dict[str, dict[str, object]], allowed: bool) -> None:
+    """Add the prepared-vs-protocol sizes to ``<out>/manifest.json`` (``protocol`` block)."""
+    path = out / MANIFEST_FILE
+    if not path.is_file():
+        return
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest["protocol"] = {"splits": table, "allow_incomplete": allowed}
+    write_json_atomic(path, manifest)
 
 
 def verify_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ import re
 import signal
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -46,17 +46,17 @@ from tvr_bench.data.shards import (
     sanitize_key,
     write_json_atomic,
 )
-from tvr_bench.data.video import decode_video
+from tvr_bench.data.video import TarMember, decode_video
 
 PROGRESS_FILE = "prepare_progress.json"
 
 
 @dataclass
 class VideoRecord:
-    """One video to convert: id, file, captions, split, optional [start, end) seconds, extra metadata."""
+    """One video to convert: id, file (or tar member), captions, split, optional [start, end) seconds, extra metadata."""
 
     video_id: str
-    path: Path
+    path: Path | TarMember
     captions: list[str]
     split: str
     start: float | None = None
@@ -105,8 +105,11 @@ class PrepareReport:
     seconds: float
 
 
-def _source_name(path: Path, source_root: Path | None) -> str:
-    """The video file as recorded in metadata: relative to the source root when possible."""
+def _source_name(path: Path | TarMember, source_root: Path | None) -> str:
+    """The video file as recorded in metadata: relative to the source root when possible
+    (``<tar>:<member>`` for a video read from inside a tar)."""
+    if isinstance(path, TarMember):
+        return f"{_source_name(Path(path.tar), source_root)}:{path.name}"
     if source_root is not None:
         try:
             return str(Path(path).resolve().relative_to(Path(source_root).resolve()))
@@ -117,7 +120,7 @@ def _source_name(path: Path, source_root: Path | None) -> str:
 
 def convert_record(record: VideoRecord, config: PrepareConfig, source_root: Path | None = None) -> ConvertResult:
     """Decode, sample and JPEG-encode one video into a shard sample (runs in worker processes)."""
-    path = Path(record.path)
+    path = record.path if isinstance(record.path, TarMember) else Path(record.path)
     file = _source_name(path, source_root)
     if not path.is_file():
         return ConvertResult(record.video_id, file, reason=f"missing: {path} not found")
@@ -168,6 +171,11 @@ def convert_record(record: VideoRecord, config: PrepareConfig, source_root: Path
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
 
 
+def _path_text(path: Path | TarMember | str) -> str:
+    """A video location as comparable text (paths normalised)."""
+    return str(path) if isinstance(path, TarMember) else str(Path(path))
+
+
 def check_split_name(split: str) -> str:
     """A split names a directory under the output root: letters, digits, ``_`` and ``-`` only (no path)."""
     if not isinstance(split, str) or not _SPLIT_NAME.fullmatch(split):
@@ -189,9 +197,9 @@ def group_records(records: Iterable[VideoRecord]) -> dict[str, list[VideoRecord]
         by_id = splits.setdefault(record.split, {})
         seen = by_id.get(record.video_id)
         if seen is None:
-            by_id[record.video_id] = VideoRecord(**{**asdict(record), "captions": list(record.captions)})
+            by_id[record.video_id] = replace(record, captions=list(record.captions), meta=dict(record.meta))  # asdict would turn a TarMember into a dict
             continue
-        if Path(seen.path) != Path(record.path):
+        if _path_text(seen.path) != _path_text(record.path):
             warnings.warn(
                 f"video {record.video_id!r} ({record.split}) listed with two files "
                 f"({seen.path}, {record.path}); keeping the first",

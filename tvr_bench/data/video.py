@@ -1,13 +1,103 @@
-"""Video decoding with PyAV: probe a file and decode chosen frames, resized to a short side."""
+"""Video decoding with PyAV: probe a file and decode chosen frames, resized to a short side.
+
+A video is a file path or a :class:`TarMember` (a video stored uncompressed inside a tar, e.g. a
+video2dataset shard), which PyAV reads in place through a bounded, seekable view of the tar file.
+"""
 
 from __future__ import annotations
 
+import io
+import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import IO, Callable, Iterator, Sequence, Union
 
 import av
 from PIL import Image
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """A file stored uncompressed inside a tar: ``size`` bytes at ``offset`` of ``tar`` (named ``name``)."""
+
+    tar: Path
+    name: str
+    offset: int
+    size: int
+
+    def is_file(self) -> bool:
+        """Whether the tar still holds the member's bytes (the tar exists and is long enough)."""
+        try:
+            return Path(self.tar).is_file() and Path(self.tar).stat().st_size >= self.offset + self.size
+        except OSError:
+            return False
+
+    def open(self) -> IO[bytes]:
+        """A read-only, seekable file object over the member's bytes (nothing is copied out)."""
+        return io.BufferedReader(_MemberReader(Path(self.tar), self.offset, self.size), buffer_size=1 << 16)
+
+    def __str__(self) -> str:
+        """``<tar>:<member>``, as recorded in the shard metadata."""
+        return f"{self.tar}:{self.name}"
+
+
+class _MemberReader(io.RawIOBase):
+    """Raw reader over the byte range ``[offset, offset + size)`` of a file."""
+
+    def __init__(self, path: Path, offset: int, size: int) -> None:
+        super().__init__()
+        self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._start, self._size, self._pos = offset, size, 0
+
+    def readable(self) -> bool:
+        """Always readable."""
+        return True
+
+    def seekable(self) -> bool:
+        """Always seekable."""
+        return True
+
+    def tell(self) -> int:
+        """Position within the member."""
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """Move within the member (positions clamp at 0; reads past the end return nothing)."""
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        """Read up to ``len(buffer)`` bytes of the member from the current position."""
+        n = max(0, min(len(buffer), self._size - self._pos))
+        if n == 0:
+            return 0
+        self._file.seek(self._start + self._pos)
+        got = self._file.readinto(memoryview(buffer)[:n])
+        self._pos += got or 0
+        return got or 0
+
+    def close(self) -> None:
+        """Close the underlying file."""
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
+#: What the decoder accepts as a video.
+VideoSource = Union[str, Path, TarMember]
+
+
+@contextmanager
+def _open(source: VideoSource) -> Iterator[av.container.InputContainer]:
+    """Open a video file or tar member with PyAV (the member's file object is closed afterwards)."""
+    if not isinstance(source, TarMember):
+        with av.open(str(source)) as container:
+            yield container
+        return
+    with source.open() as handle, av.open(handle, mode="r") as container:
+        yield container
 
 
 @dataclass(frozen=True)
@@ -68,9 +158,9 @@ def _stream_info(container: av.container.InputContainer) -> VideoInfo:
     )
 
 
-def probe_video(path: str | Path) -> VideoInfo:
-    """Open a video file and return its :class:`VideoInfo` without decoding frames."""
-    with av.open(str(path)) as container:
+def probe_video(path: VideoSource) -> VideoInfo:
+    """Open a video (file or tar member) and return its :class:`VideoInfo` without decoding frames."""
+    with _open(path) as container:
         return _stream_info(container)
 
 
@@ -88,13 +178,13 @@ def resize_short_side(image: Image.Image, short_side: int | None) -> Image.Image
     return image.resize(size, Image.BICUBIC)
 
 
-def _decode_pass(path: Path, wanted: Sequence[int], short_side: int | None) -> tuple[dict[int, Image.Image], int, bool]:
+def _decode_pass(path: VideoSource, wanted: Sequence[int], short_side: int | None) -> tuple[dict[int, Image.Image], int, bool]:
     """Decode sequentially and keep the wanted indices; returns (frames, frames seen, reached end)."""
     want = set(wanted)
     last = max(want) if want else -1
     kept: dict[int, Image.Image] = {}
     seen = 0
-    with av.open(str(path)) as container:
+    with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for frame in container.decode(stream):
@@ -107,7 +197,7 @@ def _decode_pass(path: Path, wanted: Sequence[int], short_side: int | None) -> t
 
 
 def decode_video(
-    path: str | Path,
+    path: VideoSource,
     choose: Callable[[VideoInfo], list[int]],
     short_side: int | None = None,
 ) -> DecodedVideo:
@@ -116,7 +206,7 @@ def decode_video(
     When the container over-states its frame count (estimated counts, broken headers), indices are
     chosen again from the number of frames actually decoded and the file is decoded once more.
     """
-    path = Path(path)
+    path = path if isinstance(path, TarMember) else Path(path)
     info = probe_video(path)
     indices = sorted(set(choose(info)))
     kept, seen, at_end = _decode_pass(path, indices, short_side)

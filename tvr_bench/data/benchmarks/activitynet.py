@@ -88,6 +88,12 @@ class ActivityNetDataModule(BenchmarkDataModule):
     """ActivityNet Captions: one paragraph per video, 64 frames; validation runs on the test (val_1) split."""
 
     NAME: ClassVar[str] = "activitynet"
+    PROTOCOL_SIZES: ClassVar[dict[str, int]] = {"train": 10009, "test": 4917}
+    PROTOCOL_SOURCE: ClassVar[str] = (
+        "train.json / val_1.json video counts (collaborative-experts misc/datasets/activity-net; "
+        "escorciav/moments-retrieval data/processed/README.md; /work/shared/anchors/datasets.md section 5)"
+    )
+    PREPARE_INPUTS: ClassVar[str] = "--videos activitynet/videos --annotations captions"
     NUM_FRAMES: ClassVar[int] = 64
     CAPTION_MODE: ClassVar[str] = "paragraph"
     VAL_SPLIT: ClassVar[str | None] = "test"

@@ -61,4 +61,10 @@ class CharadesDataModule(BenchmarkDataModule):
     """Charades: one text per video; no validation split, so validation runs on ``test``."""
 
     NAME: ClassVar[str] = "charades"
+    PROTOCOL_SIZES: ClassVar[dict[str, int]] = {"train": 7985, "test": 1863}
+    PROTOCOL_SOURCE: ClassVar[str] = (
+        "Sigurdsson et al. 2016 (arXiv 1604.01753): 9,848 videos split 7,985 / 1,863; not checked against "
+        "the csv row counts here (/work/shared/anchors/datasets.md section 8 marks them unverified)"
+    )
+    PREPARE_INPUTS: ClassVar[str] = "--videos Charades_v1_480 --annotations Charades"
     VAL_SPLIT: ClassVar[str | None] = "test"

@@ -25,6 +25,7 @@ from tvr_bench.data.datamodule import RetrievalDataModule
 from tvr_bench.data.frames import POLICIES
 from tvr_bench.data.prepare import VideoRecord
 from tvr_bench.data.streams import SplitShards
+from tvr_bench.data.video import TarMember
 
 #: Container extensions tried (in this order) when a dataset names a video by id only.
 VIDEO_EXTENSIONS: tuple[str, ...] = (
@@ -133,18 +134,40 @@ class VideoIndex:
 
     Unfinished downloads (``.part`` ...) and hidden directories are ignored. When two folders hold the
     same file name, the first in sorted walk order wins and a warning names both.
+
+    A directory registered with :meth:`use_members` (video2dataset shards) is not walked: its videos
+    are the registered tar members, found by the same names.
     """
+
+    #: Registered in-tar videos: resolved directory -> {file name: tar member}.
+    _MEMBERS: ClassVar[dict[str, dict[str, TarMember]]] = {}
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._names: dict[str, Path] | None = None
-        self._lower: dict[str, Path] = {}
+        self._names: dict[str, Path | TarMember] | None = None
+        self._lower: dict[str, Path | TarMember] = {}
 
-    def _walk(self) -> dict[str, Path]:
+    @classmethod
+    def use_members(cls, root: Path, members: dict[str, TarMember] | None) -> None:
+        """Make ``root`` resolve to these tar members (file name -> member); ``None`` unregisters it."""
+        key = str(Path(root).resolve())
+        if members is None:
+            cls._MEMBERS.pop(key, None)
+        else:
+            cls._MEMBERS[key] = dict(members)
+
+    def _walk(self) -> dict[str, Path | TarMember]:
         """Build the name -> path map."""
         if self._names is not None:
             return self._names
-        names: dict[str, Path] = {}
+        registered = self._MEMBERS.get(str(self.root.resolve()))
+        if registered is not None:
+            self._names = dict(registered)
+            self._lower = {}
+            for name, member in self._names.items():
+                self._lower.setdefault(name.lower(), member)
+            return self._names
+        names: dict[str, Path | TarMember] = {}
         duplicates = 0
         for folder, dirs, files in os.walk(self.root, followlinks=True):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -164,7 +187,7 @@ class VideoIndex:
             self._lower.setdefault(name.lower(), path)
         return names
 
-    def exact(self, *names: str) -> Path | None:
+    def exact(self, *names: str) -> Path | TarMember | None:
         """The first of ``names`` present as a file name."""
         index = self._walk()
         for name in names:
@@ -172,7 +195,7 @@ class VideoIndex:
                 return index[name]
         return None
 
-    def by_stem(self, stem: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> Path | None:
+    def by_stem(self, stem: str, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> Path | TarMember | None:
         """A file called ``<stem>.<ext>`` for a known video extension (any case), in extension order."""
         index = self._walk()
         for ext in extensions:
@@ -183,7 +206,7 @@ class VideoIndex:
                 return self._lower[name.lower()]
         return None
 
-    def find(self, names: Sequence[str] = (), stems: Sequence[str] = ()) -> Path | None:
+    def find(self, names: Sequence[str] = (), stems: Sequence[str] = ()) -> Path | TarMember | None:
         """Exact names first, then ``<stem>.<video ext>`` for each stem."""
         found = self.exact(*names)
         if found is not None:
@@ -194,7 +217,7 @@ class VideoIndex:
                 return found
         return None
 
-    def resolve(self, expected: str, names: Sequence[str] = (), stems: Sequence[str] = ()) -> Path:
+    def resolve(self, expected: str, names: Sequence[str] = (), stems: Sequence[str] = ()) -> Path | TarMember:
         """The video file, or ``root/expected`` (absent, so prepare reports it missing) when none matches."""
         found = self.find(names, stems)
         return found if found is not None else self.root / expected
@@ -222,6 +245,12 @@ class BenchmarkDataModule(RetrievalDataModule):
     TRAIN_SPLIT: ClassVar[str] = "train"
     VAL_SPLIT: ClassVar[str | None] = "val"
     TEST_SPLIT: ClassVar[str] = "test"
+    #: Videos per split in the official protocol (a split left out: the protocol fixes no size for it).
+    PROTOCOL_SIZES: ClassVar[dict[str, int]] = {}
+    #: Where :attr:`PROTOCOL_SIZES` come from (repository file or paper), shown in the data card.
+    PROTOCOL_SOURCE: ClassVar[str] = ""
+    #: ``--videos``/``--annotations`` of the data card's prepare command (where the user unpacked the release).
+    PREPARE_INPUTS: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -247,7 +276,7 @@ class BenchmarkDataModule(RetrievalDataModule):
         if sampling is not None and sampling not in POLICIES:
             raise ValueError(f"sampling must be one of {', '.join(POLICIES)}, got {sampling!r}")
         super().__init__(
-            root=root or self.default_root(sampling),
+            root=root or self.default_root(sampling, num_frames),
             dataset=self.NAME,
             num_frames=num_frames or self.NUM_FRAMES,
             image_size=image_size,
@@ -277,11 +306,32 @@ class BenchmarkDataModule(RetrievalDataModule):
         )
 
     @classmethod
-    def default_root(cls, sampling: str | None = None) -> str:
-        """Where ``tvr-bench prepare`` writes this benchmark by the data card's command."""
-        if sampling is None or sampling == cls.SAMPLING:
-            return f"data/{cls.NAME}"
-        return f"data/{cls.NAME}-{sampling}"
+    def default_root(cls, sampling: str | None = None, num_frames: int | None = None) -> str:
+        """Where ``tvr-bench prepare`` writes this benchmark by the data card's command:
+        ``data/<name>``, plus ``-<sampling>`` for the other sampling and ``-<N>f`` for another frame count."""
+        root = f"data/{cls.NAME}"
+        if sampling is not None and sampling != cls.SAMPLING:
+            root += f"-{sampling}"
+        if num_frames is not None and num_frames != cls.NUM_FRAMES:
+            root += f"-{num_frames}f"
+        return root
+
+    @classmethod
+    def protocol_size(cls, split: str) -> int | None:
+        """Videos the official protocol has in ``split`` (None when the protocol fixes no size for it)."""
+        return cls.PROTOCOL_SIZES.get(split)
+
+    @classmethod
+    def prepare_command(cls, sampling: str | None = None, num_frames: int | None = None, out: str | None = None) -> str:
+        """The exact ``tvr-bench prepare`` command (data card form) for shards with this sampling and frame count."""
+        sampling = sampling or cls.SAMPLING
+        parts = ["tvr-bench prepare", cls.NAME, cls.PREPARE_INPUTS]
+        if num_frames is not None and num_frames != cls.NUM_FRAMES:
+            parts.append(f"--frames {num_frames}")
+        if sampling != cls.SAMPLING:
+            parts.append(f"--sampling {sampling}")
+        parts.append(f"--out {out or cls.default_root(sampling, num_frames)}")
+        return " ".join(p for p in parts if p)
 
     def split_shards(self, split: str) -> SplitShards:
         """The split's shards, checked to belong to this benchmark (and sampling, when one was asked)."""
@@ -295,7 +345,7 @@ class BenchmarkDataModule(RetrievalDataModule):
         if self.sampling is not None and index.get("sampling") != self.sampling:
             raise ValueError(
                 f"{shards.directory} was prepared with sampling {index.get('sampling')!r} but this run asks for "
-                f"{self.sampling!r}: prepare again with `--sampling {self.sampling}` into another --out "
+                f"{self.sampling!r}: prepare them with `{self.prepare_command(self.sampling, self.num_frames)}` "
                 f"(data_cards/{self.NAME}.md)"
             )
         return shards

@@ -120,5 +120,11 @@ class DiDeMoDataModule(BenchmarkDataModule):
     """DiDeMo: one paragraph per video (descriptions joined in JSON order), 64 frames."""
 
     NAME: ClassVar[str] = "didemo"
+    PROTOCOL_SIZES: ClassVar[dict[str, int]] = {"train": 8392, "val": 1065, "test": 1004}
+    PROTOCOL_SOURCE: ClassVar[str] = (
+        "collaborative-experts misc/datasets/didemo {train,val,test}_list.txt, the lists CLIP4Clip reads "
+        "(/work/shared/anchors/datasets.md section 6)"
+    )
+    PREPARE_INPUTS: ClassVar[str] = "--videos didemo/videos --annotations LocalizingMoments/data"
     NUM_FRAMES: ClassVar[int] = 64
     CAPTION_MODE: ClassVar[str] = "paragraph"

@@ -89,3 +89,10 @@ class LSMDCDataModule(BenchmarkDataModule):
     """LSMDC: train on every (clip, sentence) row, test on the 1,000 public-test pairs."""
 
     NAME: ClassVar[str] = "lsmdc"
+    # train/val: clip ids repeat across rows and the distinct-clip counts are not published, so no size
+    PROTOCOL_SIZES: ClassVar[dict[str, int]] = {"test": 1000}
+    PROTOCOL_SOURCE: ClassVar[str] = (
+        "LSMDC16_challenge_1000_publictect.csv, 1,000 distinct clips (asserted in CLIP4Clip "
+        "dataloaders/dataloader_lsmdc_retrieval.py; /work/shared/anchors/datasets.md section 4)"
+    )
+    PREPARE_INPUTS: ClassVar[str] = "--videos LSMDC/avi --annotations LSMDC/annotations"

@@ -2,7 +2,8 @@
 official "full" split (6,513 / 497 / 2,990, every caption a query, data_cards/msrvtt_full.md).
 
 Official files (CLIP4Clip's ``msrvtt_data.zip``): ``MSRVTT_data.json`` (``videos`` and ``sentences``;
-Frozen-in-Time's ``MSR_VTT.json`` with COCO-style ``annotations`` is read too), ``MSRVTT_train.9k.csv``,
+Frozen-in-Time's ``MSR_VTT.json`` with COCO-style ``annotations`` is read too; without either, the
+original release's ``train_val_videodatainfo.json`` and ``test_videodatainfo.json`` are merged), ``MSRVTT_train.9k.csv``,
 ``MSRVTT_train.7k.csv`` (header ``video_id``) and ``MSRVTT_JSFUSION_test.csv``
 (``key,vid_key,video_id,sentence``). Videos ``video<N>.mp4``.
 """
@@ -19,22 +20,79 @@ from tvr_bench.data.benchmarks.common import (
     BenchmarkDataModule,
     BenchmarkSpec,
     VideoIndex,
+    find_annotation,
     records_for_split,
     require_annotation,
 )
 from tvr_bench.data.prepare import VideoRecord
 
-DATA_JSON_NAMES = ("MSRVTT_data.json", "MSR_VTT.json", "train_val_videodatainfo.json")
+#: One-file annotation bundles (all 10,000 videos): CLIP4Clip's, then Frozen-in-Time's.
+BUNDLE_JSON_NAMES = ("MSRVTT_data.json", "MSR_VTT.json")
+#: The official release's two files (train + validate videos; test videos), merged when no bundle is found.
+OFFICIAL_JSON_NAMES = ("train_val_videodatainfo.json", "test_videodatainfo.json")
+DATA_JSON_NAMES = BUNDLE_JSON_NAMES + OFFICIAL_JSON_NAMES
 TRAIN_LISTS = {"train_9k": "MSRVTT_train.9k.csv", "train_7k": "MSRVTT_train.7k.csv"}
 TEST_CSV = "MSRVTT_JSFUSION_test.csv"
 #: Values of the official ``split`` field of ``videos`` -> our split names (full protocol).
 FULL_SPLITS = {"train": "train", "validate": "val", "val": "val", "test": "test"}
 
 
+def _read_json(path: Path, dataset: str) -> dict[str, Any]:
+    """A json annotation file as a dict, or an AnnotationError naming it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as exn:
+        raise AnnotationError(f"{dataset}: {path} is not valid json ({exn}) (data_cards/{dataset}.md)") from None
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{dataset}: {path} holds a {type(data).__name__}, not an object (data_cards/{dataset}.md)")
+    return data
+
+
+def merge_data_json(parts: list[tuple[Path, dict[str, Any]]], dataset: str = "msrvtt") -> dict[str, Any]:
+    """The official files as one bundle: ``videos`` and ``sentences`` concatenated in file order.
+
+    A video listed in two files is an error (the official train/val and test files are disjoint).
+    """
+    videos: list[dict[str, Any]] = []
+    sentences: list[dict[str, Any]] = []
+    seen: dict[str, Path] = {}
+    for path, data in parts:
+        if "videos" not in data or "sentences" not in data:
+            raise AnnotationError(
+                f"{dataset}: {path} lacks {'videos' if 'videos' not in data else 'sentences'}: an official "
+                f"MSR-VTT file holds both (data_cards/{dataset}.md)"
+            )
+        for video in data["videos"]:
+            vid = str(video["video_id"])
+            if vid in seen:
+                raise AnnotationError(f"{dataset}: {vid} is listed in both {seen[vid]} and {path}")
+            seen[vid] = path
+        videos.extend(data["videos"])
+        sentences.extend(data["sentences"])
+    return {"videos": videos, "sentences": sentences}
+
+
 def load_data_json(annotations: Path, dataset: str = "msrvtt") -> dict[str, Any]:
-    """The MSR-VTT annotation json (first of the known names)."""
-    path = require_annotation(annotations, DATA_JSON_NAMES, dataset)
-    return json.loads(path.read_text(encoding="utf-8"))
+    """The MSR-VTT annotations as one dict: a bundle (``MSRVTT_data.json`` / ``MSR_VTT.json``), or the
+    official ``train_val_videodatainfo.json`` and ``test_videodatainfo.json`` merged (both required)."""
+    annotations = Path(annotations)
+    bundle = find_annotation(annotations, BUNDLE_JSON_NAMES)
+    if bundle is not None:
+        return _read_json(bundle, dataset)
+    folder = annotations.parent if annotations.is_file() else annotations
+    found = {name: find_annotation(annotations, (name,)) or find_annotation(folder, (name,)) for name in OFFICIAL_JSON_NAMES}
+    missing = [name for name, path in found.items() if path is None]
+    if len(missing) == len(OFFICIAL_JSON_NAMES):
+        require_annotation(annotations, DATA_JSON_NAMES, dataset)  # raises, naming every accepted file
+    if missing:
+        present = next(name for name in OFFICIAL_JSON_NAMES if name not in missing)
+        raise AnnotationError(
+            f"{dataset}: found {present} but not {missing[0]} under {folder}: the official release splits the "
+            f"annotations into train_val_videodatainfo.json (7,010 videos) and test_videodatainfo.json "
+            f"(2,990 videos); both are needed (the 9k training list and the test split include test-file "
+            f"videos). Put both in --annotations, or use CLIP4Clip's MSRVTT_data.json (data_cards/{dataset}.md)"
+        )
+    return merge_data_json([(path, _read_json(path, dataset)) for path in found.values() if path is not None], dataset)
 
 
 def captions_by_video(data: dict[str, Any]) -> dict[str, list[str]]:
@@ -125,6 +183,12 @@ class MSRVTTDataModule(BenchmarkDataModule):
     """
 
     NAME: ClassVar[str] = "msrvtt"
+    PROTOCOL_SIZES: ClassVar[dict[str, int]] = {"train_9k": 9000, "train_7k": 7010, "test": 1000}
+    PROTOCOL_SOURCE: ClassVar[str] = (
+        "rows of MSRVTT_train.9k.csv / MSRVTT_train.7k.csv / MSRVTT_JSFUSION_test.csv in CLIP4Clip's msrvtt_data.zip "
+        "(ArrowLuo/CLIP4Clip release v0.0; /work/shared/anchors/datasets.md section 2)"
+    )
+    PREPARE_INPUTS: ClassVar[str] = "--videos MSRVTT/videos/all --annotations msrvtt_data"
     TRAIN_SPLIT: ClassVar[str] = "train_9k"
     VAL_SPLIT: ClassVar[str | None] = "test"
 
@@ -133,3 +197,9 @@ class MSRVTTFullDataModule(BenchmarkDataModule):
     """MSR-VTT full split: 2,990 test videos, all 20 captions of each are queries."""
 
     NAME: ClassVar[str] = "msrvtt_full"
+    PROTOCOL_SIZES: ClassVar[dict[str, int]] = {"train": 6513, "val": 497, "test": 2990}
+    PROTOCOL_SOURCE: ClassVar[str] = (
+        "the official split (Xu et al. 2016); CLIP2Video MSRVTT_{train,val,test}.full.csv and "
+        "collaborative-experts misc/datasets/msrvtt (/work/shared/anchors/datasets.md section 2)"
+    )
+    PREPARE_INPUTS: ClassVar[str] = "--videos MSRVTT/videos/all --annotations msrvtt_data"

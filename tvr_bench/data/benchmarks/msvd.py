@@ -120,3 +120,8 @@ class MSVDDataModule(BenchmarkDataModule):
     """MSVD: every caption of a test video is a query over the 670-video gallery."""
 
     NAME: ClassVar[str] = "msvd"
+    PROTOCOL_SIZES: ClassVar[dict[str, int]] = {"train": 1200, "val": 100, "test": 670}
+    PROTOCOL_SOURCE: ClassVar[str] = (
+        "collaborative-experts misc/datasets/msvd {train,val,test}_list.txt (/work/shared/anchors/datasets.md section 3)"
+    )
+    PREPARE_INPUTS: ClassVar[str] = "--videos YouTubeClips --annotations msvd_data"

@@ -111,3 +111,9 @@ class VATEXDataModule(BenchmarkDataModule):
     """VATEX: every one of a test video's 10 English captions is a query over the 1,500-video gallery."""
 
     NAME: ClassVar[str] = "vatex"
+    PROTOCOL_SIZES: ClassVar[dict[str, int]] = {"train": 25991, "val": 1500, "test": 1500}
+    PROTOCOL_SOURCE: ClassVar[str] = (
+        "HGR split as shipped by CLIP2Video data/vatex_data/{train,val,test}_list.txt "
+        "(/work/shared/anchors/datasets.md section 7)"
+    )
+    PREPARE_INPUTS: ClassVar[str] = "--videos vatex/videos --annotations vatex/annotations"
