@@ -563,12 +563,14 @@ def plot_leaderboard(aggregated: list[dict[str, Any]], expected: list[dict[str, 
         if not aggregated:
             ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes)
     axes[0].set_ylabel("R@1 (%)")
-    handles, names = [], []
-    for ax in axes:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in names:
-                handles.append(h)
-                names.append(lab)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    names = [lab for lab in labels if lab in labelled]
+    handles: list[Any] = [Patch(color=color[lab]) for lab in names]  # plain patches: a hatched first bar is no key
+    if "paper" in labelled:
+        handles.append(Line2D([], [], marker="D", color="black", linestyle="none", markeredgecolor="white"))
+        names.append("paper")
     fig.suptitle(f"tvr-bench: R@1 per method (error bars: 95% bootstrap interval over test queries; "
                  f"{BEST_MARK} best, {TIED_MARK} not significantly different; hatched: incomplete test set)",
                  y=0.985, fontsize=9)

@@ -321,6 +321,8 @@ class LeaderboardWriter(L.Callback):
         result = self.build_result(trainer, pl_module, evaluator, eval_seconds, run_dir)
         self.last_result = result
         self.last_path = self.write_result(result)
+        if run_dir is not None:
+            self.write_run_copy(result, run_dir)
         built = None
         if self.rebuild:
             try:
@@ -465,6 +467,16 @@ class LeaderboardWriter(L.Callback):
         elif ranks.exists():
             ranks.unlink()  # a rerun without ranks must not leave the previous run's ranks beside its JSON
         return atomic_write(path, json.dumps(result, indent=2, sort_keys=False) + "\n")
+
+    def write_run_copy(self, result: dict[str, Any], run_dir: str) -> Path:
+        """A copy of the result and its ranks in the run's own folder (`result.json`, `result.ranks.npz`), so that
+        `tvr-bench compare RUN_DIR_A RUN_DIR_B` finds them."""
+        copy = json.loads(json.dumps(result))
+        if self.last_path is not None and (copy.get("per_query") or {}).get("file"):
+            source = self.last_path.parent / copy["per_query"]["file"]
+            atomic_write(Path(run_dir) / "result.ranks.npz", source.read_bytes())
+            copy["per_query"]["file"] = "result.ranks.npz"
+        return atomic_write(Path(run_dir) / "result.json", json.dumps(copy, indent=2) + "\n")
 
     def log_to_wandb(self, trainer: Any, result: dict[str, Any], built: dict[str, Any] | None = None) -> None:
         """Log the run's leaderboard row (table + run summary), its identity and protocol into the run config
