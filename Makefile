@@ -3,12 +3,18 @@ PYTHON ?= python3
 VENV ?= .venv
 METHOD ?= clip4clip
 DATA ?= synthetic
-SEED ?= 0
+PROFILE ?=
+# PROFILE=paper: the reference's seed (recipes/profiles/paper_<m>.yaml) unless SEED is given; unset: 0
+PROFILE_SEED = $(if $(PROFILE),$(shell sed -n 's/^seed_everything: *\([0-9][0-9]*\).*/\1/p' recipes/profiles/$(PROFILE)_$(METHOD).yaml 2>/dev/null))
+SEED ?= $(or $(PROFILE_SEED),0)
 SEEDS ?= $(SEED)
 ARGS ?=
 TVR := $(VENV)/bin/tvr-bench
 RECIPES = --config recipes/base.yaml --config recipes/methods/$(METHOD).yaml --config recipes/data/$(DATA).yaml
 RECIPE_EXTRA = $(wildcard recipes/methods/$(METHOD)_$(DATA).yaml)
+# PROFILE=<p> stacks recipes/profiles/<p>.yaml and <p>_<method>.yaml last; `paper` adds the reference selection
+PROFILE_LAYERS = $(if $(PROFILE),recipes/profiles/$(PROFILE).yaml $(wildcard recipes/profiles/$(PROFILE)_$(METHOD).yaml) $(if $(filter paper,$(PROFILE)),recipes/selection/reference_$(METHOD).yaml))
+PROFILES := $(strip $(foreach p,$(basename $(notdir $(wildcard recipes/profiles/*.yaml))),$(if $(findstring _,$(p)),,$(p))))
 
 METHODS := clip4clip clip4clip_seqtransf xpool drl tmass mascot
 DATASETS := $(basename $(notdir $(wildcard recipes/data/*.yaml)))
@@ -24,15 +30,18 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 ## Fit then test on the best checkpoint: make bench METHOD=drl DATA=synthetic SEEDS="0 1 2" ARGS="--trainer.max_epochs 2"
+## Reproduce a paper's setting: make bench METHOD=xpool DATA=msrvtt PROFILE=paper (recipes/profiles/paper.yaml)
 check-names:
 	@case " $(METHODS) " in *" $(METHOD) "*) ;; *) echo "error: unknown METHOD '$(METHOD)'; choose one of: $(METHODS)" >&2; exit 2;; esac
 	@case " $(DATASETS) " in *" $(DATA) "*) ;; *) echo "error: unknown DATA '$(DATA)'; choose one of: $(DATASETS)" >&2; exit 2;; esac
+	@if [ -n "$(PROFILE)" ]; then case " $(PROFILES) " in *" $(PROFILE) "*) ;; *) echo "error: unknown PROFILE '$(PROFILE)'; choose one of: $(PROFILES)" >&2; exit 2;; esac; fi
+	@if [ "$(PROFILE)" = paper ] && [ "$(DATA)" = synthetic ]; then echo "error: PROFILE=paper reproduces published numbers (pretrained CLIP ViT-B/32, 224 px) on a real benchmark; DATA=synthetic has none: choose one of $(filter-out synthetic,$(DATASETS))" >&2; exit 2; fi
 
 bench: check-names install
 	@for seed in $(SEEDS); do \
 	  echo "== $(METHOD) on $(DATA), seed $$seed =="; \
-	  $(TVR) bench $(RECIPES) $(if $(RECIPE_EXTRA),--config $(RECIPE_EXTRA)) \
-	    --seed_everything $$seed --trainer.default_root_dir runs/$(METHOD)/$(DATA)/seed$$seed $(ARGS) || exit $$?; \
+	  $(TVR) bench $(RECIPES) $(foreach f,$(RECIPE_EXTRA) $(PROFILE_LAYERS),--config $(f)) \
+	    --seed_everything $$seed --trainer.default_root_dir runs/$(METHOD)/$(DATA)/$(if $(PROFILE),$(PROFILE)/)seed$$seed $(ARGS) || exit $$?; \
 	done
 
 test: install
