@@ -306,3 +306,65 @@ def test_blocked_similarity_rank_shares_rebuild_the_full_matrix() -> None:
                 rows = torch.arange(rank, 37, world)
                 rebuilt[rows] = blocked_similarity(Scorer(), text, video, budget_mb, rows)
             assert torch.allclose(rebuilt, full, rtol=0, atol=1e-6)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_gradient_probe(out: Path, world: int, methods: list[str], reference_gather: list[str]) -> None:
+    """`python -m tests.ddp_probe` on `world` processes (DDP environment set here, as torchrun would), with a timeout."""
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = clean_env()
+        if world > 1:
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                       LOCAL_RANK=str(rank), NODE_RANK="0")  # fmt: skip
+        cmd = [sys.executable, "-m", "tests.ddp_probe", "--out", str(out), "--methods", ",".join(methods),
+               "--reference-gather", ",".join(reference_gather)]  # fmt: skip
+        log = open(out.parent / f"{out.name}.rank{rank}.log", "w")  # noqa: SIM115 - closed below
+        procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    failed = []
+    for rank, (proc, log) in enumerate(procs):
+        try:
+            code = proc.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = "timeout"
+        log.close()
+        if code != 0:
+            failed.append(f"rank {rank} exited {code}:\n{Path(log.name).read_text()[-3000:]}")
+    if failed:
+        pytest.fail("\n".join(failed))
+
+
+@pytest.mark.slow
+def test_ddp_parameter_gradients_equal_one_process_with_the_global_batch(tmp_path: Path) -> None:
+    """Every method: parameter gradients of one step on 2 gloo ranks (4 pairs each) == 1 process with the 8 pairs,
+    within 1e-6; the references' local-slice gather would give half of that on the feature path (shown on clip4clip)."""
+    methods = method_recipes()
+    assert {"clip4clip", "clip4clip_seqtransf", "xpool", "drl", "tmass", "mascot"} <= set(methods)
+    run_gradient_probe(tmp_path / "one", 1, methods, [])
+    run_gradient_probe(tmp_path / "two", 2, methods, ["clip4clip"])
+    for method in methods:
+        one = torch.load(tmp_path / "one" / f"{method}_rank0.pt", weights_only=True)
+        two = [torch.load(tmp_path / "two" / f"{method}_rank{r}.pt", weights_only=True) for r in (0, 1)]
+        assert set(one) == set(two[0]) == set(two[1]) and len(one) > 10, method
+        scale = max(float(g.abs().max()) for g in one.values())
+        assert scale > 1e-3, f"{method}: vanishing gradients make the comparison vacuous"
+        for name, grad in one.items():
+            for rank in (0, 1):
+                diff = float((two[rank][name] - grad).abs().max())
+                assert diff <= 1e-6, f"{method}: {name} differs by {diff:.2e} on rank {rank} (max |grad| {scale:.2e})"
+    # the references' AllGather (backward = local slice) + DDP's average: feature-path gradients are 1/W
+    one = torch.load(tmp_path / "one" / "clip4clip_rank0.pt", weights_only=True)
+    ref = torch.load(tmp_path / "two" / "clip4clip_refgather_rank0.pt", weights_only=True)
+    feature_path = [n for n in one if n != "backbone.clip.logit_scale"]
+    for name in feature_path:
+        assert torch.allclose(ref[name], 0.5 * one[name], rtol=1e-4, atol=1e-7), name
+    assert torch.allclose(ref["backbone.clip.logit_scale"], one["backbone.clip.logit_scale"], rtol=1e-5)  # used after the gather
