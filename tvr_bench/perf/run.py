@@ -748,10 +748,24 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"**{100 * t['overhead']:+.1f} %** (target ≤ 5 % {_mark(t['targets_met']['overhead'])}).",
             "",
         ]
+    if "features" in sec:
+        from tvr_bench.perf.features_bench import render as render_features
+
+        lines += render_features(sec["features"])
     return "\n".join(lines)
 
 
-SECTIONS = ("data", "eval", "metrics", "train")
+SECTIONS = ("data", "eval", "metrics", "train", "features")
+
+
+def _bench_features(work: Path, quick: bool, accelerator: str) -> dict[str, Any]:
+    """Section `features`: head training on cached frozen features vs encoding frames (perf/features_bench.py)."""
+    from tvr_bench.perf.features_bench import bench_features
+
+    sizes = {"steps": 6, "warmup": 2, "rounds": 1} if quick else {"steps": 12, "warmup": 3, "rounds": 2}
+    return bench_features(work, accelerator=accelerator, **sizes)
+
+
 EVAL_METHODS = ("clip4clip", "mascot", "xpool", "tmass", "drl")
 
 
@@ -795,6 +809,7 @@ def perf_main(argv: list[str]) -> int:
         "eval": lambda: bench_eval(sizes, [m.strip() for m in args.methods.split(",") if m.strip()]),
         "metrics": lambda: bench_metrics(sizes.metrics_n, sizes.metrics_repeats),
         "train": lambda: bench_train(sizes, args.accelerator),
+        "features": lambda: _bench_features(Path(args.work_dir), args.quick, args.accelerator),
     }
     for name in sections:
         t0 = time.perf_counter()
