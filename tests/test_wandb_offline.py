@@ -4,6 +4,7 @@ SaveConfigCallback + WandbLogger clash (two consecutive CLI runs). Nothing here 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -46,6 +47,7 @@ def _assert_no_secret(root: Path) -> None:
 
 def _tables(save_dir: Path, key: str = "leaderboard") -> list[dict]:
     files = sorted(save_dir.glob(f"wandb/offline-run-*/files/media/table/{key}_*.table.json"))
+    files = [f for f in files if re.match(rf"{re.escape(key)}_\d+_", f.name)]  # not `<key>_all_...`
     return [json.loads(f.read_text()) for f in files]
 
 
@@ -65,7 +67,8 @@ def test_describe_before_start_fills_only_what_the_user_left_out(tmp_path):
     logger = OfflineWandbLogger(project="p", tags=["mine"])
     logger.describe("xpool", "msrvtt", "ViT-B/32", seed=2, job_type="bench", save_dir=str(tmp_path / "run"))
     init = logger._wandb_init
-    assert init["group"] == "xpool-msrvtt-vit-b-32" and init["name"] == "xpool-msrvtt-vit-b-32-seed2"
+    assert init["group"] == "msrvtt" and init["name"] == "xpool-msrvtt-vit-b-32-seed2"  # group: one per dataset
+    assert init["config"] == {"method": "xpool", "dataset": "msrvtt", "backbone": "ViT-B/32", "seed": 2}
     assert init["job_type"] == "bench" and init["tags"] == ["mine"]
     assert logger.save_dir == str(tmp_path / "run") and init["dir"] == logger.save_dir
 
@@ -86,7 +89,8 @@ def test_leaderboard_row_read_back_from_offline_wandb(offline_wandb):
 
     run = logger.experiment
     assert run.settings.mode == "offline"
-    assert (run.group, run.job_type, run.name) == ("toymethod-toyset-tiny", "bench", "toymethod-toyset-tiny-seed5")
+    assert (run.group, run.job_type, run.name) == ("toyset", "bench", "toymethod-toyset-tiny-seed5")
+    assert run.config["method"] == "toymethod" and run.config["protocol/profile"] == "default"
     assert {"toymethod", "toyset", "tiny", "seed5"} <= set(run.tags)
     assert run.summary["result/t2v/R@1"] == 40.0 and run.summary["result/dsl/v2t/R@1"] == 39.0
     assert run.summary["result/params"] == 15
@@ -122,7 +126,7 @@ def test_live_run_is_tagged_from_method_and_dataset(offline_wandb):
     trainer.fit(ToyMethod(), datamodule=ToyDataModule(dataset="msvd"))
     run = logger.experiment
     assert {"toymethod", "msvd", "tiny"} <= set(run.tags)
-    assert run.config["dataset"] == "msvd" and run.config["wandb_group"] == "toymethod-msvd-tiny"
+    assert run.config["dataset"] == "msvd" and run.config["wandb_group"] == "msvd"
     finish_wandb([logger])
 
 
@@ -173,7 +177,7 @@ def test_two_consecutive_cli_runs_each_keep_their_config(offline_wandb, monkeypa
         [logger] = cli.trainer.loggers
         assert logger._experiment is None  # TVRBenchCLI closed the W&B run: the next one is a fresh run
         init = logger._wandb_init
-        assert (init["group"], init["name"], init["job_type"]) == ("toymethod-toyset-tiny", f"toymethod-toyset-tiny-seed{seed}", "fit")
+        assert (init["group"], init["name"], init["job_type"]) == ("toyset", f"toymethod-toyset-tiny-seed{seed}", "fit")
         assert init["dir"] == str(root) and init["mode"] == "offline"
 
     configs = sorted(root.glob("tvr-bench-test/*/config.yaml"))
@@ -236,7 +240,24 @@ def test_bench_on_tiny_synthetic_writes_result_leaderboard_and_wandb_table(offli
     assert Path(result["run_dir"]) == config.parent.relative_to(tmp) or Path(result["run_dir"]) == config.parent
     assert yaml.safe_load(config.read_text())["leaderboard"]["runs_dir"] == str(tmp / "runs")
     md = (tmp / "runs" / "leaderboard.md").read_text()
-    assert "| clip4clip | synthetic | tiny | 12 | 32 | this run | 0 |" in md
+    r1, (lo, hi) = result["metrics"]["t2v/R@1"], result["intervals"]["metrics"]["t2v/R@1"]
+    assert f"| ★ | clip4clip | synthetic | tiny | 12 | 32 | sel=last, opt=adamw | – | this run | 0 | {r1:.1f} [{lo:.1f}, {hi:.1f}] |" in md
+    assert result["protocol"]["test_videos"] == 16 and result["protocol"]["profile"] == "default"
+    run_dir = Path(result["run_dir"]) if Path(result["run_dir"]).is_absolute() else tmp / result["run_dir"]
+    assert (run_dir / "result.json").is_file() and (run_dir / "result.ranks.npz").is_file()  # for `tvr-bench compare`
+    assert (tmp / "runs" / "results" / result["per_query"]["file"]).is_file()
+    page = (run_dir / "qualitative.html").read_text()
+    assert page.count("<tr>") >= 50 and "data:image/jpeg;base64," in page  # 50 of the 80 test captions
+    [qual] = _tables(run_root, "qualitative")
+    assert qual["columns"][:5] == ["caption_key", "query", "rank", "correct_video", "correct_frames"]
+    assert len(qual["data"]) == 50 and all(1 <= row[2] <= 16 for row in qual["data"])
+    # offline, the run's table file holds the word "Image" (wandb #4611): the staged artifact keeps the images
+    staged = [json.loads(f.read_text()) for f in (tmp / "wandb_home" / "artifacts" / "staging").glob("*")
+              if f.read_bytes()[:1] == b"{"]
+    arts = [t for t in staged if t.get("_type") == "table" and len(t.get("data", [])) == 50]
+    assert arts and all(a["data"][0][4]["_type"] == "image-file" for a in arts)
+    assert arts[0]["data"][0][4]["path"].startswith("media/images/")
+    assert len(list(run_root.glob("wandb/offline-run-*/files/media/images/test/rank_histograms_*.png"))) == 1
     with Image.open(tmp / "runs" / "leaderboard.png") as img:
         assert img.format == "PNG"
     _assert_no_secret(tmp)

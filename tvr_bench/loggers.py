@@ -27,7 +27,9 @@ class OfflineWandbLogger(WandbLogger):
     whatever `WANDB_MODE` says (`online`, `offline`, `disabled`); `True`/`False` force it. The mode is passed to
     `wandb.init(mode=...)`, so the process environment is never modified. `save_dir=None` means the trainer's
     `default_root_dir` (filled in by `describe`), so that every run's W&B files sit in its own run folder.
-    `describe` fills `group`, `tags`, `name` and `job_type` from the method and dataset unless the user gave them.
+    `describe` fills `group` (the dataset: every run on one dataset lands in one W&B group, so the run comparer and
+    parallel coordinates line methods up), `tags`, `name` and `job_type` unless the user gave them, and puts
+    method, dataset, backbone and seed into the run config.
     """
 
     def __init__(
@@ -90,8 +92,8 @@ class OfflineWandbLogger(WandbLogger):
         parts = [p for p in (method, dataset, backbone) if p]
         fields: dict[str, Any] = {}
         if parts:
-            fields["group"] = "-".join(slug(p) for p in parts)
-            fields["name"] = fields["group"] + (f"-seed{seed}" if seed is not None else "")
+            fields["group"] = slug(dataset) if dataset else "-".join(slug(p) for p in parts)
+            fields["name"] = "-".join(slug(p) for p in parts) + (f"-seed{seed}" if seed is not None else "")
             fields["tags"] = [str(p) for p in parts] + ([f"seed{seed}"] if seed is not None else [])
         if job_type:
             fields["job_type"] = job_type
@@ -99,6 +101,10 @@ class OfflineWandbLogger(WandbLogger):
             for key, value in fields.items():
                 if key not in self._user_set:
                     self._wandb_init[key] = value
+            identity = {k: v for k, v in (("method", method), ("dataset", dataset), ("backbone", backbone),
+                                          ("seed", seed)) if v is not None}
+            config = dict(self._wandb_init.get("config") or {})
+            self._wandb_init["config"] = {**identity, **config}
             if save_dir is not None and "dir" not in self._user_set:
                 self._save_dir = os.fspath(save_dir)
                 self._wandb_init["dir"] = self._save_dir

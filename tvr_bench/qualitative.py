@@ -221,3 +221,9 @@ def log_wandb_table(run: Any, views: list[QueryView], images: dict[str, Any], hi
         with Image.open(io.BytesIO(histogram_png)) as img:
             payload["test/rank_histograms"] = wandb.Image(img.copy())
     run.log(payload)
+    # An offline run stores a table's images as the word "Image" (wandb issue #4611); the same table as an
+    # artifact keeps its image files, which `wandb sync` uploads with the run.
+    if hasattr(run, "log_artifact"):
+        artifact = wandb.Artifact(f"qualitative-{run.id}", type="qualitative")
+        artifact.add(table, "qualitative")
+        run.log_artifact(artifact)
