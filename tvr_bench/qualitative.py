@@ -23,6 +23,10 @@ from tvr_bench.results import atomic_write
 STRIP_FRAMES = 4
 STRIP_HEIGHT = 64
 JPEG_QUALITY = 70
+#: (frames, height, JPEG quality) of the strips, tried in order until the page fits PAGE_BUDGET
+STRIP_SETTINGS = ((STRIP_FRAMES, STRIP_HEIGHT, JPEG_QUALITY), (3, 56, 55), (2, 48, 40), (1, 40, 30))
+#: the page stays below this size (the issue asks < 5 MB for 50 queries)
+PAGE_BUDGET = 4_500_000
 
 __all__ = ["QueryView", "frame_strip", "read_videos", "render_html", "sample_queries", "qualitative_for_run"]
 
@@ -117,7 +121,7 @@ def rank_histogram_png(ranks: dict[str, np.ndarray]) -> bytes:
 
 
 def render_html(title: str, views: list[QueryView], strips: dict[str, str], histogram_png: bytes | None = None,
-                summary: str = "") -> str:
+                summary: str = "", strip_frames: int = STRIP_FRAMES) -> str:
     """The self-contained page: one table row per query; `strips` maps video keys to JPEG data URIs."""
     esc = html.escape
     rows = []
@@ -153,7 +157,7 @@ td.correct img {{ outline: 3px solid #2a2; }}
 <p>{esc(summary)}</p>
 <p>Each row: a text query sampled from the test set, the rank of its correct video (1 = retrieved first), the
 correct video (green frame), then the five best-scoring videos with their scores; a green frame marks the
-correct video among them. Frame strips show {STRIP_FRAMES} evenly spaced stored frames.</p>
+correct video among them. Frame strips show {strip_frames} evenly spaced stored frame(s).</p>
 <table><thead><tr><th>query</th><th>rank</th><th>correct video</th>{head}</tr></thead>
 <tbody>
 {chr(10).join(rows)}
@@ -165,7 +169,7 @@ correct video among them. Frame strips show {STRIP_FRAMES} evenly spaced stored 
 
 def qualitative_for_run(per_query: dict[str, Any], datamodule: Any, html_path: str | Path, n_queries: int = 50,
                         title: str = "qualitative results", wandb_runs: list[Any] | None = None,
-                        seed: int = 0) -> Path:
+                        seed: int = 0, max_bytes: int = PAGE_BUDGET) -> Path:
     """Write the page for the evaluator's `last_per_query` (frames from the datamodule's test shards) and log
     the same rows as a W&B table `qualitative` plus the rank histogram image to every run in `wandb_runs`."""
     video_keys = list(per_query["video_keys"])
@@ -188,13 +192,18 @@ def qualitative_for_run(per_query: dict[str, Any], datamodule: Any, html_path: s
         text = " ".join(captions) if paragraph else (captions[int(tail)] if tail.isdigit() and int(tail) < len(captions) else key)
         top = [(video_keys[int(j)], float(s)) for j, s in zip(top_index[i], top_score[i])]
         views.append(QueryView(key, text, vkey, int(t2v_rank[i]), top))
-    images = {k: frame_strip(videos[k][1]) for k in needed}
-    strips = {k: _jpeg_data_uri(img) for k, img in images.items()}
     ranks = {"t2v": t2v_rank, "v2t": np.asarray(per_query["v2t_rank"])}
     histogram = rank_histogram_png(ranks)
     summary = (f"{len(views)} of {len(caption_keys)} text queries sampled uniformly (seed {seed}); "
                f"{len(video_keys)} videos in the gallery.")
-    path = atomic_write(html_path, render_html(title, views, strips, histogram, summary))
+    # smaller strips until the page fits the budget (natural frames fit at the first setting)
+    for frames, height, quality in STRIP_SETTINGS:
+        images = {k: frame_strip(videos[k][1], frames, height) for k in needed}
+        strips = {k: _jpeg_data_uri(img, quality) for k, img in images.items()}
+        page = render_html(title, views, strips, histogram, summary, frames)
+        if len(page.encode("utf-8")) <= max_bytes:
+            break
+    path = atomic_write(html_path, page)
     for run in wandb_runs or []:
         log_wandb_table(run, views, images, histogram)
     return path
