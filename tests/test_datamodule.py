@@ -13,7 +13,7 @@ import torch
 from tests.data_fixtures import tiny_root  # noqa: F401 - pytest fixture
 from tvr_bench.data.datamodule import RetrievalDataModule
 from tvr_bench.data.shards import ShardError, ShardFile, encode_sample, iter_shard, parse_sample, read_index
-from tvr_bench.data.transforms import CLIP_MEAN, CLIP_STD
+from tvr_bench.data.transforms import CLIP_MEAN, CLIP_STD, normalize_batch
 
 
 def _dm(root: Path, **kw: object) -> RetrievalDataModule:
@@ -42,11 +42,14 @@ def test_train_batches_shapes_dtypes_normalisation(tiny_root: Path) -> None:
     assert len(batches) == len(loader) == 48 // 8
     batch = batches[0]
     assert set(batch) == {"frames", "frame_mask", "captions", "video_key"}
-    assert batch["frames"].shape == (8, 12, 3, 64, 64) and batch["frames"].dtype == torch.float32
+    assert batch["frames"].shape == (8, 12, 3, 64, 64) and batch["frames"].dtype == torch.uint8  # uint8 transport
     assert batch["frame_mask"].shape == (8, 12) and batch["frame_mask"].dtype == torch.bool and batch["frame_mask"].all()
     captions = _captions_by_key(tiny_root, "train")
     for key, caption in zip(batch["video_key"], batch["captions"]):
         assert caption in captions[key]
+    # the DataModule's on_after_batch_transfer normalises on the device, as normalize_batch does
+    batch = dm.on_after_batch_transfer(batch, 0)
+    assert batch["frames"].dtype == torch.float32 and torch.equal(batch["frames"], normalize_batch(batches[0])["frames"])
     # CLIP normalisation: values span the normalised range of 0..255 pixels
     lo = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)]).view(1, 1, 3, 1, 1)
     hi = torch.tensor([(1 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD)]).view(1, 1, 3, 1, 1)
@@ -140,12 +143,12 @@ def test_paragraph_mode(tiny_root: Path) -> None:
     assert all(c == " ".join(captions_) for c, captions_ in zip(train["captions"], [_captions_by_key(tiny_root, "train")[k] for k in train["video_key"]]))
 
 
-def test_more_and_fewer_frames_than_stored(tiny_root: Path) -> None:
-    with pytest.warns(UserWarning, match=r"'val-0000\d' has 12 stored frames, 16 asked"):
-        batch = next(iter(_dm(tiny_root, num_frames=16, image_size=32).val_dataloader()))
-    assert batch["frames"].shape == (5, 16, 3, 32, 32)
-    assert batch["frame_mask"][:, :12].all() and not batch["frame_mask"][:, 12:].any()
-    assert torch.count_nonzero(batch["frames"][:, 12:]) == 0
+def test_more_frames_than_prepared_are_refused_fewer_subsampled(tiny_root: Path) -> None:
+    with pytest.raises(ValueError) as info:
+        _dm(tiny_root, num_frames=16, image_size=32).val_dataloader()
+    message = str(info.value)
+    assert str(tiny_root / "val") in message and "prepared with 12 frames" in message and "num_frames=16" in message
+    assert "tvr-bench prepare synthetic" in message and "--frames 16" in message
     batch = next(iter(_dm(tiny_root, num_frames=4).val_dataloader()))
     assert batch["frames"].shape == (5, 4, 3, 64, 64) and batch["frame_mask"].all()
 

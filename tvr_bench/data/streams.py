@@ -1,14 +1,23 @@
 """WebDataset pipelines over prepared shards: training streams, exact evaluation splits, collation.
 
-Training: every (rank, worker) slot reads an endless stream of shards (each pass over the shard list
-in a fresh seeded order, positions dealt round-robin to the slots), draws one caption per video
-(or expands all captions), shuffles in a buffer and batches inside the worker; the loader stops after
-a fixed number of batches, identical on every rank, computed from index.json totals.
+Training: in every pass (round) over the split, the samples of the shards, taken in a fresh seeded
+shard order, are cut into one contiguous block per (rank, worker) slot (sizes differ by at most one
+video, like evaluation); each slot reads its block, keeps the undecoded videos in a pool and builds
+every batch from distinct videos of the pool (:func:`_mix`): ``train_stream: pairs`` yields every
+(video, caption) pair of the block once, picked at random among the pool's remaining pairs
+(a video's captions are spread over many batches, never two in one); ``train_stream: videos`` yields
+every video once with one caption drawn per visit. A round ends when its pool is drained (fewer
+videos left than a batch); the next round's videos join the leftover. The loader stops after a fixed
+number of batches, identical on every rank, computed from index.json totals.
+
+Frames travel as uint8 (``[B, F, 3, S, S]``), decoded straight into one batch buffer; the DataModule
+normalises them on the device (``on_after_batch_transfer``, :func:`tvr_bench.data.transforms.normalize_batch`).
 
 Resume: the training loader is stateful (Lightning stores its ``state_dict`` in checkpoints): a run
 resumed mid-epoch skips the batches of that epoch it already trained on, so it sees exactly the batches
 the uninterrupted run would have seen. Whole batches per worker are dropped before decoding; fewer than
-``num_workers`` batches are decoded and discarded.
+``num_workers`` batches are decoded and discarded. Every random draw (caption, batch, augmentation) is
+made before the skip, from the (seed, epoch, slot) generators.
 
 Evaluation: the samples of a split, in shard order, are cut into ``world_size * num_workers``
 contiguous blocks (sizes differ by at most one); a slot opens only the shards overlapping its block
@@ -32,9 +41,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from tvr_bench.data.frames import stored_frame_plan
 from tvr_bench.data.shards import ShardError, parse_sample, read_index
-from tvr_bench.data.transforms import clip_to_uint8, decode_jpeg, normalize_clips
+from tvr_bench.data.transforms import decode_clip_into
 
-SHORT_WARNINGS_SHOWN = 5
+#: Training streams (``train_stream``): every (video, caption) pair once per epoch, or every video once
+#: with one random caption per visit.
+TRAIN_STREAMS: tuple[str, ...] = ("pairs", "videos")
+#: Short-clip warnings shown per process (the main process checks the masks of the batches it hands out).
+SHORT_WARNINGS_SHOWN = 1
 _short_warned = 0
 
 
@@ -129,10 +142,13 @@ class StreamState:
     last_key: str | None = None
     shard_seq: int = 0
     skip_batches: int = 0  # training: batches every worker drops (undecoded) at the start of this pass
+    take: tuple[int, int] | None = None  # training: [first, last) sample of the current shard in this slot's block
+    round: int = 0  # training: the pass over the split the current shard belongs to
 
-    def open_shard(self, url: str) -> None:
+    def open_shard(self, url: str, take: tuple[int, int] | None = None, round: int = 0) -> None:
         """Called by a source when it hands out a shard (the same url may come again later)."""
         self.url, self.last_key = url, None
+        self.take, self.round = take, round
         self.shard_seq += 1
 
 
@@ -179,7 +195,8 @@ class EvalShardSource(IterableDataset):
 
 
 class TrainShardSource(IterableDataset):
-    """Endless shard stream: seeded passes over all shards, positions dealt round-robin to slots."""
+    """Endless shard stream: in round r, the shards in a (seed, epoch, r) order, this slot's contiguous block
+    of their samples (:func:`block_range`); the source notes which samples of each shard belong to it."""
 
     def __init__(self, shards: SplitShards, plan: SlotPlan) -> None:
         super().__init__()
@@ -187,16 +204,41 @@ class TrainShardSource(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, str]]:
         slot, slots = self.plan.slot()
-        n = len(self.shards.urls)
-        position, rounds = 0, 0
+        n, total = len(self.shards.urls), self.shards.num_samples
+        if total >= slots:
+            lo, hi = block_range(total, slot, slots)
+        else:  # fewer videos than slots: every slot reads one
+            lo, hi = slot % total, slot % total + 1
+        rounds = 0
         while True:
             order = random.Random(f"{self.plan.seed}:{self.plan.state.epoch}:shards:{rounds}").sample(range(n), n)
+            start = 0
             for i in order:
-                if position % slots == slot:
-                    self.plan.state.open_shard(self.shards.urls[i])
+                count = self.shards.counts[i]
+                first, last = max(lo - start, 0), min(hi - start, count)
+                if first < last:
+                    self.plan.state.open_shard(self.shards.urls[i], take=(first, last), round=rounds)
                     yield {"url": self.shards.urls[i]}
-                position += 1
+                start += count
             rounds += 1
+
+
+def _take_block(src: Iterable[dict[str, Any]], plan: SlotPlan) -> Iterator[dict[str, Any]]:
+    """Training: keep the samples of the current shard that lie in this slot's block (before any decoding),
+    tagged with their round."""
+    state = plan.state
+    seq, i = None, 0
+    for sample in src:
+        if state.shard_seq != seq:
+            seq, i = state.shard_seq, 0
+        first, last = state.take or (0, 1 << 62)
+        i += 1
+        if first <= i - 1 < last:
+            sample["__round__"] = state.round
+            yield sample
+
+
+take_block = wds.pipelinefilter(_take_block)
 
 
 def _guard(src: Iterable[dict[str, Any]], plan: SlotPlan, expected: dict[str, int]) -> Iterator[dict[str, Any]]:
@@ -266,38 +308,95 @@ select_block = wds.pipelinefilter(_select_block)
 def _parse(src: Iterable[dict[str, Any]], caption_mode: str) -> Iterator[dict[str, Any]]:
     """Validate raw samples and keep key, shard, captions and the JPEG bytes."""
     for sample in src:
+        round_ = sample.pop("__round__", 0)  # training: set by take_block, not a shard member
         meta, frames = parse_sample(sample)
         captions = list(meta["captions"])
         if caption_mode == "paragraph":
             captions = [" ".join(captions)]
-        yield {"key": sample["__key__"], "url": sample["__url__"], "captions": captions, "jpegs": frames}
+        yield {"key": sample["__key__"], "url": sample["__url__"], "captions": captions, "jpegs": frames,
+               "round": round_}
 
 
 parse = wds.pipelinefilter(_parse)
 
 
-def _pick_captions(src: Iterable[dict[str, Any]], plan: SlotPlan, expand: bool) -> Iterator[dict[str, Any]]:
-    """Training: one random caption per video per pass, or one item per caption when ``expand``."""
-    rng = plan.rng("captions")
-    for item in src:
-        captions = item["captions"]
-        chosen = captions if expand else [captions[rng.randrange(len(captions))]]
-        for caption in chosen:
-            yield {**item, "caption": caption}
+def _mix(
+    src: Iterable[dict[str, Any]],
+    plan: SlotPlan,
+    stream: str,
+    batch_size: int,
+    pool_videos: int,
+    pool_bytes: int,
+    augment: bool,
+) -> Iterator[dict[str, Any]]:
+    """Training items, ``batch_size`` consecutive items = one batch of distinct videos.
+
+    Undecoded videos wait in a pool of at most ``pool_videos`` videos and ``pool_bytes`` JPEG bytes (but
+    always room for one batch). ``pairs``: a video enters with all its captions in a random order; a batch
+    takes ``batch_size`` distinct videos of the pool with probability proportional to their remaining
+    captions (the pool's pairs drawn at random, no video twice) and one caption of each; a video leaves
+    when its captions are used up. ``videos``: one random caption per video and visit. Videos of the next
+    round wait until this round's pool has fewer videos than a batch, so a round's pairs are all used.
+    Augmentation seeds are drawn here, before resume skips, so a resumed run crops the same way.
+    """
+    rng = plan.rng("mix")
+    choice = np.random.default_rng(rng.getrandbits(64))
+    cap = max(batch_size, pool_videos)
+    pool: list[tuple[dict[str, Any], list[str], int]] = []
+    held, pending, current = 0, None, None
+    exhausted = False
+    it = iter(src)
+
+    def enter(item: dict[str, Any]) -> None:
+        nonlocal held
+        captions = list(item["captions"])
+        if stream == "videos":
+            captions = [captions[rng.randrange(len(captions))]]
+        else:
+            rng.shuffle(captions)
+        size = sum(len(j) for j in item["jpegs"])
+        pool.append((item, captions, size))
+        held += size
+
+    while True:
+        while not exhausted and pending is None and len(pool) < cap and (held < pool_bytes or len(pool) < batch_size):
+            try:
+                item = next(it)
+            except StopIteration:
+                exhausted = True
+                break
+            if current is None:
+                current = item["round"]
+            if item["round"] != current:
+                pending = item
+                break
+            enter(item)
+        if len(pool) < batch_size and pending is not None:
+            current, item, pending = pending["round"], pending, None  # the round is drained: the next one joins
+            enter(item)
+            continue
+        if len(pool) < batch_size:  # a finite source ran dry: hand out the rest (the batcher drops a partial batch)
+            for item, captions, _ in pool:
+                for caption in captions:
+                    yield {"key": item["key"], "url": item["url"], "jpegs": item["jpegs"], "caption": caption, "aug": None}
+            return
+        weights = np.fromiter((len(c) for _, c, _ in pool), dtype=np.float64, count=len(pool))
+        picked = choice.choice(len(pool), size=batch_size, replace=False, p=weights / weights.sum())
+        for j in picked.tolist():
+            item, captions, _ = pool[j]
+            yield {
+                "key": item["key"],
+                "url": item["url"],
+                "jpegs": item["jpegs"],
+                "caption": captions.pop(),
+                "aug": rng.getrandbits(63) if augment else None,
+            }
+        if any(not c for _, c, _ in pool):
+            held -= sum(size for _, c, size in pool if not c)
+            pool = [entry for entry in pool if entry[1]]
 
 
-pick_captions = wds.pipelinefilter(_pick_captions)
-
-
-def _shuffle(src: Iterable[dict[str, Any]], plan: SlotPlan, bufsize: int) -> Iterator[dict[str, Any]]:
-    """WebDataset's buffer shuffle with a (seed, epoch, slot) generator."""
-    if bufsize <= 1:
-        yield from src
-        return
-    yield from wds.filters.shuffle(bufsize, initial=min(100, bufsize), rng=plan.rng("shuffle"))(iter(src))
-
-
-seeded_shuffle = wds.pipelinefilter(_shuffle)
+mix = wds.pipelinefilter(_mix)
 
 
 def _skip_batches(src: Iterable[dict[str, Any]], plan: SlotPlan, batch_size: int) -> Iterator[dict[str, Any]]:
@@ -314,79 +413,88 @@ skip_batches = wds.pipelinefilter(_skip_batches)
 
 
 def decode_clip(jpegs: list[bytes], num_frames: int, image_size: int, key: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
-    """JPEG frames of one clip -> (uint8 ``[F, 3, S, S]``, bool mask ``[F]``), uniformly subsampled
-    when more are stored, zero-padded (mask False, warning naming the key) when fewer. Batches are
-    normalised once in the collate functions (:func:`batch_frames`)."""
-    global _short_warned
+    """JPEG frames of one clip -> (uint8 ``[F, 3, S, S]``, bool mask ``[F]``), uniformly subsampled when more
+    are stored, zero-padded (mask False, a warning naming the key) when fewer; the batches of the pipelines
+    are decoded the same way, straight into their batch buffer (:func:`_decode_batches`)."""
     picked, pad = stored_frame_plan(len(jpegs), num_frames)
     if pad:
-        _short_warned += 1
-        if _short_warned <= SHORT_WARNINGS_SHOWN:
-            warnings.warn(
-                f"sample {key!r} has {len(jpegs)} stored frames, {num_frames} asked: padded with frame_mask=False"
-                + (" (further such warnings suppressed in this process)" if _short_warned == SHORT_WARNINGS_SHOWN else ""),
-                stacklevel=2,
-            )
-    frames = clip_to_uint8([decode_jpeg(jpegs[i], image_size) for i in picked], image_size)
+        warnings.warn(f"sample {key!r} has {len(jpegs)} stored frames, {num_frames} asked: padded with frame_mask=False", stacklevel=2)
+    frames = np.zeros((num_frames, 3, image_size, image_size), dtype=np.uint8)
+    decode_clip_into(frames, jpegs, picked, image_size)
     mask = torch.zeros(num_frames, dtype=torch.bool)
     mask[: len(picked)] = True
-    if pad:
-        frames = torch.from_numpy(np.concatenate([frames.numpy(), np.zeros((pad, *frames.shape[1:]), dtype=np.uint8)]))
-    return frames, mask
+    return torch.from_numpy(frames), mask
 
 
-def _decode(src: Iterable[dict[str, Any]], num_frames: int, image_size: int) -> Iterator[dict[str, Any]]:
-    """Decode the JPEGs of each item into tensors (errors name the shard and key)."""
+def _decode_batches(
+    src: Iterable[dict[str, Any]], batch_size: int, num_frames: int, image_size: int, train: bool, partial: bool
+) -> Iterator[dict[str, Any]]:
+    """Group items into batches and decode their JPEGs straight into one uint8 ``[B, F, 3, S, S]`` buffer
+    (frames uniformly subsampled when more are stored, zero-padded with ``frame_mask`` False when fewer);
+    errors name the shard and key."""
+    group: list[dict[str, Any]] = []
     for item in src:
+        group.append(item)
+        if len(group) == batch_size:
+            yield _decode_group(group, num_frames, image_size, train)
+            group = []
+    if group and partial:
+        yield _decode_group(group, num_frames, image_size, train)
+
+
+def _decode_group(items: list[dict[str, Any]], num_frames: int, image_size: int, train: bool) -> dict[str, Any]:
+    """One batch: decode every clip into the batch buffer, then collate the text side."""
+    frames = np.empty((len(items), num_frames, 3, image_size, image_size), dtype=np.uint8)
+    mask = np.zeros((len(items), num_frames), dtype=bool)
+    for b, item in enumerate(items):
+        picked, pad = stored_frame_plan(len(item["jpegs"]), num_frames)
         try:
-            frames, mask = decode_clip(item["jpegs"], num_frames, image_size, item["key"])
+            decode_clip_into(frames[b], item["jpegs"], picked, image_size, item.get("aug"))
         except Exception as exn:  # noqa: BLE001 - re-raised with the shard and key named
             raise ShardError(f"{item['url']}: sample {item['key']!r}: undecodable frame: {type(exn).__name__}: {exn}") from exn
-        out = {k: v for k, v in item.items() if k != "jpegs"}
-        out.update(frames=frames, frame_mask=mask)
-        yield out
+        mask[b, : len(picked)] = True
+        if pad:
+            frames[b, len(picked) :] = 0
+    out = {"frames": torch.from_numpy(frames), "frame_mask": torch.from_numpy(mask)}
+    return {**out, **(_train_text(items) if train else _eval_text(items))}
 
 
-decode = wds.pipelinefilter(_decode)
+decode_batches = wds.pipelinefilter(_decode_batches)
 
 
-def batch_frames(items: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack uint8 clips and masks, CLIP-normalise in one op, zero the padded frames."""
-    mask = torch.from_numpy(np.stack([i["frame_mask"].numpy() for i in items]))
-    frames = normalize_clips([i["frames"].numpy() for i in items])
-    if not bool(mask.all()):
-        frames.numpy()[~mask.numpy()] = 0.0
-    return frames, mask
+def _train_text(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Training batch text side: one caption and the key per video."""
+    return {"captions": [i["caption"] for i in items], "video_key": [i["key"] for i in items]}
 
 
-def collate_train(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Training batch: frames, frame_mask, one caption and the key per video."""
-    frames, mask = batch_frames(items)
-    return {
-        "frames": frames,
-        "frame_mask": mask,
-        "captions": [i["caption"] for i in items],
-        "video_key": [i["key"] for i in items],
-    }
-
-
-def collate_eval(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Evaluation batch: every caption of every video, flattened, with its video and caption keys."""
+def _eval_text(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Evaluation batch text side: every caption of every video, flattened, with its video and caption keys."""
     captions, caption_video, caption_key = [], [], []
     for v, item in enumerate(items):
         for j, caption in enumerate(item["captions"]):
             captions.append(caption)
             caption_video.append(v)
             caption_key.append(f"{item['key']}#{j}")
-    frames, mask = batch_frames(items)
     return {
-        "frames": frames,
-        "frame_mask": mask,
         "video_key": [i["key"] for i in items],
         "captions": captions,
         "caption_video": torch.tensor(caption_video, dtype=torch.long),
         "caption_key": caption_key,
     }
+
+
+def short_clip_message(batch: dict[str, Any]) -> str | None:
+    """The warning for a batch holding padded (short) clips, naming the first one; None when none is."""
+    mask = batch.get("frame_mask")
+    if not isinstance(mask, torch.Tensor) or bool(mask.all()):
+        return None
+    rows = (~mask.all(dim=1)).nonzero().flatten().tolist()
+    first = rows[0]
+    key = batch["video_key"][first] if "video_key" in batch else "?"
+    return (
+        f"sample {key!r} has {int(mask[first].sum())} stored frames, {mask.shape[1]} asked: padded with "
+        f"frame_mask=False ({len(rows)} such clip(s) in this batch; shown once per run, later ones are not reported)"
+    )
 
 
 def _tar_samples() -> Any:
@@ -402,21 +510,24 @@ def train_pipeline(
     image_size: int,
     batch_size: int,
     caption_mode: str,
-    expand_captions: bool,
-    shuffle_buffer: int,
+    train_stream: str = "pairs",
+    augment: str = "none",
+    pool_videos: int = 1000,
+    pool_bytes: int = 1 << 40,
 ) -> wds.DataPipeline:
-    """Endless pipeline of training batches for one rank (split further across workers)."""
+    """Endless pipeline of training batches for one rank (split further across workers); see :func:`_mix`."""
+    if train_stream not in TRAIN_STREAMS:
+        raise ValueError(f"train_stream must be one of {', '.join(TRAIN_STREAMS)}, got {train_stream!r}")
     expected = dict(zip(shards.urls, shards.counts))
     return wds.DataPipeline(
         TrainShardSource(shards, plan),
         _tar_samples(),
         guard(plan, expected),
+        take_block(plan),
         parse(caption_mode),
-        pick_captions(plan, expand_captions),
-        seeded_shuffle(plan, shuffle_buffer),
+        mix(plan, train_stream, batch_size, pool_videos, pool_bytes, augment == "clip_train"),
         skip_batches(plan, batch_size),
-        decode(num_frames, image_size),
-        wds.batched(batch_size, collation_fn=collate_train, partial=False),
+        decode_batches(batch_size, num_frames, image_size, True, False),
     )
 
 
@@ -437,8 +548,7 @@ def eval_pipeline(
         guard(plan, expected),
         select_block(shards, plan),
         parse(caption_mode),
-        decode(num_frames, image_size),
-        wds.batched(batch_size, collation_fn=collate_eval, partial=True),
+        decode_batches(batch_size, num_frames, image_size, False, True),
     )
 
 
@@ -466,10 +576,17 @@ class StreamLoader:
     """
 
     def __init__(
-        self, loader: wds.WebLoader, num_batches: int, state: StreamState, epoch_fn: Any = None, num_workers: int = 0
+        self,
+        loader: wds.WebLoader,
+        num_batches: int,
+        state: StreamState,
+        epoch_fn: Any = None,
+        num_workers: int = 0,
+        warn_short: bool = True,
     ) -> None:
         self.loader, self.num_batches, self.state, self.epoch_fn = loader, num_batches, state, epoch_fn
         self.num_workers = num_workers
+        self.warn_short = warn_short
         self._passes = 0
         self._consumed = 0
         self._resume: dict[str, int] | None = None
@@ -511,6 +628,7 @@ class StreamLoader:
         if not skip:
             for batch in self.loader:
                 self._consumed += 1
+                self._check(batch)
                 yield batch
             return
         workers = max(1, self.num_workers)
@@ -527,9 +645,20 @@ class StreamLoader:
         batch = first
         while batch is not None and self._consumed < self.num_batches:
             self._consumed += 1
+            self._check(batch)
             yield batch
             if self._consumed < self.num_batches:
                 batch = next(iterator, None)
+
+    def _check(self, batch: dict[str, Any]) -> None:
+        """Warn about padded short clips once per process (the main one: not once per worker and epoch)."""
+        global _short_warned
+        if not self.warn_short or _short_warned >= SHORT_WARNINGS_SHOWN:
+            return
+        message = short_clip_message(batch)
+        if message is not None:
+            _short_warned += 1
+            warnings.warn(message, stacklevel=4)
 
     def state_dict(self) -> dict[str, int]:
         """Where the current pass stands: epoch, batches handed out, batches per epoch (plain ints)."""
@@ -549,6 +678,7 @@ def make_loader(
     epoch_fn: Any = None,
     endless: bool = False,
     pin_memory: bool = False,
+    warn_short: bool = True,
 ) -> StreamLoader:
     """Wrap a batch pipeline in a WebLoader (batching already done in the workers).
 
@@ -560,4 +690,4 @@ def make_loader(
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, generator=generator)
     if endless:
         loader = loader.with_epoch(num_batches)
-    return StreamLoader(loader, num_batches, state, epoch_fn, num_workers=num_workers)
+    return StreamLoader(loader, num_batches, state, epoch_fn, num_workers=num_workers, warn_short=warn_short)

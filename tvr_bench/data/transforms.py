@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import math
+import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,3 +87,137 @@ def clip_to_uint8(frames: list[np.ndarray], size: int) -> torch.Tensor:
 def frames_to_tensor(frames: list[np.ndarray], size: int) -> torch.Tensor:
     """Stack decoded ``[H, W, 3]`` uint8 frames of one clip into a normalised float ``[F, 3, size, size]``."""
     return normalize(clip_to_uint8(frames, size))
+
+
+# ------------------------------------------------------------------ uint8 transport (INTERFACES point 5)
+def normalize_frames(frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 frames ``[B, F, 3, H, W]`` -> CLIP-normalised float32 on the same device, padded frames
+    (``frame_mask`` False) zero. Float input is returned unchanged (already normalised).
+
+    Bitwise equal to the worker-side normalisation this replaced: ``x * (1 / (255 std)) - mean / std``
+    in float32, two separate roundings (numpy on CPU, two torch kernels elsewhere: never a fused multiply-add).
+    """
+    if frames.dtype != torch.uint8:
+        return frames
+    if frames.device.type == "cpu":
+        array = frames.numpy().astype(np.float32)  # numpy: no wake-up of torch's intra-op pool on a busy CPU
+        array *= _SCALE
+        array -= _SHIFT
+        out = torch.from_numpy(array)
+    else:
+        scale = torch.from_numpy(_SCALE).to(frames.device)
+        shift = torch.from_numpy(_SHIFT).to(frames.device)
+        out = frames.to(torch.float32)
+        out.mul_(scale)
+        out.sub_(shift)
+    if frame_mask is not None and not bool(frame_mask.all()):
+        out[~frame_mask.to(out.device)] = 0.0
+    return out
+
+
+def normalize_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """A loader batch with its uint8 ``frames`` CLIP-normalised (what ``RetrievalDataModule.on_after_batch_transfer``
+    does on the device); for code that iterates loaders without a Trainer. Other keys are kept as they are."""
+    frames = batch.get("frames")
+    if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8:
+        return batch
+    return {**batch, "frames": normalize_frames(frames, batch.get("frame_mask"))}
+
+
+# ------------------------------------------------------------------ decoding into a batch buffer
+def decode_clip_into(out: np.ndarray, jpegs: list[bytes], picked: list[int], size: int, augment_seed: int | None = None) -> None:
+    """Decode the ``picked`` JPEG frames of one clip into ``out`` (uint8 ``[>=len(picked), 3, size, size]``).
+
+    Eval (``augment_seed`` None): short side resized to ``size`` (only when the stored frames are not
+    already at it) and centre-cropped; frames stored at the target short side (the usual case) are cropped
+    while transposing, one copy per frame. Train augmentation (``clip_train``): one
+    :func:`random_resized_crop_box` drawn from ``random.Random(augment_seed)`` for the stored frame size,
+    the same crop, resize and flip for every frame of the clip.
+    """
+    frames = [decode_jpeg(jpegs[i], size) for i in picked]
+    h, w = frames[0].shape[:2]
+    same = all(f.shape == frames[0].shape for f in frames)
+    if augment_seed is None and same and min(h, w) == size:
+        top, left = (h - size) // 2, (w - size) // 2
+        for i, frame in enumerate(frames):
+            out[i] = frame[top : top + size, left : left + size].transpose(2, 0, 1)
+        return
+    if augment_seed is None:
+        out[: len(frames)] = clip_to_uint8(frames, size).numpy()
+        return
+    if not same:
+        frames = [_resize_hw(f, h, w) for f in frames]
+    box = random_resized_crop_box(random.Random(augment_seed), h, w)
+    stacked = np.stack([f[box.top : box.top + box.height, box.left : box.left + box.width] for f in frames])
+    out[: len(frames)] = resized_crop(torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2))), size, box.flip).numpy()
+
+
+def _resize_hw(frame: np.ndarray, h: int, w: int) -> np.ndarray:
+    """A frame of another size brought to ``h x w`` (bilinear), so one crop box fits every frame of a clip."""
+    x = torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1)))[None].float()
+    y = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    return y.round_().clamp_(0.0, 255.0).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+
+
+# ------------------------------------------------------------------ train augmentation (clip_train)
+#: X-Pool / T-MASS ``clip_train``: torchvision RandomResizedCrop(input_res, scale=(0.5, 1.0)) with its default
+#: ratio (3/4, 4/3) and bilinear interpolation, then RandomHorizontalFlip(p=0.5) (xpool datasets/model_transforms.py
+#: L11-13; the ColorJitter of L14 has all strengths 0, a no-op). Applied to the stacked frames of a clip,
+#: so every frame of a clip gets the same crop and flip.
+CLIP_TRAIN_SCALE: tuple[float, float] = (0.5, 1.0)
+CLIP_TRAIN_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+CLIP_TRAIN_FLIP_P: float = 0.5
+AUGMENTS: tuple[str, ...] = ("none", "clip_train")
+
+
+class CropBox:
+    """One clip's augmentation: crop ``[top, top+height) x [left, left+width)`` of the stored frame, then flip or not."""
+
+    __slots__ = ("top", "left", "height", "width", "flip")
+
+    def __init__(self, top: int, left: int, height: int, width: int, flip: bool) -> None:
+        self.top, self.left, self.height, self.width, self.flip = top, left, height, width, flip
+
+    def __repr__(self) -> str:
+        return f"CropBox(top={self.top}, left={self.left}, height={self.height}, width={self.width}, flip={self.flip})"
+
+
+def random_resized_crop_box(
+    rng: "random.Random",
+    height: int,
+    width: int,
+    scale: tuple[float, float] = CLIP_TRAIN_SCALE,
+    ratio: tuple[float, float] = CLIP_TRAIN_RATIO,
+    flip_p: float = CLIP_TRAIN_FLIP_P,
+) -> CropBox:
+    """Draw a RandomResizedCrop box (area fraction in ``scale``, aspect ratio log-uniform in ``ratio``, up to
+    10 tries, else the largest centred box within ``ratio``) and a horizontal flip, from ``rng``."""
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    flip = rng.random() < flip_p
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return CropBox(rng.randint(0, height - h), rng.randint(0, width - w), h, w, flip)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return CropBox((height - h) // 2, (width - w) // 2, h, w, flip)
+
+
+def resized_crop(frames: torch.Tensor, size: int, flip: bool = False) -> torch.Tensor:
+    """Resize cropped uint8 frames ``[F, 3, h, w]`` to ``size x size`` (bilinear, antialiased, rounded back to
+    uint8) and flip them horizontally when asked."""
+    if frames.shape[-2:] != (size, size):
+        x = F.interpolate(frames.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        frames = x.round_().clamp_(0.0, 255.0).to(torch.uint8)
+    if flip:
+        frames = frames.flip(-1)
+    return frames
