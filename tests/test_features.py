@@ -312,3 +312,23 @@ def test_extraction_matches_the_backbone_on_frames(features_dir: Path, tiny_root
     assert a.keys == b.keys and a.captions == b.captions
     assert np.abs(a.frames - b.frames).max() <= TOL and np.abs(a.text - b.text).max() <= TOL
     assert np.abs(a.tokens - b.tokens).max() <= TOL and (a.token_lengths == b.token_lengths).all()
+
+
+@pytest.mark.slow
+def test_cli_bench_on_features_writes_a_frozen_clip_result(features_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """`tvr-bench bench` with a method recipe, `freeze: all` and FeaturesDataModule trains, tests, and its result
+    JSON is marked `features: frozen-clip` (a protocol of its own in the leaderboard)."""
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    monkeypatch.chdir(tmp_path)  # the recipe's CSV logger writes under ./runs
+    code = cli_main([
+        "bench", "--config", str(recipes / "base.yaml"), "--config", str(recipes / "methods" / "clip4clip_seqtransf.yaml"),
+        "--model.init_args.freeze", "all", "--model.init_args.max_words", str(MAX_WORDS),
+        "--data", "tvr_bench.features.FeaturesDataModule", "--data.features_dir", str(features_dir),
+        "--data.batch_size", "8", "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--trainer.enable_progress_bar", "false", "--leaderboard.runs_dir", str(tmp_path / "runs"),
+    ])  # fmt: skip
+    assert code == 0
+    (result_path,) = (tmp_path / "runs" / "results").glob("*.json")
+    result = json.loads(result_path.read_text())
+    assert result["protocol"]["features"] == "frozen-clip"
+    assert result["dataset"] == "synthetic" and result["frames"] == 12

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from tvr_bench.data.datamodule import RetrievalDataModule
-from tvr_bench.data.streams import block_range
+from tvr_bench.data.shards import ShardError
+from tvr_bench.data.streams import SplitShards, block_range, load_split
 from tvr_bench.features.store import (
     FeatureStoreError,
     SplitFeatures,
@@ -242,6 +243,20 @@ class FeaturesDataModule(RetrievalDataModule):
         self._features: dict[str, SplitFeatures] = {}
 
     # ----------------------------------------------------------------- data
+    def split_shards(self, split: str) -> SplitShards:
+        """The frame shards the features were computed from when they are still there with the same counts
+        (so the qualitative page can show frames), else the feature shards; sizes are the same."""
+        if split not in self._splits:
+            features = load_split(self.features_dir, split, self.dataset)
+            source = self.store.get("source_root")
+            try:
+                frames = load_split(source, split, self.dataset) if source else None
+            except (OSError, ValueError, ShardError):
+                frames = None
+            same = frames is not None and (frames.num_samples, frames.num_captions) == (features.num_samples, features.num_captions)
+            self._splits[split] = frames if same else features
+        return self._splits[split]
+
     def split_features(self, split: str) -> SplitFeatures:
         """The split's features in memory (loaded once)."""
         if split not in self._features:
