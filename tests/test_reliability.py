@@ -219,19 +219,31 @@ def test_pickle_member_is_refused_never_unpickled(tiny_root: Path, tmp_path: Pat
     assert not marker.exists()
 
 
-def test_fewer_frames_than_asked_are_padded_masked_and_train(tiny_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """12 stored, 16 asked: a warning names the key, the mask marks the padding, a training step is finite."""
+def test_fewer_frames_than_asked_are_padded_masked_and_train(tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clip stored with 7 of the split's 12 frames: one warning per run names the key, the mask marks the
+    padding, a training step is finite."""
     from tvr_bench.data import streams
+    from tvr_bench.data.transforms import normalize_batch
 
-    monkeypatch.setattr(streams, "_short_warned", 0)  # other tests may have used up this process's warnings
-    dm = _dm(tiny_root, num_frames=16)
+    monkeypatch.setattr(streams, "_short_warned", 0)  # other tests may have used up this process's warning
+    root = _copy_root(tiny_root, tmp_path / "root", splits=("train",))
+
+    def shorten(encoded: dict, frames: list, meta: dict) -> dict:
+        return encode_sample(encoded["__key__"], frames[:7], {**meta, "num_frames": 7})
+
+    key = _rewrite_shard(root / "train", shorten)
+    dm = _dm(root, batch_size=48)  # one batch holds every video
     dm.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=0)
-    with pytest.warns(UserWarning, match=r"'train-\d+' has 12 stored frames, 16 asked: padded with frame_mask=False"):
+    with pytest.warns(UserWarning, match=rf"'{key}' has 7 stored frames, 12 asked: padded with frame_mask=False"):
         batch = next(iter(dm.train_dataloader()))
-    assert batch["frame_mask"][:, :12].all() and not batch["frame_mask"][:, 12:].any()
+    row = batch["video_key"].index(key)
+    assert batch["frame_mask"][row, :7].all() and not batch["frame_mask"][row, 7:].any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per run: the next pass does not warn again
+        next(iter(dm.train_dataloader()))
     torch.manual_seed(0)
     model = CLIP4Clip(backbone="tiny")
-    loss = model.training_step(batch, 0)
+    loss = model.training_step(normalize_batch(batch), 0)
     assert torch.isfinite(loss)
 
 
@@ -374,7 +386,8 @@ def test_prepare_keys_and_splits_cannot_escape_the_output(tiny_raw: Path, tmp_pa
 
 
 def test_video2dataset_ids_cannot_escape_the_cache(tiny_raw: Path, tmp_path: Path) -> None:
-    from tvr_bench.data.benchmarks.video2dataset import extract_videos
+    """Hostile ids in video2dataset jsons become plain file names, and nothing is written (videos stay in the tars)."""
+    from tvr_bench.data.benchmarks.video2dataset import index_videos
 
     video = (tiny_raw / "videos" / "test-00000.mp4").read_bytes()
     (tmp_path / "v2d").mkdir()
@@ -384,10 +397,11 @@ def test_video2dataset_ids_cannot_escape_the_cache(tiny_raw: Path, tmp_path: Pat
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    cache = extract_videos(tmp_path / "v2d", tmp_path / "deep" / "cache", progress=False)
-    created = sorted(p.name for p in cache.iterdir())
-    assert len(created) == 4 and all(p.parent == cache for p in cache.iterdir())
-    assert not (tmp_path / "escape.mp4").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["deep", "v2d"]
+    index = index_videos(tmp_path / "v2d", progress=False)
+    names = sorted(index.members)
+    assert len(names) == 3 and all("/" not in n and "\\" not in n and not n.startswith(".") for n in names)
+    assert not (tmp_path / "escape.mp4").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["v2d"]
+    assert sorted(p.name for p in (tmp_path / "v2d").iterdir()) == ["00000.tar"]
 
 
 # ---------------------------------------------------------------------------------- nothing half-written
@@ -680,9 +694,11 @@ class NaNLossCLIP4Clip(CLIP4Clip):
 
 
 def test_non_finite_loss_names_the_batch_keys(tiny_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tvr_bench.data.transforms import normalize_batch
+
     dm = _dm(tiny_root, num_frames=2)
     dm.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=0)
-    batch = next(iter(dm.train_dataloader()))
+    batch = normalize_batch(next(iter(dm.train_dataloader())))
     torch.manual_seed(0)
     model = CLIP4Clip(backbone="tiny")
     monkeypatch.setattr(model, "training_loss", lambda text, video: (torch.tensor(float("inf")), {}))
