@@ -254,12 +254,17 @@ def test_reference_optimizer_needs_a_declaration_and_the_reference_clip():
     from tvr_bench.methods.base import RetrievalModule
     from tvr_bench.methods.clip4clip import CLIP4Clip
     from tvr_bench.methods.mascot import MASCOT
+    from tvr_bench.methods.tmass import TMASS
 
     with pytest.raises(ValueError, match="declares no reference optimiser"):
         RetrievalModule(optimizer="reference")
     with pytest.raises(ValueError, match="optimizer must be one of"):
         CLIP4Clip(optimizer="bertadam")
     assert MASCOT.REFERENCE_OPTIMIZER == "bertadam"
+    with pytest.raises(ValueError, match=r"uses betas \(0.9, 0.98\)"):
+        CLIP4Clip(optimizer="reference", betas=(0.9, 0.999))
+    with pytest.raises(ValueError, match=r"uses betas \(0.9, 0.999\)"):
+        TMASS(optimizer="reference")  # forgot the X-Pool/T-MASS betas of the recipe
     model = CLIP4Clip(optimizer="reference")
     for trainer in (_fake_trainer(clip=None), _fake_trainer(clip=0.5), _fake_trainer(algorithm="value")):
         model._trainer = trainer

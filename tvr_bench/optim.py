@@ -32,6 +32,9 @@ ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 #: Names of the reference update rules a method can declare (`RetrievalModule.REFERENCE_OPTIMIZER`).
 REFERENCE_OPTIMIZERS = ("bertadam", "legacy_adamw")
+#: (betas, eps) each reference uses: BertAdam(b1=0.9, b2=0.98, e=1e-6) in CLIP4Clip main_task_retrieval.py:209-212
+#: and DRL main.py:204-207; X-Pool / T-MASS construct their AdamW with its defaults (modules/optimization.py:113-115).
+REFERENCE_ADAM_ARGS = {"bertadam": ((0.9, 0.98), 1e-6), "legacy_adamw": ((0.9, 0.999), 1e-6)}
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:

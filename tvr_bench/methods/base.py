@@ -11,7 +11,7 @@ from torch import Tensor
 
 from tvr_bench.backbones.clip import CLIPBackbone
 from tvr_bench.functional.losses import MAX_LOGIT_SCALE, clamp_logit_scale_
-from tvr_bench.optim import REFERENCE_OPTIMIZERS, BertAdam, LegacyAdamW, schedule_lambda
+from tvr_bench.optim import REFERENCE_ADAM_ARGS, REFERENCE_OPTIMIZERS, BertAdam, LegacyAdamW, schedule_lambda
 
 Features = dict[str, Tensor]
 
@@ -84,8 +84,17 @@ class RetrievalModule(L.LightningModule):
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"model optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-        if optimizer == "reference" and type(self).REFERENCE_OPTIMIZER not in REFERENCE_OPTIMIZERS:
-            raise ValueError(f"optimizer='reference': {type(self).__name__} declares no reference optimiser")
+        if optimizer == "reference":
+            kind = type(self).REFERENCE_OPTIMIZER
+            if kind not in REFERENCE_OPTIMIZERS:
+                raise ValueError(f"optimizer='reference': {type(self).__name__} declares no reference optimiser")
+            ref_betas, ref_eps = REFERENCE_ADAM_ARGS[kind]
+            if tuple(betas) != ref_betas or adam_eps != ref_eps:
+                raise ValueError(
+                    f"optimizer='reference': {type(self).__name__}'s reference ({kind}) uses betas {ref_betas} and "
+                    f"eps {ref_eps}, got betas {tuple(betas)} and adam_eps {adam_eps}; set them in the model "
+                    f"init_args or use optimizer: adamw (docs/methods/, 'Optimiser')"
+                )
         if max_words < 3:
             raise ValueError(f"max_words must be at least 3 (start, one word, end), got {max_words}")
         if not 0.0 <= warmup_ratio < 1.0:
