@@ -166,6 +166,8 @@ def test_xpool_msrvtt_reads_segment_middle_shards(tmp_path: Path, monkeypatch: p
     assert isinstance(dm, MSRVTTDataModule)
     assert dm.sampling == "segment_middle" and dm.root == "data/msrvtt-segment_middle"
     assert cli.config.data.init_args.sampling == "segment_middle"
+    saver = next(c for c in cli.trainer.callbacks if isinstance(c, RunConfigCallback))
+    assert saver.config.data.init_args.sampling == "segment_middle"  # what <run dir>/config.yaml will hold
     accepted = inspect.signature(MSRVTTDataModule.__init__).parameters
     for key in ("train_stream", "augment"):  # filled once the DataModules accept them
         if key in accepted:

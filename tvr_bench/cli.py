@@ -35,7 +35,6 @@ TOOL_COMMANDS: dict[str, str] = {
     "verify": "tvr_bench.data.commands:verify_main",
     "leaderboard": "tvr_bench.report:leaderboard_main",
     "compare": "tvr_bench.compare:compare_main",
-    "compare": "tvr_bench.compare:compare_main",
     "perf": "tvr_bench.perf.run:perf_main",
     "features": "tvr_bench.features.cli:features_main",
 }
