@@ -332,3 +332,28 @@ def test_cli_bench_on_features_writes_a_frozen_clip_result(features_dir: Path, t
     result = json.loads(result_path.read_text())
     assert result["protocol"]["features"] == "frozen-clip"
     assert result["dataset"] == "synthetic" and result["frames"] == 12
+
+
+def test_protocol_size_comes_from_the_dataset_class(features_dir: Path, monkeypatch) -> None:
+    dm = FeaturesDataModule(str(features_dir))
+    assert dm.protocol_size("test") is None  # synthetic: no official size
+    from tvr_bench.data.benchmarks.catalog import datamodules
+
+    msrvtt = datamodules()["msrvtt"]
+    monkeypatch.setitem(dm.store, "dataset", "msrvtt")
+    monkeypatch.setattr(dm, "dataset", "msrvtt")
+    assert dm.protocol_size("test") == msrvtt.protocol_size("test")
+
+
+def test_datamodule_checkpoint_state_resumes_the_stream(features_dir: Path) -> None:
+    dm = FeaturesDataModule(str(features_dir), batch_size=4)
+    assert dm.state_dict() == {}
+    iterator = iter(dm.train_dataloader())
+    first = [next(iterator) for _ in range(4)]
+    state = dm.state_dict()
+    assert state["train_stream"]["batches"] == 4
+    rest = list(iterator)
+    again = FeaturesDataModule(str(features_dir), batch_size=4)
+    again.load_state_dict(state)
+    resumed = list(again.train_dataloader())
+    assert [b["captions"] for b in resumed] == [b["captions"] for b in rest] and len(first) + len(rest) == len(resumed) + 4

@@ -41,7 +41,7 @@ def features_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def default_frame_root(dataset: str, sampling: str | None, synthetic_size: str) -> str:
+def default_frame_root(dataset: str, sampling: str | None, synthetic_size: str, num_frames: int | None = None) -> str:
     """The frame shard root a recipe reads by default for this dataset and sampling."""
     if dataset == "synthetic":
         from tvr_bench.data.benchmarks.synthetic import default_root
@@ -52,7 +52,7 @@ def default_frame_root(dataset: str, sampling: str | None, synthetic_size: str) 
     cls = datamodules().get(dataset)
     if cls is None:
         raise ValueError(f"unknown dataset {dataset!r} and no --root given (known: synthetic, {', '.join(sorted(datamodules()))})")
-    return cls.default_root(sampling)
+    return cls.default_root(sampling, num_frames)
 
 
 def features_main(argv: list[str]) -> int:
@@ -64,7 +64,7 @@ def features_main(argv: list[str]) -> int:
     from tvr_bench.features.extract import extract_features, split_names
 
     try:
-        root = args.root or default_frame_root(args.dataset, args.sampling, args.synthetic_size)
+        root = args.root or default_frame_root(args.dataset, args.sampling, args.synthetic_size, args.frames)
         if args.dataset == "synthetic" and not Path(root).is_dir() and args.root is None:
             from tvr_bench.data.benchmarks.synthetic import build_synthetic
 

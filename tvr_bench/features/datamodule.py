@@ -241,6 +241,8 @@ class FeaturesDataModule(RetrievalDataModule):
         self.sampling = store.get("sampling")
         self.backbone = store.get("backbone")
         self._features: dict[str, SplitFeatures] = {}
+        self._features_train_loader: FeatureTrainLoader | None = None
+        self._features_resume: dict[str, int] | None = None
 
     # ----------------------------------------------------------------- data
     def split_shards(self, split: str) -> SplitShards:
@@ -274,12 +276,7 @@ class FeaturesDataModule(RetrievalDataModule):
 
         cls = datamodules().get(self.dataset)
         method = getattr(cls, "protocol_size", None) if cls is not None else None
-        if method is None:
-            return None
-        try:
-            return method(self, split)
-        except Exception:  # noqa: BLE001 - an implementation needing its own instance state: unknown here
-            return None
+        return None if method is None else method(split)  # a classmethod of BenchmarkDataModule
 
     def train_batches_per_epoch(self) -> int:
         """Batches every rank yields per epoch: videos (or pairs) / (world_size * batch_size), at least 1."""
@@ -311,11 +308,26 @@ class FeaturesDataModule(RetrievalDataModule):
             text_length=self._text_length(),
             epoch_fn=self._epoch,
         )
-        if self._train_resume is not None:
-            loader.load_state_dict(self._train_resume)
-            self._train_resume = None
-        self._train_loader = loader  # type: ignore[assignment]
+        if self._features_resume is not None:
+            loader.load_state_dict(self._features_resume)
+            self._features_resume = None
+        self._features_train_loader = loader
         return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position of the training stream (epoch, batches handed out), stored in Lightning checkpoints."""
+        loader = self._features_train_loader
+        return {} if loader is None else {"train_stream": loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume mid-epoch: the next training pass skips the batches its epoch already trained on."""
+        resume = state_dict.get("train_stream")
+        if not resume:
+            return
+        if self._features_train_loader is not None:
+            self._features_train_loader.load_state_dict(resume)
+        else:
+            self._features_resume = dict(resume)
 
     def eval_dataloader(self, split: str) -> FeatureEvalLoader:  # type: ignore[override]
         """Every video of ``split`` once (this rank's contiguous block), with all its captions."""
