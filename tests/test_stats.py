@@ -177,3 +177,16 @@ def test_direction_rejects_bad_ranks():
         Direction(np.array([0, 1]), np.array([0, 1]), 2)
     with pytest.raises(ValueError, match="unit ids"):
         Direction(np.array([1, 1]), np.array([0, 2]), 2)
+
+
+def test_medians_stay_exact_when_the_first_window_is_too_narrow(monkeypatch):
+    import tvr_bench.stats as stats
+
+    monkeypatch.setattr(stats, "INITIAL_HALF_WINDOW", 1)  # forces the widening path on most resamples
+    _, _, pq = _multi_caption(seed=8, n_video=80, shift=0.3)
+    d = pq.directions()["t2v"]
+    W = resample_counts(d.n_units, 30, np.random.default_rng(3))
+    got = direction_metrics(d, W)[:, 3]
+    for b in range(len(W)):
+        chosen = np.concatenate([np.flatnonzero(d.units == u) for u in np.repeat(np.arange(d.n_units), W[b].astype(int))])
+        assert got[b] == np.median(d.ranks[chosen])

@@ -43,6 +43,8 @@ DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 #: memory for the temporaries of one chunk of resamples (counts matrix and products)
 CHUNK_BYTES = 64 * 2**20
 METRIC_NAMES = tuple(f"R@{k}" for k in DEFAULT_KS) + ("MdR", "MnR")
+#: half-width (in distinct rank values) of the first window in which the bootstrap medians are searched
+INITIAL_HALF_WINDOW = 8
 
 __all__ = [
     "DEFAULT_LEVEL",
@@ -201,23 +203,36 @@ def percentile_interval(samples: np.ndarray, level: float = DEFAULT_LEVEL) -> np
     return np.percentile(samples, [alpha, 100.0 - alpha], axis=0)
 
 
+def _window(values: np.ndarray, center: float, half: int = 0) -> list[float]:
+    """The rank values `_medians` evaluates first: the window around `center` and one value below it."""
+    half = half or INITIAL_HALF_WINDOW
+    mid = int(np.searchsorted(values, center))
+    j0, j1 = max(0, mid - half), min(len(values) - 1, mid + half)
+    return [float(v) for v in values[max(0, j0 - 1): j1 + 1]]
+
+
 def _medians(M: np.ndarray, N: np.ndarray, values: np.ndarray, column: Callable[[float], tuple[float, np.ndarray]],
-             center: float) -> np.ndarray:
+             center: float, precomputed: np.ndarray | None = None) -> np.ndarray:
     """`np.median` of each row's multiset when the count of queries with rank <= v is `base + M @ x` for
     `(base, x) = column(v)`, the row's size is `N`, and `values` are the possible ranks (sorted).
 
-    Only the rank values around `center` are evaluated; the window widens until every row's two middle
-    order statistics fall inside it, so the answer is exact."""
+    Only the rank values around `center` are evaluated (one matrix product); the window widens until every
+    row's two middle order statistics fall inside it, so the answer is exact."""
     k_lo = np.floor((N - 1) / 2.0)
     k_hi = np.floor(N / 2.0)
     mid = int(np.searchsorted(values, center))
-    half = 8
+    half = INITIAL_HALF_WINDOW
     while True:
         j0, j1 = max(0, mid - half), min(len(values) - 1, mid + half)
-        cols = np.stack([column(float(values[j]))[1] for j in range(j0, j1 + 1)], axis=1)
-        bases = np.array([column(float(values[j]))[0] for j in range(j0, j1 + 1)])
-        C = bases[None, :] + M @ cols  # [rows, window]: queries with rank <= values[j]
-        ok_low = j0 == 0 or bool(np.all(bases[0] + M @ column(float(values[j0 - 1]))[1] <= k_lo + 0.5))
+        first = max(0, j0 - 1)  # one column below the window: checks that no order statistic lies below it
+        if half == INITIAL_HALF_WINDOW and precomputed is not None:
+            C = precomputed
+        else:
+            pairs = [column(float(values[j])) for j in range(first, j1 + 1)]
+            bases = np.array([b for b, _ in pairs])
+            C = bases[None, :] + M @ np.stack([x for _, x in pairs], axis=1)  # [rows, window]: queries with rank <= v
+        below, C = (C[:, 0], C[:, 1:]) if j0 > 0 else (None, C)
+        ok_low = below is None or bool(np.all(below <= k_lo + 0.5))
         ok_high = j1 == len(values) - 1 or bool(np.all(C[:, -1] > k_hi + 0.5))
         if ok_low and ok_high:
             break
@@ -229,10 +244,14 @@ def _medians(M: np.ndarray, N: np.ndarray, values: np.ndarray, column: Callable[
 
 def direction_metrics(d: Direction, W: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> np.ndarray:
     """Metrics `[R@k..., MdR, MnR]` of the resamples `W` (`[n, n_units]` counts) of one direction: `[n, len(ks) + 2]`."""
-    N = W @ d.per_unit("count")
-    cols = [100.0 * (W @ d.per_unit(("hits", k))) / N for k in ks]
-    median = _medians(W, N, d.values(), lambda v: (0.0, d.per_unit(("le", v))), float(np.median(d.ranks)))
-    return np.stack([*cols, median, (W @ d.per_unit("ranksum")) / N], axis=1)
+    center = float(np.median(d.ranks))
+    window = _window(d.values(), center)
+    cols = [d.per_unit("count"), d.per_unit("ranksum"), *(d.per_unit(("hits", k)) for k in ks)]
+    sums = W @ np.stack(cols + [d.per_unit(("le", v)) for v in window], axis=1)  # one product: W is read once
+    N = sums[:, 0]
+    median = _medians(W, N, d.values(), lambda v: (0.0, d.per_unit(("le", v))), center, sums[:, len(cols):])
+    sums = sums[:, : len(cols)]
+    return np.concatenate([100.0 * sums[:, 2:] / N[:, None], median[:, None], (sums[:, 1] / N)[:, None]], axis=1)
 
 
 def bootstrap_intervals(directions: Sequence[dict[str, Direction]], n_boot: int = DEFAULT_RESAMPLES,

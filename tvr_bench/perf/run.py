@@ -752,10 +752,14 @@ def render_markdown(result: dict[str, Any]) -> str:
         from tvr_bench.perf.features_bench import render as render_features
 
         lines += render_features(sec["features"])
+    if "intervals" in sec:
+        from tvr_bench.perf.intervals_bench import render as render_intervals
+
+        lines += render_intervals(sec["intervals"])
     return "\n".join(lines)
 
 
-SECTIONS = ("data", "eval", "metrics", "train", "features")
+SECTIONS = ("data", "eval", "metrics", "train", "features", "intervals")
 
 
 def _bench_features(work: Path, quick: bool, accelerator: str) -> dict[str, Any]:
@@ -810,6 +814,7 @@ def perf_main(argv: list[str]) -> int:
         "metrics": lambda: bench_metrics(sizes.metrics_n, sizes.metrics_repeats),
         "train": lambda: bench_train(sizes, args.accelerator),
         "features": lambda: _bench_features(Path(args.work_dir), args.quick, args.accelerator),
+        "intervals": lambda: __import__("tvr_bench.perf.intervals_bench", fromlist=["x"]).bench_intervals(args.quick),
     }
     for name in sections:
         t0 = time.perf_counter()
