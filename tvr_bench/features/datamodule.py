@@ -8,8 +8,8 @@ hook, so every method computes exactly what it computes on frames with ``freeze:
 
 The split is held in memory (sorted by key). Training draws a fresh seeded permutation per epoch of the
 videos (``train_stream: videos``: one random caption each) or of every (video, caption) pair
-(``pairs``); rank r of W takes the r-th of every W consecutive batch slices, so every rank yields the
-same number of batches. Evaluation yields every video once with all its captions, contiguous blocks per
+(``pairs``, cut into batches of distinct videos as the frame loaders do); rank r of W takes the r-th of
+every W consecutive batch slices, so every rank yields the same number of batches. Evaluation yields every video once with all its captions, contiguous blocks per
 rank. The training position is stored in checkpoints as for the frame loaders (exact mid-epoch resume).
 """
 
@@ -51,6 +51,45 @@ def _batch(split: SplitFeatures, videos: np.ndarray, rows: np.ndarray, text_leng
     }
 
 
+def distinct_video_batches(order: np.ndarray, owner: np.ndarray, size: int, need: int, rng: np.random.Generator) -> np.ndarray:
+    """``need`` items of ``order`` (caption rows) cut into batches of ``size`` with no video twice in a batch.
+
+    Items go in permutation order; one whose video is already in the open batch waits and is placed first in
+    a later batch. Once the permutation is used up, batches are completed from a fresh permutation (a few
+    items of an epoch may then repeat or wait for the next one). Without enough videos for one batch,
+    the permutation is simply cut (repeats cannot be avoided)."""
+    n_videos = int(owner.max()) + 1 if len(owner) else 0
+    if n_videos < size:
+        return np.resize(order, need)
+    out: list[int] = []
+    waiting: list[int] = []
+    batch: list[int] = []
+    seen: set[int] = set()
+    source = iter(order.tolist())
+    while len(out) < need:
+        placed = False
+        for i, item in enumerate(waiting):
+            if int(owner[item]) not in seen:
+                batch.append(waiting.pop(i))
+                seen.add(int(owner[item]))
+                placed = True
+                break
+        if not placed:
+            item = next(source, None)
+            if item is None:
+                source = iter(rng.permutation(len(owner)).tolist())
+                continue
+            if int(owner[item]) in seen:
+                waiting.append(item)
+                continue
+            batch.append(item)
+            seen.add(int(owner[item]))
+        if len(batch) == size:
+            out.extend(batch)
+            batch, seen = [], set()
+    return np.asarray(out[:need], dtype=np.int64)
+
+
 def caption_owner(split: SplitFeatures) -> np.ndarray:
     """Video index of every caption row."""
     return np.repeat(np.arange(split.num_videos), np.diff(split.caption_offsets))
@@ -86,14 +125,17 @@ class FeatureTrainLoader:
         return self.num_batches
 
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(video, caption row) of every training item of an epoch, in global order (seeded by seed and epoch)."""
+        """(video, caption row) of every training item of an epoch, in global order (seeded by seed and epoch);
+        every global batch (``world_size * batch_size`` consecutive items) holds distinct videos when the
+        split has that many."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(self.units)
         need = self.num_batches * self.world_size * self.batch_size
-        if need > len(order):  # fewer items than one global batch: wrap around
-            order = np.resize(order, need)
         if self.stream == "pairs":
-            return self._owner[order], order
+            rows = distinct_video_batches(order, self._owner, self.world_size * self.batch_size, need, rng)
+            return self._owner[rows], rows
+        if need > len(order):  # fewer videos than one global batch: wrap around
+            order = np.resize(order, need)
         counts = np.diff(self.split.caption_offsets)
         picks = (rng.random(self.units) * counts).astype(np.int64)
         rows = self.split.caption_offsets[:-1] + np.minimum(picks, counts - 1)
