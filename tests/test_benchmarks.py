@@ -275,7 +275,7 @@ def test_segment_middle_sampling_and_mismatch_error(work: Path) -> None:
     texts, masks = eval_texts(dm, "test")
     assert all(real == 4 for real, _ in masks.values())
     with pytest.raises(ValueError, match="prepared with sampling 'segment_middle'"):
-        datamodule("charades", root, sampling="fps1_uniform").setup("test")
+        datamodule("charades", root, sampling="fps1_uniform", num_frames=4).setup("test")
     with pytest.raises(ValueError, match="holds 'charades' shards"):
         datamodule("msvd", root).setup("test")
 
