@@ -97,6 +97,23 @@ def per_query_results(sim: Tensor, text_to_video: Tensor, video_keys: list[str],
     return out
 
 
+def query_intervals(per_query: dict[str, Any], resamples: int) -> dict[str, Any]:
+    """95% bootstrap intervals of every metric (and DSL metric) from `per_query_results` (tvr_bench/stats.py)."""
+    from tvr_bench.stats import DEFAULT_LEVEL, PerQuery, bootstrap_intervals
+
+    pq = PerQuery.from_results(per_query)
+    block: dict[str, Any] = {
+        "method": "percentile bootstrap over test queries; unit: video with all its captions",
+        "level": DEFAULT_LEVEL,
+        "resamples": int(resamples),
+        "seed": 0,
+        "metrics": bootstrap_intervals([pq.directions()], resamples),
+    }
+    if pq.dsl_t2v_rank is not None:
+        block["dsl_metrics"] = bootstrap_intervals([pq.directions(dsl=True)], resamples)
+    return block
+
+
 def _gather_objects(obj: Any) -> list[Any]:
     """All-gather a picklable object from every rank (a one-element list without DDP)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -109,9 +126,15 @@ def _gather_objects(obj: Any) -> list[Any]:
 class RetrievalEvaluator(L.Callback):
     """Collects eval features, scores all pairs exactly once and logs R@1/5/10, MdR, MnR both ways."""
 
-    def __init__(self, dsl: bool = False, print_table: bool = True, device: str = "auto", save_scores: str | None = None):
-        """`save_scores`: a file path; after each test, rank 0 saves the score matrix and the key order there."""
+    def __init__(self, dsl: bool = False, print_table: bool = True, device: str = "auto", save_scores: str | None = None,
+                 bootstrap_resamples: int = 10_000):
+        """`save_scores`: a file path; after each test, rank 0 saves the score matrix and the key order there.
+        `bootstrap_resamples`: after a test, rank 0 computes the 95% bootstrap interval over test queries of every
+        metric (tvr_bench/stats.py) and prints it in the table (0: none)."""
         super().__init__()
+        self.bootstrap_resamples = bootstrap_resamples
+        #: after a test on rank 0: `{"metrics": {key: [lo, hi]}, "dsl_metrics": ..., "resamples": n, ...}` or None
+        self.last_intervals: dict[str, Any] | None = None
         self.dsl = dsl
         self.print_table = print_table
         self.device = device
@@ -239,6 +262,9 @@ class RetrievalEvaluator(L.Callback):
         self.last_per_query = (
             per_query_results(sim, t2v, video_keys, caption_keys, dsl_sim, self.top_k) if stage == "test" else None
         )
+        self.last_intervals = None
+        if self.last_per_query is not None and self.bootstrap_resamples > 0 and trainer.is_global_zero:
+            self.last_intervals = query_intervals(self.last_per_query, self.bootstrap_resamples)
         if was_training:
             pl_module.train()
         self.last_eval_seconds = time.perf_counter() - start
@@ -260,8 +286,18 @@ class RetrievalEvaluator(L.Callback):
         for col in ("R@1", "R@5", "R@10", "MdR", "MnR"):
             table.add_column(col, justify="right")
         prefixes = ["t2v", "v2t"] + (["dsl/t2v", "dsl/v2t"] if self.dsl else [])
+        intervals = self.last_intervals or {}
         for prefix in prefixes:
-            table.add_row(prefix, *(f"{metrics[f'{prefix}/{c}']:.1f}" for c in ("R@1", "R@5", "R@10", "MdR", "MnR")))
+            block = intervals.get("dsl_metrics" if prefix.startswith("dsl/") else "metrics") or {}
+            cells = []
+            for c in ("R@1", "R@5", "R@10", "MdR", "MnR"):
+                key = f"{prefix}/{c}"
+                bounds = block.get(key.removeprefix("dsl/"))
+                cells.append(f"{metrics[key]:.1f}" + (f" [{bounds[0]:.1f}, {bounds[1]:.1f}]" if bounds else ""))
+            table.add_row(prefix, *cells)
+        if intervals:
+            table.caption = (f"[lo, hi]: 95% bootstrap interval over test queries ({intervals['resamples']:,} resamples "
+                             "of the videos with all their captions)")
         Console().print(table)
 
 
