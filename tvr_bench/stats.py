@@ -139,6 +139,21 @@ class PerQuery:
             if value is not None:
                 setattr(self, name, np.asarray(value, dtype=np.int64))
 
+    @classmethod
+    def from_results(cls, per_query: dict[str, Any]) -> PerQuery:
+        """From the evaluator's `last_per_query` (columns and keys, see `callbacks.evaluator.per_query_results`)."""
+        video_keys = np.asarray(per_query["video_keys"], dtype=str)
+        as_np = lambda name: None if per_query.get(name) is None else np.asarray(per_query[name])  # noqa: E731
+        return cls(
+            t2v_rank=as_np("t2v_rank"),
+            t2v_key=np.asarray(per_query["caption_keys"], dtype=str),
+            t2v_video=video_keys[np.asarray(per_query["text_to_video"])],
+            v2t_rank=as_np("v2t_rank"),
+            v2t_key=video_keys[np.asarray(per_query["v2t_video"])],
+            dsl_t2v_rank=as_np("dsl_t2v_rank"),
+            dsl_v2t_rank=as_np("dsl_v2t_rank"),
+        )
+
     def units(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(sorted unit = video keys, unit id of every t2v query, unit id of every v2t query)."""
         keys = np.unique(np.concatenate([self.t2v_video, self.v2t_key]))

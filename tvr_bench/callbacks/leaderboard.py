@@ -26,7 +26,8 @@ from lightning.pytorch.loggers import WandbLogger
 
 from tvr_bench.loggers import OfflineWandbLogger, run_directory
 from tvr_bench.report import build_leaderboard, leaderboard_rows
-from tvr_bench.stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, PerQuery, bootstrap_intervals
+from tvr_bench.callbacks.evaluator import query_intervals
+from tvr_bench.stats import DEFAULT_RESAMPLES, PerQuery
 from tvr_bench.results import (  # noqa: F401  (re-exported: the names this module always offered)
     RESULTS_SUBDIR,
     SCHEMA,
@@ -440,17 +441,11 @@ class LeaderboardWriter(L.Callback):
         self._per_query = pq
         out: dict[str, Any] = {"per_query": {"file": None, "t2v_queries": int(len(pq.t2v_rank)),
                                              "v2t_queries": int(len(pq.v2t_rank)), "units": "video"}}
-        if self.bootstrap_resamples > 0:
-            block = {
-                "method": "percentile bootstrap over test queries; unit: video with all its captions",
-                "level": DEFAULT_LEVEL,
-                "resamples": int(self.bootstrap_resamples),
-                "seed": 0,
-                "metrics": bootstrap_intervals([pq.directions()], self.bootstrap_resamples),
-            }
-            if pq.dsl_t2v_rank is not None:
-                block["dsl_metrics"] = bootstrap_intervals([pq.directions(dsl=True)], self.bootstrap_resamples)
-            out["intervals"] = block
+        computed = getattr(evaluator, "last_intervals", None)
+        if computed and computed.get("resamples") == self.bootstrap_resamples and computed.get("metrics"):
+            out["intervals"] = dict(computed)  # the evaluator's printed table already computed them
+        elif self.bootstrap_resamples > 0:
+            out["intervals"] = query_intervals(per_query, self.bootstrap_resamples)
         return out
 
     def write_result(self, result: dict[str, Any]) -> Path:
@@ -532,18 +527,7 @@ class LeaderboardWriter(L.Callback):
 
 def per_query_ranks(per_query: dict[str, Any]) -> PerQuery:
     """The evaluator's `last_per_query` as a keyed PerQuery (the ranks file's content)."""
-    video_keys = np.asarray(per_query["video_keys"], dtype=str)
-    t2v = np.asarray(per_query["text_to_video"])
-    as_np = lambda name: None if per_query.get(name) is None else np.asarray(per_query[name])  # noqa: E731
-    return PerQuery(
-        t2v_rank=as_np("t2v_rank"),
-        t2v_key=np.asarray(per_query["caption_keys"], dtype=str),
-        t2v_video=video_keys[t2v],
-        v2t_rank=as_np("v2t_rank"),
-        v2t_key=video_keys[np.asarray(per_query["v2t_video"])],
-        dsl_t2v_rank=as_np("dsl_t2v_rank"),
-        dsl_v2t_rank=as_np("dsl_v2t_rank"),
-    )
+    return PerQuery.from_results(per_query)
 
 
 def _define_best_val_summaries(run: Any) -> None:
