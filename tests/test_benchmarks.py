@@ -277,7 +277,7 @@ def test_segment_middle_sampling_and_mismatch_error(work: Path) -> None:
     with pytest.raises(ValueError, match="prepared with sampling 'segment_middle'"):
         datamodule("charades", root, sampling="fps1_uniform", num_frames=4).setup("test")
     with pytest.raises(ValueError, match="holds 'charades' shards"):
-        datamodule("msvd", root).setup("test")
+        datamodule("msvd", root, num_frames=4).setup("test")
 
 
 def test_video2dataset_source(work: Path) -> None:
