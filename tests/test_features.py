@@ -361,3 +361,14 @@ def test_datamodule_checkpoint_state_resumes_the_stream(features_dir: Path) -> N
     again.load_state_dict(state)
     resumed = list(again.train_dataloader())
     assert [b["captions"] for b in resumed] == [b["captions"] for b in rest] and len(first) + len(rest) == len(resumed) + 4
+
+
+def test_perf_section_measures_both_paths(tiny_root: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The `features` perf section trains the same model on both paths and reports their rates and ratio."""
+    from tvr_bench.perf.features_bench import bench_features, render
+
+    section = bench_features(tmp_path, batch_size=8, steps=2, warmup=1, rounds=1, accelerator="cpu", root=tiny_root)
+    assert len(section["step_seconds"]["frames"]) == len(section["step_seconds"]["features"]) == 2
+    assert section["speedup"] == pytest.approx(section["features_steps_per_s"] / section["frames_steps_per_s"])
+    assert section["targets_met"]["speedup"] == (section["speedup"] >= 10.0)
+    assert "steps/s" in "\n".join(render(section))

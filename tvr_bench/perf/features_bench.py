@@ -21,15 +21,16 @@ import torch
 TARGET_SPEEDUP = 10.0
 
 
-def _prepare(work: Path, seed: int) -> tuple[Path, Path]:
-    """The tiny synthetic shards and their `tiny`-backbone features (built once under `work`)."""
+def _prepare(work: Path, seed: int, root: Path | None = None) -> tuple[Path, Path]:
+    """The tiny synthetic shards (``root``, else built once under `work`) and their `tiny`-backbone features."""
     from tvr_bench.backbones.clip import CLIPBackbone
     from tvr_bench.data.benchmarks.synthetic import build_synthetic
     from tvr_bench.data.datamodule import RetrievalDataModule
     from tvr_bench.features.extract import extract_features
     from tvr_bench.features.store import STORE_FILE, read_store
 
-    root = build_synthetic(work / "synthetic-tiny", size="tiny", synth_seed=0, progress=False)
+    if root is None:
+        root = build_synthetic(work / "synthetic-tiny", size="tiny", synth_seed=0, progress=False)
     features = work / f"features-tiny-seed{seed}-w77"
     if (features / STORE_FILE).is_file():
         read_store(features)
@@ -74,8 +75,9 @@ def _steps_per_second(model_fn: Any, datamodule: Any, steps: int, warmup: int, a
 
 
 def bench_features(work: Path, batch_size: int = 16, steps: int = 12, warmup: int = 3, rounds: int = 2,
-                   accelerator: str = "auto", seed: int = 0) -> dict[str, Any]:  # fmt: skip
-    """Head-training steps/s of one X-Pool (tiny CLIP, frozen) on cached features vs on frames, same batches sizes."""
+                   accelerator: str = "auto", seed: int = 0, root: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Head-training steps/s of one X-Pool (tiny CLIP, frozen) on cached features vs on frames, same batch size
+    (``root``: prepared tiny synthetic shards to use instead of building them under ``work``)."""
     import warnings
 
     from tvr_bench.data.datamodule import RetrievalDataModule
@@ -83,7 +85,7 @@ def bench_features(work: Path, batch_size: int = 16, steps: int = 12, warmup: in
     from tvr_bench.methods.xpool import XPool
 
     t0 = time.perf_counter()
-    root, features = _prepare(Path(work), seed)
+    root, features = _prepare(Path(work), seed, root)
     setup_seconds = time.perf_counter() - t0
 
     def model() -> XPool:
