@@ -181,3 +181,28 @@ def write_results(runs: Path, results: list[dict[str, Any]], ranks: dict[int, An
             ranks[id(r)].save(str(folder / f"{name}.ranks.npz"))
             r["per_query"] = {"file": f"{name}.ranks.npz"}
         (folder / f"{name}.json").write_text(json.dumps(r))
+
+
+def demo_leaderboard(out: Path) -> dict[str, Any]:
+    """A leaderboard of simulated runs (4 methods, one with 2 seeds, one incomplete test set): docs/leaderboard.md's
+    example figure. `python -m tests.leaderboard_toys OUT_DIR`."""
+    from tvr_bench.report import build_leaderboard
+
+    results, ranks = [], {}
+    for method, quality, noise, seed in (("xpool", 3.0, 1, 0), ("xpool", 3.0, 5, 1), ("tmass", 2.9, 2, 0),
+                                         ("drl", 2.7, 4, 0), ("clip4clip", 2.0, 3, 0)):
+        result, pq = ranked_result(method, "simulated", seed, quality=quality, noise_seed=noise, n_video=150)
+        results.append(result)
+        ranks[id(result)] = pq
+    result, pq = ranked_result("xpool", "simulated-partial", 0, quality=2.5, noise_seed=7, n_video=140,
+                               protocol={"test_videos": 140, "protocol_videos": 150})
+    results.append(result)
+    ranks[id(result)] = pq
+    write_results(out, results, ranks)
+    return build_leaderboard(out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(demo_leaderboard(Path(sys.argv[1]))["paths"])
