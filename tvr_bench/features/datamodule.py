@@ -9,13 +9,14 @@ hook, so every method computes exactly what it computes on frames with ``freeze:
 The split is held in memory (sorted by key). Training draws a fresh seeded permutation per epoch of the
 videos (``train_stream: videos``: one random caption each) or of every (video, caption) pair
 (``pairs``, cut into batches of distinct videos as the frame loaders do); rank r of W takes the r-th of
-every W consecutive batch slices, so every rank yields the same number of batches. Evaluation yields every video once with all its captions, contiguous blocks per
-rank. The training position is stored in checkpoints as for the frame loaders (exact mid-epoch resume).
+every W consecutive batch slices, so every rank yields the same number of batches. Evaluation yields
+every video once with all its captions, contiguous blocks per rank. The training position is stored in checkpoints as for the frame loaders (exact mid-epoch resume).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -51,7 +52,9 @@ def _batch(split: SplitFeatures, videos: np.ndarray, rows: np.ndarray, text_leng
     }
 
 
-def distinct_video_batches(order: np.ndarray, owner: np.ndarray, size: int, need: int, rng: np.random.Generator) -> np.ndarray:
+def distinct_video_batches(
+    order: np.ndarray, owner: np.ndarray, size: int, need: int, rng: np.random.Generator
+) -> np.ndarray:
     """``need`` items of ``order`` (caption rows) cut into batches of ``size`` with no video twice in a batch.
 
     Items go in permutation order; one whose video is already in the open batch waits and is placed first in
@@ -147,15 +150,25 @@ class FeatureTrainLoader:
         self._epoch = self._passes - 1 if epoch is None else int(epoch)
         skip = 0
         resume, self._resume = self._resume, None
-        if resume and resume.get("epoch") == self._epoch and resume.get("num_batches") == self.num_batches:
-            skip = int(resume.get("batches", 0)) if 0 < int(resume.get("batches", 0)) < self.num_batches else 0
+        if resume and resume.get("epoch") == self._epoch:
+            done = int(resume.get("batches", 0))
+            if resume.get("num_batches") == self.num_batches:
+                skip = done if 0 < done < self.num_batches else 0
+            else:
+                warnings.warn(
+                    f"cannot restore the data position of epoch {self._epoch}: the checkpoint's loader had "
+                    f"{resume.get('num_batches')} batches per epoch, this one {self.num_batches}; the epoch starts over",
+                    stacklevel=2,
+                )
         videos, rows = self.epoch_order(self._epoch)
         self._consumed = skip
         bs, world = self.batch_size, self.world_size
         for b in range(skip, self.num_batches):
             lo = (b * world + self.rank) * bs
-            batch = _batch(self.split, videos[lo : lo + bs], rows[lo : lo + bs], self.text_length)
-            batch["captions"] = [self.split.captions[v][r - self.split.caption_offsets[v]] for v, r in zip(videos[lo : lo + bs].tolist(), rows[lo : lo + bs].tolist())]
+            vids, caps = videos[lo : lo + bs], rows[lo : lo + bs]
+            batch = _batch(self.split, vids, caps, self.text_length)
+            offsets = self.split.caption_offsets
+            batch["captions"] = [self.split.captions[v][r - offsets[v]] for v, r in zip(vids.tolist(), caps.tolist())]
             self._consumed += 1
             yield batch
 
