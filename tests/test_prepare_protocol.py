@@ -69,10 +69,12 @@ def test_incomplete_test_split_exits_3_then_allow_incomplete(tmp_path: Path, cap
     assert len(errors) == 1
     want = f"{exp['test']['videos']} of the protocol's {cls.protocol_size('test'):,} videos"
     assert want in errors[0] and "--allow-incomplete" in errors[0] and "R@1" in errors[0]
-    # the other sampling's exact command, with the user's paths and the root its DataModule reads
-    other = next(l for l in captured.out.splitlines() if l.startswith("other frame sampling: "))
-    assert f"--sampling segment_middle --out {cls.default_root('segment_middle')}" in other
-    assert f"--videos {raw / 'charades' / 'videos'}" in other and "XPool" in other
+    # the other methods' exact command (their recipes' sampling and frames), with the user's paths and
+    # the root their DataModule reads
+    other = [l for l in captured.out.splitlines() if l.startswith("for other methods: ")]
+    assert len(other) == 1
+    assert f"--sampling segment_middle --out {cls.default_root('segment_middle', 12)}" in other[0]
+    assert f"--videos {raw / 'charades' / 'videos'}" in other[0] and "xpool" in other[0] and "tmass" in other[0]
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["protocol"]["splits"]["test"] == {"prepared": exp["test"]["videos"], "protocol": cls.protocol_size("test"), "complete": False}
     assert manifest["protocol"]["allow_incomplete"] is False
@@ -96,6 +98,19 @@ def test_complete_test_split_exits_0(tmp_path: Path, monkeypatch: pytest.MonkeyP
     # one video short of it: incomplete again
     monkeypatch.setattr(cls, "PROTOCOL_SIZES", {**sizes, "test": sizes["test"] + 1})
     assert prepare_main(_argv("charades", raw, tmp_path / "out", "--resume")) == 3
+
+
+@pytest.mark.parametrize("dataset", ["didemo", "activitynet"])
+def test_recipe_needs_name_every_method_shard_variant(dataset: str) -> None:
+    """For the 64-frame benchmarks, the methods' recipes ask two shard variants: 64 fps1 frames (CLIP4Clip,
+    DRL, MASCOT) and 12 segment_middle frames (X-Pool, T-MASS recipes); prepare names both."""
+    from tvr_bench.data.commands import recipe_needs
+
+    needs = recipe_needs(dataset)
+    cls = datamodules()[dataset]
+    by_method = {m: key for key, methods in needs.items() for m in methods}
+    assert by_method["clip4clip"] == ("fps1_uniform", cls.NUM_FRAMES) == by_method["drl"]
+    assert by_method["xpool"] == ("segment_middle", 12) == by_method["tmass"]
 
 
 # ------------------------------------------------------------------ MSR-VTT official json files

@@ -85,26 +85,66 @@ def prepare_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The recipes folder of this checkout (method x dataset frame counts), when installed from source.
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def recipe_needs(dataset: str, recipes: Path = RECIPES) -> dict[tuple[str, int], list[str]]:
+    """(sampling, frames) -> methods whose `make bench METHOD=<m> DATA=<dataset>` recipe stack reads such
+    shards: sampling from the method's DATA_PROTOCOL unless a recipe sets it, frames from the recipes."""
+    import yaml
+
+    data_recipe = recipes / "data" / f"{dataset}.yaml"
+    if not data_recipe.is_file():
+        return {}
+    needs: dict[tuple[str, int], list[str]] = {}
+    for method_recipe in sorted((recipes / "methods").glob("*.yaml")):
+        method = method_recipe.stem
+        if any(method.endswith(f"_{d}") and (recipes / "methods" / f"{method[: -len(d) - 1]}.yaml").is_file() for d in READERS):
+            continue  # a method x dataset layer, not a method
+        stack = [method_recipe, data_recipe, recipes / "methods" / f"{method}_{dataset}.yaml"]
+        docs = [yaml.safe_load(p.read_text(encoding="utf-8")) or {} for p in stack if p.is_file()]
+        class_path = next((d["model"]["class_path"] for d in docs if (d.get("model") or {}).get("class_path")), None)
+        if class_path is None:
+            continue
+        module_name, _, name = class_path.rpartition(".")
+        try:
+            protocol = getattr(__import__(module_name, fromlist=[name]), name).DATA_PROTOCOL
+        except (ImportError, AttributeError):
+            continue
+        init: dict[str, object] = {}
+        for doc in docs:
+            init.update(((doc.get("data") or {}).get("init_args")) or {})
+        sampling = str(init.get("sampling") or protocol.get("sampling", "fps1_uniform"))
+        frames = int(init.get("num_frames") or get_reader(dataset).num_frames)  # type: ignore[arg-type]
+        needs.setdefault((sampling, frames), []).append(method)
+    return needs
+
+
 def _other_sampling_commands(args: argparse.Namespace, sampling: str, num_frames: int) -> list[str]:
-    """The same prepare command for each other sampling policy, into the root its DataModule reads by default."""
+    """The same prepare command for the shards every other method recipe reads (another sampling or frame
+    count), into the root its DataModule reads by default; the other sampling at these frames without recipes."""
     from tvr_bench.data.benchmarks.catalog import datamodules
 
     cls = datamodules().get(args.dataset)
-    users = methods_by_sampling()
+    needs = recipe_needs(args.dataset) if cls is not None else {}
+    if not needs:
+        users = methods_by_sampling()
+        needs = {(other, num_frames): users.get(other, []) for other in POLICIES if other != sampling}
     out = []
-    for other in POLICIES:
-        if other == sampling:
+    for (other, frames), methods in sorted(needs.items()):
+        if (other, frames) == (sampling, num_frames):
             continue
-        root = cls.default_root(other, num_frames) if cls is not None else f"{args.out}-{other}"
+        root = cls.default_root(other, frames) if cls is not None else f"{args.out}-{other}"
         parts = ["tvr-bench prepare", args.dataset]
         if args.source != "files":
             parts.append(f"--source {args.source}")
         parts += [f"--videos {args.videos}", f"--annotations {args.annotations}"]
-        if args.frames:
-            parts.append(f"--frames {args.frames}")
+        if frames != get_reader(args.dataset).num_frames:
+            parts.append(f"--frames {frames}")
         parts += [f"--sampling {other}", f"--out {root}"]
-        who = ", ".join(users.get(other, [])) or "no built-in method"
-        out.append(f"{' '.join(parts)}   # {other}: {who}")
+        who = ", ".join(methods) or "no built-in method"
+        out.append(f"{' '.join(parts)}   # {other}, {frames} frames: {who}")
     return out
 
 
@@ -216,7 +256,7 @@ def prepare_main(argv: list[str]) -> int:
         print(f"{len(report.failures)} videos missing or undecodable: see {Path(args.out) / 'manifest.json'}")
     print(f"done in {report.seconds:.1f} s ({report.converted} converted, {report.reused} kept from earlier runs)")
     for line in _other_sampling_commands(args, config.sampling, config.num_frames):
-        print(f"other frame sampling: {line}")
+        print(f"for other methods: {line}")
     test = report_split_of(args.dataset)
     row = table.get(test)
     if row is not None and not row["complete"] and not args.allow_incomplete:
