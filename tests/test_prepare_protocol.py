@@ -64,7 +64,9 @@ def test_incomplete_test_split_exits_3_then_allow_incomplete(tmp_path: Path, cap
     exp = expected()["charades"]["splits"]
     for split, info in exp.items():
         line = next(l for l in captured.out.splitlines() if l.startswith(f"{split}: "))
-        assert f"{info['videos']}/{cls.protocol_size(split):,} videos (protocol)" in line and "INCOMPLETE" in line
+        size = cls.protocol_size(split)
+        assert f"{split}: {info['videos']} videos, " in line
+        assert line.endswith(f"; protocol: {size:,} videos, INCOMPLETE ({info['videos']}/{size:,})"), line
     errors = [l for l in captured.err.splitlines() if l.startswith("error:")]
     assert len(errors) == 1
     want = f"{exp['test']['videos']} of the protocol's {cls.protocol_size('test'):,} videos"
@@ -94,7 +96,7 @@ def test_complete_test_split_exits_0(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(cls, "PROTOCOL_SIZES", sizes)
     assert prepare_main(_argv("charades", raw, tmp_path / "out")) == 0
     out = capsys.readouterr().out
-    assert "INCOMPLETE" not in out and f"test: {sizes['test']}/{sizes['test']} videos (protocol)" in out
+    assert "INCOMPLETE" not in out and f"; protocol: {sizes['test']} videos, complete" in out
     # one video short of it: incomplete again
     monkeypatch.setattr(cls, "PROTOCOL_SIZES", {**sizes, "test": sizes["test"] + 1})
     assert prepare_main(_argv("charades", raw, tmp_path / "out", "--resume")) == 3

@@ -246,11 +246,14 @@ def prepare_main(argv: list[str]) -> int:
     for split, row in table.items():
         counts = report.splits.get(split, {"num_captions": 0, "num_shards": 0, "num_failed": 0})
         size = row["protocol"]
-        of = f"{row['prepared']:,}/{size:,} videos (protocol)" if size is not None else f"{row['prepared']:,} videos (no protocol size)"
-        mark = "" if row["complete"] else "  INCOMPLETE"
+        if size is None:
+            versus = "protocol: no size"
+        else:
+            state = "complete" if row["complete"] else f"INCOMPLETE ({row['prepared']:,}/{size:,})"
+            versus = f"protocol: {size:,} videos, {state}"
         print(
-            f"{split}: {of}, {counts['num_captions']:,} captions, {counts['num_shards']} shards, "
-            f"{counts['num_failed']} failed{mark}"
+            f"{split}: {row['prepared']} videos, {counts['num_captions']} captions, {counts['num_shards']} shards, "
+            f"{counts['num_failed']} failed; {versus}"
         )
     if report.failures:
         print(f"{len(report.failures)} videos missing or undecodable: see {Path(args.out) / 'manifest.json'}")
