@@ -64,7 +64,7 @@ def test_pairs_epoch_uses_every_pair_once(many_captions_root: Path) -> None:
     first_pass = [{k for b in batches[: len(batches) - 1] for k in b["video_key"]} for batches in per_rank]
     assert not first_pass[0] & first_pass[1]
     # one epoch on one rank: same coverage, a fresh order every epoch
-    one, two = _epoch(many_captions_root, 0), _epoch(many_captions_root, 1)
+    one, two = _epoch(many_captions_root, 0, train_stream="pairs"), _epoch(many_captions_root, 1, train_stream="pairs")
     assert len(one) == VIDEOS * CAPTIONS // BATCH
     assert max(Counter(p for b in one for p in zip(b["video_key"], b["captions"])).values()) <= 2
     assert [b["video_key"] for b in one] != [b["video_key"] for b in two]
