@@ -410,3 +410,17 @@ def test_rows_not_significantly_different_from_the_best_are_grouped(tmp_path):
         "True", "True", "False")
     with Image.open(runs / "leaderboard.png") as img:
         assert img.format == "PNG"
+
+
+def test_without_a_logger_nothing_lands_in_the_working_directory(tmp_path, monkeypatch):
+    from tests.leaderboard_toys import toy_scores
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)  # Lightning's default_root_dir
+    sim, t2v = toy_scores(n_video=12)
+    writer = LeaderboardWriter(runs_dir=str(tmp_path / "runs"), seed=0, rebuild=False, bootstrap_resamples=500)
+    trainer = _trainer(tmp_path, writer, FakeEvaluator(sim=sim, text_to_video=t2v), logger=False)
+    trainer.test(ToyMethod(), datamodule=ToyDataModule())
+    assert writer.last_path.is_file() and writer.last_result["per_query"]["file"].endswith(".ranks.npz")
+    assert sorted(p.name for p in work.iterdir()) == []  # no run folder: no result.json copy, no page here

@@ -322,8 +322,10 @@ class LeaderboardWriter(L.Callback):
         result = self.build_result(trainer, pl_module, evaluator, eval_seconds, run_dir)
         self.last_result = result
         self.last_path = self.write_result(result)
-        if run_dir is not None:
-            self.write_run_copy(result, run_dir)
+        # a run folder exists only with a logger; without one, run_directory() is the working directory
+        own_dir = run_dir if trainer.loggers else None
+        if own_dir is not None:
+            self.write_run_copy(result, own_dir)
         built = None
         if self.rebuild:
             try:
@@ -331,9 +333,11 @@ class LeaderboardWriter(L.Callback):
             except Exception as err:  # a broken foreign JSON must not lose this run's result
                 warnings.warn(f"LeaderboardWriter: could not rebuild the leaderboard: {err}")
         self.log_to_wandb(trainer, result, built)
-        if self.qualitative > 0 and run_dir is not None:
+        if self.qualitative > 0:
+            page = Path(own_dir) / "qualitative.html" if own_dir is not None else \
+                self.last_path.with_name(self.last_path.name[: -len(".json")] + ".qualitative.html")
             try:
-                self.write_qualitative(trainer, evaluator, result, run_dir)
+                self.write_qualitative(trainer, evaluator, result, page)
             except Exception as err:  # frames unreadable (remote shards, deleted files): the result stays
                 warnings.warn(f"LeaderboardWriter: no qualitative page: {type(err).__name__}: {err}")
 
@@ -508,8 +512,9 @@ class LeaderboardWriter(L.Callback):
                     histograms[f"test/{direction}_rank_histogram"] = wandb.Histogram(np_histogram=(counts, edges))
                 run.log(histograms)
 
-    def write_qualitative(self, trainer: Any, evaluator: Any, result: dict[str, Any], run_dir: str) -> Path | None:
-        """The qualitative page `<run dir>/qualitative.html` and W&B table `qualitative` of sampled queries."""
+    def write_qualitative(self, trainer: Any, evaluator: Any, result: dict[str, Any], page: Path) -> Path | None:
+        """The qualitative page (`<run dir>/qualitative.html`; beside the result JSON for a run without a logger,
+        `<name>.qualitative.html`) and W&B table `qualitative` of sampled queries."""
         from tvr_bench.qualitative import qualitative_for_run
 
         per_query = getattr(evaluator, "last_per_query", None)
@@ -519,7 +524,7 @@ class LeaderboardWriter(L.Callback):
         wandb_runs = [lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         title = f"{result['method']} on {result['dataset']} ({result['backbone']}, seed {result.get('seed')})"
         self.last_qualitative = qualitative_for_run(
-            per_query, datamodule, Path(run_dir) / "qualitative.html", self.qualitative, title, wandb_runs,
+            per_query, datamodule, page, self.qualitative, title, wandb_runs,
             seed=int(result.get("seed") or 0),
         )
         return self.last_qualitative
