@@ -372,3 +372,42 @@ def test_perf_section_measures_both_paths(tiny_root: Path, tmp_path: Path) -> No
     assert section["speedup"] == pytest.approx(section["features_steps_per_s"] / section["frames_steps_per_s"])
     assert section["targets_met"]["speedup"] == (section["speedup"] >= 10.0)
     assert "steps/s" in "\n".join(render(section))
+
+
+
+def test_fit_resumed_mid_epoch_ends_with_the_same_weights(features_dir: Path, tmp_path: Path) -> None:
+    """A 6-step fit (one epoch) stopped after step 3 and resumed from its checkpoint sees the remaining batches
+    and ends with exactly the weights of an uninterrupted fit."""
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    class Record(Callback):
+        def __init__(self) -> None:
+            self.keys: list[list[str]] = []
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            self.keys.append(list(batch["video_key"]))
+
+    class StopAt3(Callback):
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if trainer.global_step == 3:
+                trainer.should_stop = True
+
+    def fit(callbacks: list[Callback], ckpt: str | None = None) -> Any:
+        model = make_model(XPool, lr=1e-3)
+        trainer = L.Trainer(
+            logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+            max_steps=6, limit_val_batches=0, callbacks=callbacks,
+            enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(model, datamodule=FeaturesDataModule(str(features_dir), batch_size=8, val_split=None), ckpt_path=ckpt)
+        return model
+
+    seen = [Record(), Record(), Record()]
+    whole = fit([seen[0]])
+    fit([seen[1], StopAt3(), ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=3, save_top_k=0)])
+    resumed = fit([seen[2]], ckpt=str(tmp_path / "last.ckpt"))
+    assert len(seen[0].keys) == 6 and seen[1].keys + seen[2].keys == seen[0].keys
+    a, b = dict(whole.named_parameters()), dict(resumed.named_parameters())
+    assert all(torch.equal(a[k], b[k]) for k in a)
