@@ -130,7 +130,8 @@ def bench_features(work: Path, batch_size: int = 16, steps: int = 12, warmup: in
         "note": "steps/s = 1 / median step time (step start to step start: data fetch, forward, backward, AdamW, "
                 "hooks) over the timed steps of every round; the frame path decodes JPEGs and runs the frozen CLIP "
                 "on every frame and caption, the cached path reads the embeddings. The tiny preset makes encoding "
-                "cheap; a real CLIP widens the gap (the head step does not change, the encoder grows ~100x).",
+                "cheap; a real CLIP widens the gap (ViT-B/32's vision tower needs ~600x the FLOPs per frame of "
+                "the tiny preset, the head step grows only with D).",
     }  # fmt: skip
 
 
