@@ -278,6 +278,7 @@ class RetrievalEvaluator(L.Callback):
     @rank_zero_only
     def _print(self, pl_module: Any, metrics: dict[str, float]) -> None:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         name = getattr(pl_module, "method_name", type(pl_module).__name__)
@@ -296,9 +297,12 @@ class RetrievalEvaluator(L.Callback):
                 cells.append(f"{metrics[key]:.1f}" + (f" [{bounds[0]:.1f}, {bounds[1]:.1f}]" if bounds else ""))
             table.add_row(prefix, *cells)
         if intervals:
-            table.caption = (f"[lo, hi]: 95% bootstrap interval over test queries ({intervals['resamples']:,} resamples "
-                             "of the videos with all their captions)")
-        Console().print(table)
+            table.caption = escape(f"[lo, hi]: 95% bootstrap interval over test queries ({intervals['resamples']:,} "
+                                   "resamples of the videos with all their captions)")
+        console = Console()
+        if intervals and console.width < 120:  # piped or a narrow terminal: keep each interval on one line
+            console = Console(width=120)
+        console.print(table)
 
 
 def _caption_order(caption_key: str) -> tuple[int, str]:
