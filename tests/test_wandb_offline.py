@@ -248,6 +248,10 @@ def test_bench_on_tiny_synthetic_writes_result_leaderboard_and_wandb_table(offli
     assert (tmp / "runs" / "results" / result["per_query"]["file"]).is_file()
     page = (run_dir / "qualitative.html").read_text()
     assert page.count("<tr>") >= 50 and "data:image/jpeg;base64," in page  # 50 of the 80 test captions
+    [board] = _tables(run_root, "leaderboard_all")  # the rebuilt leaderboard: intervals, test set, significance
+    got_all = dict(zip(board["columns"], board["data"][0]))
+    assert got_all["significance"] == "best" and got_all["t2v/R@1_ci_lo"] == lo and got_all["t2v/R@1_ci_hi"] == hi
+    assert got_all["interval"].startswith("95% bootstrap") and got_all["profile"] == "default"
     [qual] = _tables(run_root, "qualitative")
     assert qual["columns"][:5] == ["caption_key", "query", "rank", "correct_video", "correct_frames"]
     assert len(qual["data"]) == 50 and all(1 <= row[2] <= 16 for row in qual["data"])
