@@ -56,7 +56,9 @@ def default_frame_root(dataset: str, sampling: str | None, synthetic_size: str, 
 
 
 def features_main(argv: list[str]) -> int:
-    """Run ``tvr-bench features``; exit code 3 for missing or damaged shards, 2 for a bad setting."""
+    """Encode a prepared dataset once with a frozen CLIP into cached feature shards (docs/features.md).
+
+    Exit codes: 3 for missing or damaged frame shards, 2 for a bad setting or an existing output."""
     args = features_parser().parse_args(argv)
     from tvr_bench.backbones.clip import CLIPBackbone
     from tvr_bench.data.datamodule import RetrievalDataModule
