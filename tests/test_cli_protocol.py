@@ -94,7 +94,7 @@ def test_help_lists_every_subcommand(monkeypatch: pytest.MonkeyPatch, capsys: py
     listed = out.split("Available subcommands:", 1)[1]
     for name in [*LIGHTNING, *TOOL_COMMANDS]:
         assert f"\n    {name} " in listed or f"\n    {name}\n" in listed, name
-    assert "report corrupt, truncated or missing shards" in listed  # the tool's own docstring line
+    assert "Re-hash and re-read prepared shards" in listed  # the tool's own docstring line
     for name in ("synth", "prepare", "verify", "leaderboard", "perf"):
         assert name in TOOL_COMMANDS
 

@@ -36,7 +36,7 @@ def synth_parser() -> argparse.ArgumentParser:
 
 
 def synth_main(argv: list[str]) -> int:
-    """``tvr-bench synth --size tiny --out DIR --seed 0``: write videos/ and annotations.json."""
+    """Generate the synthetic benchmark's videos and annotations.json (``tvr-bench synth --size tiny --out DIR``)."""
     args = synth_parser().parse_args(argv)
     out = args.out or Path(f"data/synthetic-{args.size}/raw")
     path = synth.generate(out, size=args.size, seed=args.seed, workers=args.workers, progress=not args.no_progress)
@@ -194,7 +194,7 @@ def report_split_of(dataset: str) -> str:
 
 
 def prepare_main(argv: list[str]) -> int:
-    """``tvr-bench prepare <dataset> --videos DIR --annotations DIR --out DIR [...]``.
+    """Convert a raw release into frame shards, checked against the protocol's split sizes (``tvr-bench prepare <dataset> ...``).
 
     Exit codes: 0 done; 1 bad input or output directory; 2 wrong arguments; 3 the test split has fewer
     videos than the official protocol (unless ``--allow-incomplete``).
@@ -301,7 +301,7 @@ def verify_parser() -> argparse.ArgumentParser:
 
 
 def verify_main(argv: list[str]) -> int:
-    """``tvr-bench verify data/msrvtt [--splits test]``: report corrupt, truncated or missing shards."""
+    """Re-hash and re-read prepared shards; report corrupt, truncated or missing ones (``tvr-bench verify ROOT``)."""
     args = verify_parser().parse_args(argv)
     root: Path = args.root
     splits = args.splits or sorted(d.name for d in root.glob("*") if (d / INDEX_FILE).is_file())
