@@ -223,7 +223,7 @@ def test_writer_records_a_self_describing_result(tmp_path):
     assert result["protocol"] == {
         "test_split": "test", "test_videos": 12, "protocol_videos": None, "complete": True, "test_set": "",
         "profile": "default", "selection": "last", "pairing": None, "eps_mode": None, "features": "end-to-end",
-        "optimizer": "adamw"}
+        "optimizer": "adamw", "variant": ""}
     assert "## With dual softmax at inference (DSL)" in md
     assert (runs / "leaderboard.csv").is_file() and (runs / "leaderboard.png").is_file()
 
@@ -424,3 +424,25 @@ def test_without_a_logger_nothing_lands_in_the_working_directory(tmp_path, monke
     trainer.test(ToyMethod(), datamodule=ToyDataModule())
     assert writer.last_path.is_file() and writer.last_result["per_query"]["file"].endswith(".ranks.npz")
     assert sorted(p.name for p in work.iterdir()) == []  # no run folder: no result.json copy, no page here
+
+
+class _PairedMethod(ToyMethod):
+    """A toy with T-MASS-like `pairing` / `eps_mode` hyperparameters (defaults: query / text)."""
+
+    def __init__(self, pairing: str = "query", eps_mode: str = "text", **kwargs):
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+
+
+def test_pairing_labels_rows_and_file_names_only_when_not_the_method_default(tmp_path):
+    runs = tmp_path / "runs"
+    for pairing, eps in (("query", "text"), ("reference", "pair")):
+        writer = LeaderboardWriter(runs_dir=str(runs), seed=0)
+        _trainer(tmp_path, writer, FakeEvaluator()).test(_PairedMethod(pairing=pairing, eps_mode=eps),
+                                                         datamodule=ToyDataModule())
+        assert writer.last_result["protocol"]["pairing"] == pairing
+    names = sorted(p.name for p in (runs / "results").glob("*.json"))
+    assert names == ["toymethod__toyset__tiny__pairing-reference-eps_mode-pair__seed0.json",
+                     "toymethod__toyset__tiny__seed0.json"]  # the default keeps the plain name
+    md = (runs / "leaderboard.md").read_text()
+    assert "| toymethod (pairing=reference, eps_mode=pair) |" in md and "pairing=query, eps=text |" in md

@@ -91,8 +91,10 @@ def variant_label(protocol: dict[str, Any]) -> str:
 
 
 def variant_of(result: dict[str, Any]) -> str:
-    """The protocol variant label of a result JSON (see :func:`variant_label`)."""
-    return variant_label(protocol_of(result))
+    """The protocol variant label of a result JSON: its `protocol.variant` (written by LeaderboardWriter, which
+    leaves out settings equal to the method's defaults), else :func:`variant_label` of its protocol."""
+    proto = protocol_of(result)
+    return str(proto["variant"]) if proto.get("variant") is not None else variant_label(proto)
 
 
 def test_set_label(test_videos: Any, protocol_videos: Any) -> str:

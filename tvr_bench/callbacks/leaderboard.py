@@ -9,6 +9,7 @@ second (fit time minus validation time), and the wall time of the whole test loo
 from __future__ import annotations
 
 import datetime as _dt
+import inspect
 import io
 import json
 import os
@@ -38,6 +39,7 @@ from tvr_bench.results import (  # noqa: F401  (re-exported: the names this modu
     result_filename,
     test_set_label,
     variant_label,
+    variant_of,
 )
 
 __all__ = [
@@ -420,6 +422,10 @@ class LeaderboardWriter(L.Callback):
         else:
             selection = "test" if val_split == test_split else "val"
         get = hparams.get if hasattr(hparams, "get") else (lambda *_: None)
+        features = "frozen-clip" if getattr(datamodule, "features_dir", None) else "end-to-end"
+        defaults = _init_defaults(type(pl_module))
+        labelled = {"profile": self.profile, "features": features}
+        labelled.update({k: get(k) for k in ("pairing", "eps_mode") if get(k) is not None and get(k) != defaults.get(k)})
         return {
             "test_split": test_split,
             "test_videos": test_videos,
@@ -430,8 +436,11 @@ class LeaderboardWriter(L.Callback):
             "selection": selection,
             "pairing": get("pairing"),
             "eps_mode": get("eps_mode"),
-            "features": "frozen-clip" if getattr(datamodule, "features_dir", None) else "end-to-end",
+            "features": features,
             "optimizer": get("optimizer") or "adamw",
+            # the row label and file-name part: non-default profile/features, and pairing/eps_mode when they
+            # differ from the method's defaults (a named alternative such as T-MASS `pairing: query`)
+            "variant": variant_label(labelled),
         }
 
     def intervals(self, evaluator: Any) -> dict[str, Any]:
@@ -455,7 +464,7 @@ class LeaderboardWriter(L.Callback):
     def write_result(self, result: dict[str, Any]) -> Path:
         """Write one result JSON atomically under `runs_dir/results/` and return its path."""
         name = result_filename(result["method"], result["dataset"], result["backbone"], result.get("seed"),
-                               variant_label(result.get("protocol") or {}))
+                               variant_of(result))
         path = Path(self.runs_dir) / RESULTS_SUBDIR / name
         ranks = ranks_path(path)
         if self._per_query is not None and result.get("per_query"):
@@ -533,6 +542,15 @@ class LeaderboardWriter(L.Callback):
 def per_query_ranks(per_query: dict[str, Any]) -> PerQuery:
     """The evaluator's `last_per_query` as a keyed PerQuery (the ranks file's content)."""
     return PerQuery.from_results(per_query)
+
+
+def _init_defaults(cls: type) -> dict[str, Any]:
+    """Default values of a class's `__init__` arguments (empty when the signature cannot be read)."""
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
 def _define_best_val_summaries(run: Any) -> None:
