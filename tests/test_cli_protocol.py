@@ -211,10 +211,15 @@ def test_explicit_sampling_wins_and_mismatched_roots_are_named(
     assert f"`{MSRVTTDataModule.prepare_command('segment_middle', 12)}` and remove data.init_args.root" in err
 
 
-def test_synthetic_takes_no_sampling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The synthetic DataModule has no `sampling` argument: X-Pool on it parses and instantiates unchanged."""
+@pytest.mark.parametrize("method", ["xpool", "clip4clip"])
+def test_synthetic_keeps_its_stream_and_takes_no_sampling(method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The synthetic DataModule has no `sampling` argument (its shards are prepared once); its recipe's explicit
+    `train_stream: videos` wins over the method's, and the method's augmentation is filled."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["tvr-bench"])
-    cli = build([*recipes("xpool", "synthetic"), "--model.init_args.backbone", "tiny", "--trainer.logger", "false"])
-    accepted = inspect.signature(type(cli.datamodule).__init__).parameters
+    cli = build([*recipes(method, "synthetic"), "--model.init_args.backbone", "tiny", "--trainer.logger", "false"])
+    dm = cli.datamodule
+    accepted = inspect.signature(type(dm).__init__).parameters
     assert "sampling" not in accepted and "sampling" not in cli.config.data.init_args
+    assert dm.train_stream == "videos" == cli.config.data.init_args.train_stream
+    assert dm.augment == model_class(method).DATA_PROTOCOL["augment"] == cli.config.data.init_args.augment

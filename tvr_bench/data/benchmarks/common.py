@@ -262,12 +262,15 @@ class BenchmarkDataModule(RetrievalDataModule):
         eval_batch_size: int = 64,
         num_workers: int = 4,
         caption_mode: Literal["each", "paragraph"] | None = None,
+        train_stream: Literal["pairs", "videos"] | None = None,
+        augment: Literal["none", "clip_train"] | None = None,
         train_captions: Literal["random", "all"] | None = None,
         train_split: str | None = None,
         val_split: str | None = AUTO,
         test_split: str | None = None,
         seed: int = 0,
         shuffle_buffer: int = 1000,
+        shuffle_buffer_mb: float = 1024.0,
         pin_memory: bool = False,
     ) -> None:
         """``None``/``"auto"`` arguments take the benchmark's defaults; ``val_split=None`` disables validation."""
@@ -284,12 +287,15 @@ class BenchmarkDataModule(RetrievalDataModule):
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
             caption_mode=caption_mode or self.CAPTION_MODE,  # type: ignore[arg-type]
-            train_captions=train_captions or self.TRAIN_CAPTIONS,  # type: ignore[arg-type]
+            train_stream=train_stream,
+            augment=augment,
+            train_captions=train_captions or self.TRAIN_CAPTIONS,  # type: ignore[arg-type]  # read when train_stream is unset
             train_split=train_split or self.TRAIN_SPLIT,
             val_split=self.VAL_SPLIT if val_split == AUTO else val_split,
             test_split=test_split or self.TEST_SPLIT,
             seed=seed,
             shuffle_buffer=shuffle_buffer,
+            shuffle_buffer_mb=shuffle_buffer_mb,
             pin_memory=pin_memory,
         )
         self.sampling = sampling
@@ -299,6 +305,8 @@ class BenchmarkDataModule(RetrievalDataModule):
             root=self.root,
             num_frames=self.num_frames,
             caption_mode=self.caption_mode,
+            train_stream=self.train_stream,
+            augment=self.augment,
             train_captions=self.train_captions,
             train_split=self.train_split,
             val_split=self.val_split,

@@ -69,11 +69,14 @@ class SyntheticDataModule(RetrievalDataModule):
         eval_batch_size: int = 64,
         num_workers: int = 2,
         caption_mode: Literal["each", "paragraph"] = "each",
-        train_captions: Literal["random", "all"] = "random",
+        train_stream: Literal["pairs", "videos"] | None = None,
+        augment: Literal["none", "clip_train"] | None = None,
+        train_captions: Literal["random", "all"] | None = None,
         val_split: str | None = "val",
         test_split: str = "test",
         seed: int = 0,
         shuffle_buffer: int = 1000,
+        shuffle_buffer_mb: float = 1024.0,
         pin_memory: bool = False,
     ) -> None:
         """``size`` picks tiny (tests) or default (benchmark); ``synth_seed`` the generated content."""
@@ -88,12 +91,15 @@ class SyntheticDataModule(RetrievalDataModule):
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
             caption_mode=caption_mode,
+            train_stream=train_stream,
+            augment=augment,
             train_captions=train_captions,
             train_split="train",
             val_split=val_split,
             test_split=test_split,
             seed=seed,
             shuffle_buffer=shuffle_buffer,
+            shuffle_buffer_mb=shuffle_buffer_mb,
             pin_memory=pin_memory,
         )
         self.size = size
