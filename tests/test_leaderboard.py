@@ -218,8 +218,8 @@ def test_writer_records_a_self_describing_result(tmp_path):
     row = flat_row(result)
     assert row["t2v/R@1"] == 40.0 and row["dsl/v2t/R@1"] == 39.0 and row["seed"] == 3
     md = (runs / "leaderboard.md").read_text()
-    assert "| toymethod | toyset | tiny | 4 | 8 | sel=last, opt=adamw | – | this run | 3 | 40.0 ± " not in md  # one seed
-    assert "| ★ | toymethod | toyset | tiny | 4 | 8 | sel=last, opt=adamw | – | this run | 3 | 40.0 |" in md
+    assert "| toymethod | toyset | tiny | 4 | 8 | sel=last, opt=adamw | 12 videos | this run | 3 | 40.0 ± " not in md
+    assert "| ★ | toymethod | toyset | tiny | 4 | 8 | sel=last, opt=adamw | 12 videos | this run | 3 | 40.0 |" in md
     assert result["protocol"] == {
         "test_split": "test", "test_videos": 12, "protocol_videos": None, "complete": True, "test_set": "",
         "profile": "default", "selection": "last", "pairing": None, "eps_mode": None, "features": "end-to-end",

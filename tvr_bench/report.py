@@ -411,6 +411,13 @@ def _protocol_cell(g: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _test_set_cell(g: dict[str, Any]) -> str:
+    """`complete`, `987/1,000 videos`, or the tested size when the benchmark defines no protocol size."""
+    if g.get("test_set"):
+        return g["test_set"]
+    return f"{int(g['test_videos']):,} videos" if g.get("test_videos") else "–"
+
+
 def _signed(value: float | None) -> str:
     return "–" if value is None else f"{value:+.1f}"
 
@@ -451,7 +458,7 @@ def to_markdown(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]]
             seeds = ",".join(map(str, g["seeds"])) or str(g["n_runs"])
             method = g["method"] + (f" ({g['variant']})" if g["variant"] else "")
             rows.append([_mark(g), method, g["dataset"], g["backbone"], g["frames"], g["words"], _protocol_cell(g),
-                         g["test_set"] or "–", "this run", seeds]
+                         _test_set_cell(g), "this run", seeds]
                         + [_fmt_stat(g["stats"].get(k), interval=g["intervals"].get(k)) for k in RETRIEVAL_KEYS])
             for paper in paper_entries(expected, g["method"], g["dataset"], g["backbone"]):
                 cells = []
@@ -473,7 +480,7 @@ def to_markdown(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]]
     out += ["Intervals: " + "; ".join(kinds) + ".", ""]
     if any(k.startswith("dsl/") for g in aggregated for k in g["stats"]):
         dsl_rows = [[_mark(g), g["method"] + (f" ({g['variant']})" if g["variant"] else ""), g["dataset"], g["backbone"],
-                     g["frames"], g["words"], _protocol_cell(g), g["test_set"] or "–", "this run",
+                     g["frames"], g["words"], _protocol_cell(g), _test_set_cell(g), "this run",
                      ",".join(map(str, g["seeds"]))]
                     + [_fmt_stat(g["stats"].get(f"dsl/{k}"), interval=g["dsl_intervals"].get(k)) for k in RETRIEVAL_KEYS]
                     for g in aggregated if any(k.startswith("dsl/") for k in g["stats"])]
@@ -627,7 +634,7 @@ def _print_console(aggregated: list[dict[str, Any]], expected: list[dict[str, An
         papers = paper_entries(expected, g["method"], g["dataset"], g["backbone"])
         p = papers[0]["metrics"] if papers else {}
         table.add_row(_mark(g), g["method"] + (f" ({g['variant']})" if g["variant"] else ""), g["dataset"],
-                      g["backbone"], g["profile"], g["test_set"] or "–",
+                      g["backbone"], g["profile"], _test_set_cell(g),
                       ",".join(map(str, g["seeds"])) or str(g["n_runs"]),
                       _fmt_stat(g["stats"].get("t2v/R@1"), interval=g["intervals"].get("t2v/R@1")), _fmt(p.get("t2v/R@1")),
                       _fmt_stat(g["stats"].get("v2t/R@1"), interval=g["intervals"].get("v2t/R@1")), _fmt(p.get("v2t/R@1")))
