@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from tests.leaderboard_toys import ranked_result, write_results
 from tvr_bench.cli import TOOL_COMMANDS, main

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass
 from html.parser import HTMLParser
