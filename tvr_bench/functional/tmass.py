@@ -36,10 +36,12 @@ from tvr_bench.functional.xpool import (
     TextSide,
     VideoSide,
     cosine,
+    _autocast_type,
     fold_weights,
     pair_statistics,
     prepare_text,
     prepare_video,
+    slice_video,
 )
 
 PRIORS = ("uniform01", "normal")
@@ -197,41 +199,31 @@ def tmass_training_loss(
 
 
 # ------------------------------------------------------------------------------------ inference
-def _trial_cosines(
-    fw: FoldedWeights, ts: TextSide, vs: VideoSide, text: Tensor, r: Tensor, eps: Tensor,
-    work: tuple[Tensor, Tensor] | None = None,
-) -> Tensor:  # fmt: skip
-    """cos(t + eps_m ⊙ R, z_{v|t}) [T, V, M] from the radius r = R [V, T, D] (video-major), without forming z.
+def _pooled_coefficients(alpha: Tensor, s2: Tensor, s3: Tensor) -> Tensor:
+    """[V, K + 2, T] weights of z = sum_k (alpha_k / (s2 s3)) (g3 ⊙ w_k) + (1 / s3) (g3 ⊙ c) + 1 · b3.
 
-    With z = g3 ⊙ (ytil / s2 + c) / s3 + b3 (ytil = sum_k alpha_k w_k, see `xpool`), the numerator is
-    <t, z> + ((<eps ⊙ g3, R ⊙ ytil> / s2 + <eps ⊙ g3 ⊙ c, R>) / s3 + <eps ⊙ b3, R>) and the squared norm
-    of the sample |t|² + 2 <eps ⊙ t, R> + <eps², R²>: every term is a product over D of a per-(text, trial)
-    vector with a per-pair vector, i.e. a batched matmul over the text axis when eps is per text.
-    `work` optionally holds two [V, T, D] buffers reused across chunks (fresh multi-MB allocations
-    page-fault on every call).
+    With ytil = sum_k alpha_k w_k, z = g3 ⊙ (ytil / s2 + c) / s3 + b3 is one product of these weights
+    with the per-video rows `w_aug` = [g3 ⊙ w; g3 ⊙ c; b3] (two virtual items).
     """
-    alpha, s2, s3, tz, zz = (x.to(text.dtype) for x in pair_statistics(fw, ts, vs))
-    if work is None:
-        work = (torch.empty_like(r), torch.empty_like(r))
-    ry = torch.bmm(alpha.transpose(0, 1), vs.w, out=work[0]).mul_(r)  # R ⊙ ytil, [V, T, D]
-    r2 = torch.mul(r, r, out=work[1])
-    m = eps.shape[-2]
-    if eps.dim() == 3:  # [T, M, D]: one set of draws per text; per-pair operands viewed as [T, D, V]
-        b1 = torch.bmm(eps * fw.g3, ry.permute(1, 2, 0))
-        lin = torch.bmm(torch.cat([eps * (fw.g3 * fw.c), eps * fw.b3, eps * text.unsqueeze(1)], 1), r.permute(1, 2, 0))
-        b2, b3, bt = lin.split(m, 1)
-        bee = torch.bmm(eps * eps, r2.permute(1, 2, 0))
-        b1, b2, b3, bt, bee = (x.transpose(1, 2) for x in (b1, b2, b3, bt, bee))  # [T, V, M]
-    else:  # [T, V, M, D]: draws per pair
-        ry, r, r2 = ry.transpose(0, 1), r.transpose(0, 1), r2.transpose(0, 1)
-        b1 = torch.einsum("tvmd,tvd->tvm", eps * fw.g3, ry)
-        b2 = torch.einsum("tvmd,tvd->tvm", eps * (fw.g3 * fw.c), r)
-        b3 = torch.einsum("tvmd,tvd->tvm", eps * fw.b3, r)
-        bt = torch.einsum("tvmd,tvd->tvm", eps * text[:, None, None], r)
-        bee = torch.einsum("tvmd,tvd->tvm", eps * eps, r2)
-    num = tz.unsqueeze(-1) + (b1 / s2.unsqueeze(-1) + b2) / s3.unsqueeze(-1) + b3
-    den = text.pow(2).sum(-1)[:, None, None] + 2 * bt + bee
-    return num / (den.sqrt() * zz.sqrt().unsqueeze(-1))
+    inv3 = 1.0 / s3
+    return torch.cat([alpha * (inv3 / s2).unsqueeze(1), inv3.unsqueeze(1), torch.ones_like(inv3).unsqueeze(1)], 1)
+
+
+def _trial_lhs(eps: Tensor, text: Tensor) -> Tensor:
+    """[2 eps ⊙ t, eps²] along D: the text side of the two denominator dots as one operand."""
+    t2 = (2.0 * text).unsqueeze(1) if eps.dim() == 3 else (2.0 * text)[:, None, None]
+    return torch.cat([eps * t2, eps * eps], -1)
+
+
+def _trial_terms(eps: Tensor, lhs: Tensor, rz: Tensor, rr: Tensor) -> tuple[Tensor, Tensor]:
+    """<eps_m, R ⊙ z> and 2 <eps_m ⊙ t, R> + <eps_m², R²>, both [T, M, V], from text-major pair vectors:
+    `rz` [T, V, D] and `rr` [T, V, 2D] = [R, R²] (the two denominator dots as one product over 2D, `lhs`
+    from `_trial_lhs`). With eps [T, M, D] (shared by the videos of a text) these are two [M, ·] x [·, V]
+    products per text; with eps [T, V, M, D] (per pair) M x D products per pair.
+    """
+    if eps.dim() == 3:
+        return torch.bmm(eps, rz.mT), torch.bmm(lhs, rr.mT)
+    return torch.einsum("tvmd,tvd->tmv", eps, rz), torch.einsum("tvmd,tvd->tmv", lhs, rr)
 
 
 def _own_pooled(
@@ -285,40 +277,85 @@ def tmass_similarity_reference(
 
 
 def tmass_pair_bytes(dim: int, trials: int, per_pair_eps: bool = False) -> int:
-    """Approximate bytes one (text, video) pair costs inside `tmass_similarity` (pair-wise eps adds M·D)."""
-    return 4 * (4 * dim + 16 * trials + 64) + (4 * 3 * trials * dim if per_pair_eps else 0)
+    """Approximate bytes one (text, video) pair costs inside `tmass_similarity` (per-pair eps adds 3·M·D)."""
+    return 4 * (4 * dim + 6 * trials + 128) + (4 * 3 * trials * dim if per_pair_eps else 0)
+
+
+#: D-vectors of one step of `tmass_similarity` (cache-sized: each is written and read a few times).
+TMASS_BLOCK_BYTES = 16 * 2**20
+#: Videos per block and texts per statistics chunk (wide enough for efficient [V·F, D] x [D, T] products).
+TMASS_VIDEO_BLOCK, TMASS_TEXT_CHUNK = 128, 256
 
 
 def tmass_similarity(
     pool: TextConditionedPool, radius: RadiusHead, text: Tensor, frames: Tensor, frame_mask: Tensor | None,
     eps: Tensor, own_text: Tensor | None = None, text_pos: Tensor | None = None,
-    max_bytes: int = 256 * 2**20,
+    max_bytes: int = 256 * 2**20, block_bytes: int = TMASS_BLOCK_BYTES,
 ) -> Tensor:  # fmt: skip
-    """Fast exact M-sample scores [T, V]: folded X-Pool pooling, trial cosines as batched matmuls, text chunks.
+    """Fast exact M-sample scores [T, V]: folded X-Pool statistics, R ⊙ z as one batched product, trials as matmuls.
 
-    `eps` is [T, M, D] (one set of M draws per text, shared by all videos) or [T, V, M, D] (per pair).
-    `own_text`/`text_pos` switch to the reference code's pairing (see `tmass_similarity_reference`).
+    cos(t + eps ⊙ R, z) = (<t, z> + <eps, R ⊙ z>) / (|z| sqrt(|t|² + 2 <eps ⊙ t, R> + <eps², R²>)), so per pair
+    two D-vectors (R, R ⊙ z) and per trial three D-dots. `eps` is [T, M, D] (one set of M draws per text, shared
+    by all videos) or [T, V, M, D] (per pair). `own_text`/`text_pos` switch to the reference code's pairing
+    (see `tmass_similarity_reference`). Per (text chunk x video block) the X-Pool statistics and text-frame
+    cosines come from wide products; the D-vectors are then made for a few texts at a time, within
+    `block_bytes` (and `max_bytes`). Inputs are cast to float32 and autocast is off inside.
     """
     if pool.training and pool.dropout.p > 0:
         raise RuntimeError("the fast T-MASS scorer is exact only without dropout: call pool.eval() first")
-    fw = fold_weights(pool)
-    vs = prepare_video(pool, fw, frames, frame_mask)
-    unit = _unit_frames(frames, frame_mask)
-    z_own = None if own_text is None else _own_pooled(pool, frames, frame_mask, own_text)
-    nt, nv = text.shape[0], frames.shape[0]
-    rows = max(1, max_bytes // (tmass_pair_bytes(pool.dim, eps.shape[-2], eps.dim() == 4) * max(1, nv)))
-    out = []
-    d = pool.dim
-    buf = text.new_empty(3, min(rows, nt) * nv * d)  # radius, R ⊙ ytil, R², reused by every chunk
-    for i in range(0, nt, rows):
-        t, e = text[i : i + rows], eps[i : i + rows]
-        shape = (nv, t.shape[0], d)
-        r, ry, r2 = (buf[j, : nv * t.shape[0] * d].view(shape) for j in range(3))
-        cosines = torch.einsum("vfd,td->vtf", unit, t / t.norm(dim=-1, keepdim=True))
-        torch.addmm(radius.proj.bias, cosines.flatten(0, 1), radius.proj.weight.t(), out=r.view(-1, d)).exp_()
-        cos = _trial_cosines(fw, prepare_text(pool, fw, t), vs, t, r, e, work=(ry, r2))
-        if z_own is None:
-            out.append(cos.amax(-1))
-        else:
-            out.append(_selected(t, r.transpose(0, 1), e, cos.argmax(-1), z_own, text_pos[i : i + rows]))
-    return torch.cat(out, 0) if out else text.new_zeros(0, nv)
+    with torch.autocast(device_type=_autocast_type(text), enabled=False):
+        text, frames, eps = text.float(), frames.float(), eps.float()
+        fw = fold_weights(pool)
+        vs = prepare_video(pool, fw, frames, frame_mask)
+        nv, nk, d = vs.w.shape
+        w_aug = torch.cat([vs.w * fw.g3, (fw.g3 * fw.c).expand(nv, 1, d), fw.b3.expand(nv, 1, d)], 1)
+        unit = _unit_frames(frames, frame_mask)
+        z_own = None if own_text is None else _own_pooled(pool, frames, frame_mask, own_text.float())
+        nt, nf = text.shape[0], frames.shape[1]
+        pairs = max(1, min(max_bytes, block_bytes) // tmass_pair_bytes(d, eps.shape[-2], eps.dim() == 4))
+        cols = min(nv, TMASS_VIDEO_BLOCK, pairs)
+        sub = min(nt, max(1, pairs // cols))  # texts per D-vector step
+        chunk = min(nt, max(sub, TMASS_TEXT_CHUNK // sub * sub))  # texts per statistics chunk
+        buf = text.new_empty(4, sub * cols * d)  # [R, R²] (2 D per pair), R ⊙ z, scratch
+        # R = exp(W s + b) = 2^(log2(e) (W s + b)): exp2 is several times cheaper than exp on CPU
+        w2, b2 = radius.proj.weight.t() * math.log2(math.e), radius.proj.bias * math.log2(math.e)
+        out = text.new_empty(nt, nv)
+        for i in range(0, nt, chunk):
+            t_chunk = text[i : i + chunk]
+            ts = prepare_text(pool, fw, t_chunk)
+            tu = t_chunk / t_chunk.norm(dim=-1, keepdim=True)
+            tn2 = t_chunk.pow(2).sum(-1)
+            e_chunk = eps[i : i + chunk]
+            lhs_chunk = _trial_lhs(e_chunk, t_chunk) if eps.dim() == 3 else None
+            for j in range(0, nv, cols):
+                vsj = slice_video(vs, j, j + cols)
+                nb = vsj.w.shape[0]
+                alpha, s2, s3, tz, zz = pair_statistics(fw, ts, vsj)  # [V, K, T], [V, T] x 4
+                coef = _pooled_coefficients(alpha, s2, s3).mT  # [V, T, K + 2]
+                cosines = tu @ unit[j : j + cols].reshape(nb * nf, d).T  # [T, V·F], text-major
+                zn, tz = zz.sqrt_().T, tz.T  # [T, V]
+                for k in range(0, t_chunk.shape[0], sub):
+                    ks = slice(k, k + sub)
+                    tb = min(sub, t_chunk.shape[0] - k)
+                    n = tb * nb * d
+                    rr = buf[:2].view(-1)[: 2 * n].view(tb, nb, 2 * d)  # [R, R²]
+                    rz, scratch = buf[2, :n].view(tb, nb, d), buf[3, :n]
+                    r = rr[..., :d]
+                    log_r = torch.addmm(b2, cosines[ks].reshape(tb * nb, nf), w2, out=scratch.view(-1, d))
+                    torch.exp2(log_r.view(tb, nb, d), out=r)
+                    torch.mul(r, r, out=rr[..., d:])
+                    z = torch.bmm(coef[:, ks], w_aug[j : j + cols], out=scratch.view(nb, tb, d))  # video-major
+                    torch.mul(z.transpose(0, 1), r, out=rz)  # R ⊙ z, text-major
+                    if eps.dim() == 3:
+                        e, lhs = e_chunk[ks], lhs_chunk[ks]
+                    else:
+                        e = e_chunk[ks, j : j + cols]
+                        lhs = _trial_lhs(e, t_chunk[ks])
+                    num, den = _trial_terms(e, lhs, rz, rr)
+                    cos = num.add_(tz[ks].unsqueeze(1)).div_(den.add_(tn2[ks, None, None]).sqrt_().mul_(zn[ks].unsqueeze(1)))
+                    rows = slice(i + k, i + k + tb)  # cos: [T, M, V]
+                    if z_own is None:
+                        torch.amax(cos, 1, out=out[rows, j : j + cols])
+                    else:
+                        out[rows, j : j + cols] = _selected(t_chunk[ks], r, e, cos.argmax(1), z_own[j : j + cols], text_pos[rows])
+        return out

@@ -201,9 +201,8 @@ class VideoSide:
 
     k: Tensor  # keys [V, F, H, dh] (one head: LN1(frames) [V, F, 1, D])
     v: Tensor  # values [V, F, H, dh] (one head: LN1(frames) [V, F, 1, D])
-    w: Tensor  # folded items w_k [V, K, D] (used to build pooled vectors when asked)
-    grams: Tensor  # [V, 3, K, K] (G_u, G_w, G_g), accumulation dtype
-    lin: Tensor  # [V, 3, K] (<w, c>, <g3 w, g3 c>, <w, g3 b3>), accumulation dtype
+    w: Tensor  # folded items w_k [V, K, D] (T-MASS and pooled vectors use them)
+    quad: Tensor  # [V, 3K + 3, K]: G_u, G_w, G_g stacked, then the rows <w, c>, <g3 w, g3 c>, <w, g3 b3>
     mask: Tensor | None  # [V, F] bool
 
 
@@ -230,67 +229,76 @@ def prepare_video(
     """Per-video quantities: keys, values, folded items and their Gram matrices and linear terms."""
     h, dh = pool.heads, pool.head_dim
     fn = pool.norm_in(frames)
-    nv, nf = frames.shape[:2]
+    nv, nf, d = frames.shape
     if h == 1:  # keys = values = LN1(frames); W_k, W_v live on the text side (see prepare_text)
         k = v = fn.unsqueeze(2)
         wv, bv = pool.v_proj.weight, pool.v_proj.bias
-        u = fn @ (fw.P @ wv).T + (fw.P @ bv + fw.beta_o)
-        w = fn @ (fw.R @ wv).T + (fw.R @ bv + fw.rho)
+        maps = torch.cat([fw.P @ wv, fw.R @ wv], 0)  # u and w from one [V·F, D] x [D, 2D] product
+        shift = torch.cat([fw.P @ bv + fw.beta_o, fw.R @ bv + fw.rho])
+        uw = torch.addmm(shift, fn.reshape(nv * nf, d), maps.T).view(nv, nf, 2 * d)
+        u, w = uw[..., :d], uw[..., d:]
     else:
         k, v = pool._split(pool.k_proj(fn)), pool._split(pool.v_proj(fn))
         u = torch.einsum("dhc,vfhc->vhfd", fw.P.view(-1, h, dh), v).reshape(nv, h * nf, -1) + fw.beta_o / h
         w = torch.einsum("dhc,vfhc->vhfd", fw.R.view(-1, h, dh), v).reshape(nv, h * nf, -1) + fw.rho / h
-    u64, w64 = u.to(acc_dtype), w.to(acc_dtype)
+    ua, wa = u.to(acc_dtype), w.to(acc_dtype)
     g3, c, b3 = fw.g3.to(acc_dtype), fw.c.to(acc_dtype), fw.b3.to(acc_dtype)
-    gw = w64 * g3
-    grams = torch.stack([u64 @ u64.mT, w64 @ w64.mT, gw @ gw.mT], dim=1)
-    lin = torch.stack([w64 @ c, gw @ (g3 * c), w64 @ (g3 * b3)], dim=1)
+    gw = wa * g3
+    lin = wa @ torch.stack([c, g3 * g3 * c, g3 * b3], 1)  # [V, K, 3]
+    quad = torch.cat([ua @ ua.mT, wa @ wa.mT, gw @ gw.mT, lin.mT], dim=1)
     mask = None if frame_mask is None else frame_mask.bool()
-    return VideoSide(k=k, v=v, w=w, grams=grams, lin=lin, mask=mask)
+    return VideoSide(k=k, v=v, w=w, quad=quad, mask=mask)
 
 
-def _softmax_last(x: Tensor) -> Tensor:
-    """Softmax over a short last dimension (faster than the generic kernel for 12 frames)."""
-    e = (x - x.amax(-1, keepdim=True)).exp_()
-    return e.div_(e.sum(-1, keepdim=True))
+def _item_products(ts: TextSide, vs: VideoSide) -> tuple[Tensor, Tensor]:
+    """Attention logits and e_k = <g, v_k>, video-major [V, H, F, T]: [V·F, D] x [D, T] products (one head)."""
+    nv, nf, h, dh = vs.k.shape
+    nt = ts.q.shape[0]
+    if h == 1:
+        x = vs.k.reshape(nv * nf, dh)
+        return (x @ ts.q[:, 0].T).view(nv, 1, nf, nt), (x @ ts.g[:, 0].T).view(nv, 1, nf, nt)
+    return torch.einsum("vfhc,thc->vhft", vs.k, ts.q), torch.einsum("vfhc,thc->vhft", vs.v, ts.g)
+
+
+def _softmax_frames_(logits: Tensor, mask: Tensor | None) -> Tensor:
+    """In-place softmax over the frame axis of [V, H, F, T] logits (padded frames get weight 0)."""
+    if mask is not None:
+        logits.masked_fill_(~mask[:, None, :, None], float("-inf"))
+    logits.sub_(logits.amax(2, keepdim=True)).exp_()
+    return logits.div_(logits.sum(2, keepdim=True))
 
 
 def attention_weights(ts: TextSide, vs: VideoSide) -> Tensor:
-    """Softmax attention weights [T, V, K] (K = heads x frames, head-major)."""
-    logits = torch.einsum("thc,vfhc->tvhf", ts.q, vs.k)
-    if vs.mask is not None:
-        logits = logits.masked_fill(~vs.mask[None, :, None, :], float("-inf"))
-    return _softmax_last(logits).flatten(2)
-
-
-def _quad(alpha: Tensor, grams: Tensor, lin: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """alphaᵀ G_s alpha [T, V, S] (and alpha·l_s) for every pair: [T, V, K] x [V, S, K, K] (x [V, S, K])."""
-    nt, nv, nk = alpha.shape
-    ns = grams.shape[1]
-    a = alpha.transpose(0, 1).to(grams.dtype).contiguous()  # [V, T, K]
-    rhs = grams.transpose(1, 2).reshape(nv, nk, ns * nk)
-    if lin is not None:
-        rhs = torch.cat([rhs, lin.transpose(1, 2)], dim=2)
-    out = torch.bmm(a, rhs)  # [V, T, S·K (+ S)]
-    quad = torch.matmul(out[..., : ns * nk].reshape(nv, nt, ns, nk), a.unsqueeze(-1)).squeeze(-1)
-    return quad.transpose(0, 1), (None if lin is None else out[..., ns * nk :].transpose(0, 1))
+    """Softmax attention weights [V, K, T] (video-major; K = heads x frames, head-major)."""
+    logits, _ = _item_products(ts, vs)
+    nv, h, nf, nt = logits.shape
+    return _softmax_frames_(logits, vs.mask).reshape(nv, h * nf, nt)
 
 
 def pair_statistics(fw: FoldedWeights, ts: TextSide, vs: VideoSide) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-pair alpha [T, V, K], std(o) s2, std(y) s3, <t, z> and |z|² ([T, V] each, accumulation dtype)."""
-    acc = vs.grams.dtype
+    """Per-pair alpha [V, K, T], std(o) s2, std(y) s3, <t, z> and |z|² ([V, T] each, accumulation dtype).
+
+    Video-major: the two item products come out as [V·F, T] blocks, so the softmax, alpha·e and the
+    K x K quadratic forms (one [3K + 3, K] x [K, T] product per video) all run over contiguous memory.
+    """
+    acc = vs.quad.dtype
     d = fw.c.shape[0]
-    alpha = attention_weights(ts, vs)  # [T, V, K]
-    e = torch.einsum("thc,vfhc->tvhf", ts.g, vs.v).flatten(2)
-    ae = (alpha * e).sum(-1).to(acc) + ts.kappa.to(acc)[:, None]
-    quad, lin = _quad(alpha, vs.grams, vs.lin)
+    logits, e = _item_products(ts, vs)
+    nv, h, nf, nt = logits.shape
+    nk = h * nf
+    alpha = _softmax_frames_(logits, vs.mask).reshape(nv, nk, nt)
+    ae = e.reshape(nv, nk, nt).mul_(alpha).sum(1).to(acc) + ts.kappa.to(acc)
+    a = alpha.to(acc)
+    forms = torch.bmm(vs.quad, a)  # [V, 3K + 3, T]
+    quad = forms[:, : 3 * nk].view(nv, 3, nk, nt).mul_(a.unsqueeze(1)).sum(2)  # [V, 3, T]
+    lin = forms[:, 3 * nk :]
     c, g3, b3 = fw.c.to(acc), fw.g3.to(acc), fw.b3.to(acc)
-    s2 = (quad[..., 0] / d + fw.eps2).sqrt()
-    yy = quad[..., 1] / s2**2 + 2 * lin[..., 0] / s2 + c @ c
+    s2 = (quad[:, 0] / d + fw.eps2).sqrt()
+    yy = quad[:, 1] / s2**2 + 2 * lin[:, 0] / s2 + c @ c
     s3 = (yy / d + fw.eps3).sqrt()
-    tz = (ae / s2 + ts.tc.to(acc)[:, None]) / s3 + ts.tb.to(acc)[:, None]
-    gy = quad[..., 2] / s2**2 + 2 * lin[..., 1] / s2 + (g3 * c) @ (g3 * c)
-    by = lin[..., 2] / s2 + (g3 * b3) @ c
+    tz = (ae / s2 + ts.tc.to(acc)) / s3 + ts.tb.to(acc)
+    gy = quad[:, 2] / s2**2 + 2 * lin[:, 1] / s2 + (g3 * c) @ (g3 * c)
+    by = lin[:, 2] / s2 + (g3 * b3) @ c
     zz = gy / s3**2 + 2 * by / s3 + b3 @ b3
     return alpha, s2, s3, tz, zz
 
@@ -298,38 +306,68 @@ def pair_statistics(fw: FoldedWeights, ts: TextSide, vs: VideoSide) -> tuple[Ten
 def score_prepared(fw: FoldedWeights, ts: TextSide, vs: VideoSide) -> Tensor:
     """cos(t, z_{v|t}) [T, V] from prepared text and video sides, without any per-pair D-vector."""
     _, _, _, tz, zz = pair_statistics(fw, ts, vs)
-    return (tz / (ts.tn.to(tz.dtype)[:, None] * zz.sqrt())).to(ts.q.dtype)
+    return (tz / (ts.tn.to(tz.dtype) * zz.sqrt())).to(ts.q.dtype).T
 
 
 def pooled_prepared(fw: FoldedWeights, ts: TextSide, vs: VideoSide) -> Tensor:
     """Pooled vectors z_{v|t} [T, V, D] from prepared sides (O(K·D) per pair instead of O(D²))."""
-    alpha = attention_weights(ts, vs)
-    d = fw.c.shape[0]
-    s2 = (_quad(alpha, vs.grams[:, :1])[0][..., 0] / d + fw.eps2).sqrt().to(alpha.dtype)
-    y = torch.bmm(alpha.transpose(0, 1), vs.w).transpose(0, 1) / s2.unsqueeze(-1) + fw.c
-    s3 = (y.pow(2).mean(-1, keepdim=True) + fw.eps3).sqrt()
-    return y / s3 * fw.g3 + fw.b3
+    alpha, s2, s3, _, _ = pair_statistics(fw, ts, vs)
+    y = torch.bmm(alpha.mT.to(vs.w.dtype), vs.w) / s2.to(vs.w.dtype).unsqueeze(-1) + fw.c  # [V, T, D]
+    return (fw.g3 * y / s3.to(y.dtype).unsqueeze(-1) + fw.b3).transpose(0, 1)
 
 
 def fast_pair_bytes(heads: int, frames: int) -> int:
-    """Approximate bytes one (text, video) pair costs inside `xpool_similarity_fast`."""
+    """Approximate bytes one (text, video) pair costs inside `xpool_similarity_fast` (float32 temporaries)."""
     k = heads * frames
-    return 8 * (12 * k + 16)
+    return 4 * (6 * k + 24)
+
+
+#: Temporaries of one (text chunk x video block) step of the fast scorers: small enough to stay in cache and
+#: be reused by the allocator (fresh multi-10-MB tensors page-fault on every call, which costs more than the math).
+BLOCK_BYTES = 8 * 2**20
+
+
+def slice_video(vs: VideoSide, start: int, stop: int) -> VideoSide:
+    """Videos `start:stop` of a prepared video side (views)."""
+    mask = None if vs.mask is None else vs.mask[start:stop]
+    return VideoSide(k=vs.k[start:stop], v=vs.v[start:stop], w=vs.w[start:stop], quad=vs.quad[start:stop], mask=mask)
+
+
+def video_block(n_text: int, pair_bytes: int, block_bytes: int = BLOCK_BYTES) -> int:
+    """Videos per step so that one step's temporaries for `n_text` texts stay near `block_bytes`."""
+    return max(1, block_bytes // max(1, pair_bytes * max(1, n_text)))
 
 
 def xpool_similarity_fast(
     pool: TextConditionedPool, text: Tensor, frames: Tensor, frame_mask: Tensor | None = None,
-    max_bytes: int = 256 * 2**20, acc_dtype: torch.dtype = torch.float32,
+    max_bytes: int = 256 * 2**20, acc_dtype: torch.dtype = torch.float32, block_bytes: int = BLOCK_BYTES,
 ) -> Tensor:  # fmt: skip
-    """cos(t, z_{v|t}) [T, V] with the folded algebra, in text chunks of at most `max_bytes` temporaries."""
+    """cos(t, z_{v|t}) [T, V] with the folded algebra, in text chunks x video blocks of small temporaries.
+
+    `max_bytes` bounds the text chunk (all videos), `block_bytes` the temporaries of one step. Inputs are
+    cast to float32 and autocast is off inside (scores stay float32 under bf16-mixed).
+    """
     if pool.training and pool.dropout.p > 0:
         raise RuntimeError("the fast X-Pool scorer is exact only without dropout: call pool.eval() first")
-    fw = fold_weights(pool)
-    vs = prepare_video(pool, fw, frames, frame_mask, acc_dtype)
-    nt, nv = text.shape[0], frames.shape[0]
-    rows = max(1, max_bytes // (fast_pair_bytes(pool.heads, frames.shape[1]) * max(1, nv)))
-    out = [score_prepared(fw, prepare_text(pool, fw, text[i : i + rows]), vs) for i in range(0, nt, rows)]
-    return torch.cat(out, 0) if out else text.new_zeros(0, nv)
+    with torch.autocast(device_type=_autocast_type(text), enabled=False):
+        text, frames = text.float(), frames.float()
+        fw = fold_weights(pool)
+        vs = prepare_video(pool, fw, frames, frame_mask, acc_dtype)
+        nt, nv = text.shape[0], frames.shape[0]
+        pair = fast_pair_bytes(pool.heads, frames.shape[1])
+        rows = max(1, max_bytes // (pair * max(1, nv)))
+        out = text.new_empty(nt, nv)
+        for i in range(0, nt, rows):
+            ts = prepare_text(pool, fw, text[i : i + rows])
+            cols = video_block(ts.q.shape[0], pair, block_bytes)
+            for j in range(0, nv, cols):
+                out[i : i + rows, j : j + cols] = score_prepared(fw, ts, slice_video(vs, j, j + cols))
+        return out
+
+
+def _autocast_type(x: Tensor) -> str:
+    """The autocast device type of a tensor ('cpu' for device types autocast does not know)."""
+    return x.device.type if x.device.type in ("cpu", "cuda", "xpu", "mps") else "cpu"
 
 
 # ------------------------------------------------------------------------------ ablation poolings
@@ -370,5 +408,6 @@ def baseline_similarity(
     sims = torch.einsum("td,vfd->tvf", tn, fn)
     w = frame_weights(kind, sims, frame_mask, k, temperature)
     gram = fn @ fn.mT  # [V, F, F]
-    norm2 = _quad(w, gram.unsqueeze(1))[0][..., 0]
+    wv = w.transpose(0, 1)  # [V, T, F]
+    norm2 = (torch.bmm(wv, gram) * wv).sum(-1).T  # wᵀ G w per pair, [T, V]
     return (w * sims).sum(-1) / norm2.clamp_min(0).sqrt()
