@@ -223,3 +223,21 @@ def test_synthetic_keeps_its_stream_and_takes_no_sampling(method: str, tmp_path:
     assert "sampling" not in accepted and "sampling" not in cli.config.data.init_args
     assert dm.train_stream == "videos" == cli.config.data.init_args.train_stream
     assert dm.augment == model_class(method).DATA_PROTOCOL["augment"] == cli.config.data.init_args.augment
+
+
+@needs_fixtures
+@pytest.mark.slow
+def test_bench_xpool_msrvtt_end_to_end_on_segment_middle_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make bench METHOD=xpool DATA=msrvtt`'s stack (tiny backbone, one epoch) fits and tests on the fixture's
+    segment_middle shards; the run's config.yaml records the method's sampling, stream and augmentation."""
+    prepare_fixture(tmp_path, tmp_path / "data" / "msrvtt-segment_middle", "--sampling", "segment_middle")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["tvr-bench"])
+    small = ["--model.init_args.backbone", "tiny", "--data.init_args.image_size", "64", "--data.init_args.batch_size", "2",
+             "--data.init_args.eval_batch_size", "2", "--data.init_args.num_workers", "0", "--trainer.max_epochs", "1",
+             "--trainer.default_root_dir", "runs/x"]
+    assert main(["bench", *recipes("xpool", "msrvtt"), *small]) == 0
+    saved = yaml.safe_load(next((tmp_path / "runs" / "x").rglob("config.yaml")).read_text())
+    protocol = model_class("xpool").DATA_PROTOCOL
+    for key in ("sampling", "train_stream", "augment"):
+        assert saved["data"]["init_args"][key] == protocol[key]
