@@ -1,0 +1,173 @@
+"""Peak memory of the training DataModule (issue 12 item 7): `tvr-bench perf --sections data-memory`.
+
+A training loader with 8 workers holds, per rank: the main process; in every worker the pool of undecoded
+videos (at most ``shuffle_buffer`` videos and ``shuffle_buffer_mb / num_workers`` MiB of JPEG bytes, always
+room for one batch) and the uint8 batch it is decoding; and up to ``num_workers * prefetch_factor`` decoded
+uint8 batches waiting in shared memory. The benchmark prepares shards of the perf clips at 12 and 64 frames
+(segment_middle, short side 224), copies the samples until every worker's block is larger than its pool,
+runs the loader in a fresh process and samples the proportional set size (PSS: shared pages split between
+the processes sharing them, so forked workers are not counted several times) of the process and its
+workers, summed, every 0.1 s. RSS summed over the processes is reported beside it (an upper bound).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+GIB = 2**30
+MIB = 2**20
+
+
+def _proc_kib(pid: int, field: str, name: str) -> int:
+    """A ``field:  N kB`` line of ``/proc/<pid>/<name>`` in bytes (0 when the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def process_tree(pid: int | None = None) -> list[int]:
+    """``pid`` (default: this process) and its descendants, from ``/proc/<pid>/task/*/children`` (Linux)."""
+    root = os.getpid() if pid is None else pid
+    out, todo = [], [root]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def tree_memory() -> tuple[int, int]:
+    """(PSS, RSS) in bytes, summed over this process and its descendants."""
+    pids = process_tree()
+    return sum(_proc_kib(p, "Pss", "smaps_rollup") for p in pids), sum(_proc_kib(p, "VmRSS", "status") for p in pids)
+
+
+def prepare_train_shards(clips: list[Path], root: Path, num_frames: int, videos: int, per_shard: int = 64) -> Path:
+    """Shards of the clips at ``num_frames`` frames (segment_middle, short side 224, q95), then a ``train``
+    split of ``videos`` samples (copies of the clips under new keys), unless already there."""
+    from tvr_bench.data.prepare import PrepareConfig, VideoRecord, prepare
+    from tvr_bench.data.shards import INDEX_FILE, SHARD_PATTERN, ShardFile, iter_shard, parse_sample, read_index, write_json_atomic
+
+    if (root / "train" / INDEX_FILE).is_file() and read_index(root / "train")["num_samples"] == videos:
+        return root
+    src = root / "source"
+    if not (src / "clips" / INDEX_FILE).is_file():
+        records = [VideoRecord(p.stem, p, [f"perf clip {p.stem}"], "clips") for p in clips]
+        config = PrepareConfig(dataset="perf", num_frames=num_frames, sampling="segment_middle", short_side=224,
+                               jpeg_quality=95, shard_size=len(records))  # fmt: skip
+        prepare(records, src, config, workers=1, progress=False)
+    samples = []
+    for entry in read_index(src / "clips")["shards"]:
+        for raw in iter_shard(src / "clips" / entry["file"]):
+            samples.append({k: v for k, v in raw.items() if k == "__key__" or not k.startswith("__")})
+    split_dir = root / "train.tmp"
+    shutil.rmtree(split_dir, ignore_errors=True)
+    split_dir.mkdir(parents=True)
+    infos = []
+    for first in range(0, videos, per_shard):
+        shard = ShardFile(split_dir / SHARD_PATTERN.format(len(infos)))
+        for i in range(first, min(videos, first + per_shard)):
+            sample = samples[i % len(samples)]
+            meta, _ = parse_sample(sample)
+            shard.write({**sample, "__key__": f"{sample['__key__']}-c{i}"}, len(meta["captions"]))
+        infos.append(shard.finish().as_dict())
+    index = read_index(src / "clips")
+    index.update(split="train", shards=infos, num_shards=len(infos), num_samples=videos, num_captions=videos)
+    write_json_atomic(split_dir / INDEX_FILE, index)
+    shutil.rmtree(root / "train", ignore_errors=True)
+    os.replace(split_dir, root / "train")
+    return root
+
+
+def measure_loader_memory(root: str, num_frames: int, workers: int, batch_size: int, batches: int, **overrides: Any) -> dict[str, Any]:
+    """Iterate ``batches`` training batches of a DataModule over ``root`` (defaults, or ``overrides`` of its init
+    args) while sampling the summed PSS / RSS of this process and its workers; run it in a fresh process."""
+    from tvr_bench.data.datamodule import RetrievalDataModule
+
+    args: dict[str, Any] = dict(root=root, dataset="perf", num_frames=num_frames, image_size=224, batch_size=batch_size,
+                                num_workers=workers, val_split=None, train_stream="videos")  # fmt: skip
+    dm = RetrievalDataModule(**{**args, **overrides})
+    base_pss, base_rss = tree_memory()
+    peak = {"pss": base_pss, "rss": base_rss}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            pss, rss = tree_memory()
+            peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
+            done.wait(0.1)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    seen = 0
+    for batch in dm.train_dataloader():
+        seen += 1
+        if seen >= batches:
+            break
+    seconds = time.perf_counter() - t0
+    done.set()
+    thread.join()
+    batch_bytes = batch_size * num_frames * 3 * 224 * 224
+    return {
+        "frames": num_frames,
+        "workers": workers,
+        "batch_size": batch_size,
+        "batches": seen,
+        "seconds": round(seconds, 1),
+        "baseline_pss_gib": base_pss / GIB,
+        "peak_pss_gib": peak["pss"] / GIB,
+        "peak_rss_sum_gib": peak["rss"] / GIB,
+        "pool_cap_mib_per_worker": dm.pool_bytes_per_worker() / MIB,
+        "uint8_batch_mib": batch_bytes / MIB,
+        "batches_in_flight_max": workers * 2 + 1,  # prefetch_factor 2 per worker + the one handed out
+    }
+
+
+def bench_data_memory(work: Path, sizes: Any, frames: tuple[int, ...] = (12, 64), workers: int = 8, batch_size: int = 16) -> dict[str, Any]:
+    """Peak memory (PSS summed over the process and its workers) of the training DataModule at each frame count."""
+    from tvr_bench.perf.run import TARGETS, _in_fresh_process, make_clips
+
+    tag = f"{sizes.clips}x{sizes.clip_width}x{sizes.clip_height}@{sizes.clip_fps}x{sizes.clip_seconds}s"
+    clips = make_clips(work / f"clips-{tag}", sizes)
+    out: dict[str, Any] = {"runs": {}, "targets_met": {}}
+    for f in frames:
+        root = work / f"memory-{tag}-{f}f"
+        # every worker's block larger than its pool: min(1000 videos, 1 GiB / workers of JPEGs) + a batch
+        per_frame = _jpeg_bytes_per_frame(clips, root, f)
+        pool_videos = min(1000, int(1024 * MIB / workers / (per_frame * f)))
+        videos = workers * (pool_videos + 2 * batch_size)
+        prepare_train_shards(clips, root, f, videos)
+        run = _in_fresh_process(measure_loader_memory, str(root), f, workers, batch_size, 3 * workers)
+        run.update(videos=videos, jpeg_kib_per_frame=per_frame / 1024, pool_videos_per_worker=pool_videos)
+        out["runs"][f"{f}_frames"] = run
+        out["targets_met"][f"{f}_frames"] = run["peak_pss_gib"] <= TARGETS["data_memory_gib_per_rank"]
+    out["note"] = (
+        "peak PSS of the process + its DataLoader workers (summed) while iterating 3 batches per worker of a "
+        "default-configured training DataModule (shuffle_buffer 1000 videos, shuffle_buffer_mb 1024 per rank, "
+        "prefetch_factor 2), per rank; memory = main process + workers' pools (<= shuffle_buffer_mb) + uint8 "
+        "batches in flight (<= 2 x workers + 1 batches of batch x frames x 3 x 224 x 224 bytes)."
+    )
+    return out
+
+
+def _jpeg_bytes_per_frame(clips: list[Path], root: Path, num_frames: int) -> float:
+    """Mean stored JPEG size of the clips prepared at ``num_frames`` (prepares the source split if needed)."""
+    from tvr_bench.data.shards import read_index
+
+    prepare_train_shards(clips, root, num_frames, len(clips))
+    index = read_index(root / "source" / "clips")
+    return sum(s["bytes"] for s in index["shards"]) / max(1, index["num_samples"] * num_frames)
