@@ -10,7 +10,6 @@ from tvr_bench.functional.drl import (
     INTERACTIONS,
     dp_similarity,
     drl_training_terms,
-    normalise_masked,
     token_weights,
     uniform_weights,
     weight_mlp,
@@ -110,8 +109,8 @@ class DRL(RetrievalModule):
             return dp_similarity(text["tokens"], text["token_mask"], video["frames"], video["frame_mask"])
         tw, vw = self._weights(text, video)
         return wti_similarity_blocked(
-            normalise_masked(text["tokens"], text["token_mask"]), tw, text["token_mask"],
-            normalise_masked(video["frames"], video["frame_mask"]), vw, video["frame_mask"],
+            text["tokens"], tw, text["token_mask"],
+            video["frames"], vw, video["frame_mask"],
             max_bytes=int(self.hparams.eval_memory_mb * 2**20),
         )
 
