@@ -26,6 +26,21 @@ def decode_jpeg(data: bytes, min_side: int | None = None) -> np.ndarray:
         return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # convert() to the same mode copies
 
 
+def decode_center_crop(data: bytes, size: int) -> np.ndarray | None:
+    """The centre ``size x size`` crop of a JPEG whose short side (after :func:`decode_jpeg`'s draft) is
+    ``size``, as uint8 ``[size, size, 3]``, cropped by PIL before the pixels are copied out (fewer bytes
+    than :func:`decode_jpeg` + slicing); None when the short side is another size."""
+    with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
+        if min(img.size) >= 2 * size:
+            img.draft("RGB", (size, size))
+        w, h = img.size
+        if min(w, h) != size:
+            return None
+        top, left = (h - size) // 2, (w - size) // 2
+        crop = img.crop((left, top, left + size, top + size))
+        return np.asarray(crop if crop.mode == "RGB" else crop.convert("RGB"))
+
+
 def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
     """Resize uint8 ``[F, 3, H, W]`` so the short side is ``size`` (torch bicubic, antialiased,
     rounded back to uint8), then center-crop to ``size x size``."""
@@ -134,14 +149,17 @@ def decode_clip_into(out: np.ndarray, jpegs: list[bytes], picked: list[int], siz
     :func:`random_resized_crop_box` drawn from ``random.Random(augment_seed)`` for the stored frame size,
     the same crop, resize and flip for every frame of the clip.
     """
+    if augment_seed is None:
+        for n, i in enumerate(picked):
+            crop = decode_center_crop(jpegs[i], size)
+            if crop is None:  # not stored at the target short side: the resize path below for the whole clip
+                break
+            out[n] = crop.transpose(2, 0, 1)
+        else:
+            return
     frames = [decode_jpeg(jpegs[i], size) for i in picked]
     h, w = frames[0].shape[:2]
     same = all(f.shape == frames[0].shape for f in frames)
-    if augment_seed is None and same and min(h, w) == size:
-        top, left = (h - size) // 2, (w - size) // 2
-        for i, frame in enumerate(frames):
-            out[i] = frame[top : top + size, left : left + size].transpose(2, 0, 1)
-        return
     if augment_seed is None:
         out[: len(frames)] = clip_to_uint8(frames, size).numpy()
         return
