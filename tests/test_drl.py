@@ -396,3 +396,20 @@ def test_method_recipes_instantiate(recipe):
         assert set(over) <= set(args), (extra.name, set(over) - set(args))
     model = cls(**args)
     assert model.hparams.max_words == args["max_words"]
+
+
+def test_blocked_scorer_is_float32_under_cpu_autocast():
+    """Under bf16 autocast the token-wise scorer accumulates in float32 (float32 scores equal to the fp32 run)."""
+    g = torch.Generator().manual_seed(0)
+    text, video = torch.randn(6, 9, 32, generator=g), torch.randn(5, 7, 32, generator=g)
+    tm = torch.arange(9)[None] < torch.tensor([9, 4, 6, 9, 2, 7])[:, None]
+    vm = torch.arange(7)[None] < torch.tensor([7, 7, 3, 5, 7])[:, None]
+    tw, vw = uniform_weights(tm), uniform_weights(vm)
+    with torch.no_grad():
+        fp32 = wti_similarity_blocked(text, tw, tm, video, vw, vm)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = wti_similarity_blocked(text, tw, tm, video, vw, vm, max_bytes=1)
+            from_bf16 = wti_similarity_blocked(text.bfloat16(), tw.bfloat16(), tm, video.bfloat16(), vw.bfloat16(), vm)
+    assert mixed.dtype == torch.float32 and from_bf16.dtype == torch.float32
+    torch.testing.assert_close(mixed, fp32, atol=1e-6, rtol=0)
+    torch.testing.assert_close(from_bf16, fp32, atol=3e-2, rtol=0)

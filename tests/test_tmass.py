@@ -458,3 +458,43 @@ def test_reference_pairing_with_captions_split_across_eval_batches(tmp_path):
         expected = blob[key][col[text_rows], pos[text_rows]][:, vcols]  # [texts, videos] in the evaluator's order
         assert torch.equal(saved["sim"].isnan(), expected.isnan()), key
         torch.testing.assert_close(saved["sim"].nan_to_num(7.0), expected.nan_to_num(7.0), atol=atol, rtol=0, msg=key)
+
+
+def test_evaluator_scores_are_float32_under_cpu_autocast():
+    """The evaluator's blocked scoring (any method) runs in float32 with autocast off: under bf16 autocast and with
+    bf16 features (as a bf16-mixed eval step returns them) the scores are float32 and match the fp32 ones."""
+    from tvr_bench.callbacks.evaluator import blocked_similarity
+    from tvr_bench.methods.tmass import TMASS
+
+    torch.manual_seed(0)
+    model = TMASS(backbone="tiny", num_frames=4, trials=5, max_words=16).eval()
+    with torch.no_grad():
+        out = model._eval_step(_tiny_eval_batch(model))
+    text, video = out["text"], out["video"]
+    text["index"], video["index"] = torch.arange(6), torch.arange(3)
+    fp32 = blocked_similarity(model, text, video, budget_mb=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = blocked_similarity(model, text, video, budget_mb=1e-3)
+        half = {k: v.bfloat16() if v.is_floating_point() else v for k, v in text.items()}
+        from_bf16 = blocked_similarity(model, half, video, budget_mb=1.0)
+    assert mixed.dtype == from_bf16.dtype == torch.float32
+    torch.testing.assert_close(mixed, fp32, atol=1e-6, rtol=0)
+    torch.testing.assert_close(from_bf16, fp32, atol=2e-2, rtol=0)
+    # a plain cosine scorer (CLIP4Clip-style matmul) would run in bf16 under autocast: the evaluator switches it off
+
+    class Cosine:
+        def similarity(self, t: dict, v: dict) -> torch.Tensor:
+            return t["embeds"] @ v["embeds"].T
+
+        def pair_cost_bytes(self, t: dict, v: dict) -> int:
+            return 4
+
+    g = torch.Generator().manual_seed(1)
+    t = {"embeds": torch.nn.functional.normalize(torch.randn(40, 64, generator=g), dim=-1)}
+    v = {"embeds": torch.nn.functional.normalize(torch.randn(30, 64, generator=g), dim=-1)}
+    exact = t["embeds"] @ v["embeds"].T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (t["embeds"] @ v["embeds"].T).dtype == torch.bfloat16  # what autocast would do
+        scored = blocked_similarity(Cosine(), t, v, budget_mb=1e-3)
+    assert scored.dtype == torch.float32
+    torch.testing.assert_close(scored, exact, atol=1e-6, rtol=0)

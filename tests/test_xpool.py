@@ -303,3 +303,24 @@ def test_module_blocks_training_mode_and_gradients(pooling: str):
         assert model.pool.q_proj.weight.grad is not None
         names = {g["name"] for g in model.param_groups()}
         assert {"backbone", "head"} <= {n.split("_")[0] for n in names}
+
+
+def test_fast_scorer_is_float32_under_cpu_autocast():
+    """Under bf16 autocast (precision: bf16-mixed) the fast scorer still accumulates in float32: float32 scores,
+    identical to the fp32 run for float32 features, and computed from float32 casts of bf16 features."""
+    g = torch.Generator().manual_seed(0)
+    pool = TextConditionedPool(64, 1, 0.3).eval()
+    with torch.no_grad():
+        for p in pool.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    text, frames = torch.randn(9, 64, generator=g), torch.randn(7, 5, 64, generator=g)
+    with torch.no_grad():
+        fp32 = xpool_similarity_fast(pool, text, frames)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = xpool_similarity_fast(pool, text, frames)
+            from_bf16 = xpool_similarity_fast(pool, text.bfloat16(), frames.bfloat16())
+        oracle = xpool_similarity_reference(pool, text.bfloat16().float(), frames.bfloat16().float())
+    assert mixed.dtype == torch.float32 and from_bf16.dtype == torch.float32
+    torch.testing.assert_close(mixed, fp32, atol=1e-6, rtol=0)
+    torch.testing.assert_close(from_bf16, oracle, atol=1e-5, rtol=0)
+    torch.testing.assert_close(from_bf16, fp32, atol=5e-2, rtol=0)  # only the bf16 rounding of the inputs

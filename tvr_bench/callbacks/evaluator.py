@@ -49,11 +49,31 @@ def block_sizes(n_text: int, n_video: int, pair_bytes: int, budget_bytes: float)
     return bt, bv
 
 
+def float32_features(feats: Features) -> Features:
+    """The feature dict with every floating tensor in float32 (indices, masks and other integers unchanged)."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in feats.items()}
+
+
+def full_precision(device: torch.device | str) -> torch.autocast:
+    """A context that switches autocast off on `device`'s type, so scores accumulate in float32 under bf16-mixed."""
+    kind = torch.device(device).type
+    return torch.autocast(device_type=kind if kind in ("cpu", "cuda", "xpu", "mps") else "cpu", enabled=False)
+
+
 @torch.no_grad()
 def blocked_similarity(
     method: Any, text: Features, video: Features, budget_mb: float, rows: Tensor | None = None
 ) -> Tensor:
-    """Score `text` (or only its `rows`) against every video in blocks under `budget_mb`."""
+    """Score `text` (or only its `rows`) against every video in blocks under `budget_mb`.
+
+    Scores are computed from float32 features with autocast off (safe under `precision: bf16-mixed`).
+    """
+    text, video = float32_features(text), float32_features(video)
+    with full_precision(next(iter(video.values())).device):
+        return _blocked_similarity(method, text, video, budget_mb, rows)
+
+
+def _blocked_similarity(method: Any, text: Features, video: Features, budget_mb: float, rows: Tensor | None) -> Tensor:
     n_text = text[next(iter(text))].shape[0]
     n_video = video[next(iter(video))].shape[0]
     all_rows = rows is None or (len(rows) == n_text and bool((rows.cpu() == torch.arange(n_text)).all()))
@@ -251,6 +271,9 @@ class RetrievalEvaluator(L.Callback):
             raise RuntimeError(f"the {stage} set yielded no videos: check the shards and the split name")
         for feats, n in ((text, len(caption_keys)), (video, len(video_keys))):
             feats["index"] = torch.arange(n)
+        prepare = getattr(pl_module, "prepare_eval_features", None)
+        if callable(prepare):  # set-level features (T-MASS reference pairing), after every batch is assembled
+            text, video = prepare(text, video, t2v)
         sim = self.score(pl_module, text, video)
         if self.save_scores and stage == "test" and trainer.is_global_zero:
             payload = {"sim": sim, "text_to_video": t2v, "video_keys": video_keys, "caption_keys": caption_keys}
