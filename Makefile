@@ -19,7 +19,7 @@ PROFILES := $(strip $(foreach p,$(basename $(notdir $(wildcard recipes/profiles/
 METHODS := clip4clip clip4clip_seqtransf xpool drl tmass mascot
 DATASETS := $(basename $(notdir $(wildcard recipes/data/*.yaml)))
 
-.PHONY: install bench check-names test test-slow test-all perf leaderboard clean
+.PHONY: install bench check-names test test-slow test-all perf leaderboard compare clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ perf: install
 
 leaderboard: install
 	$(TVR) leaderboard --runs runs
+
+## Paired comparison of two runs on the same test set: make compare A=runs/drl/synthetic/seed0 B=runs/clip4clip/synthetic/seed0
+compare: install
+	@if [ -z "$(A)" ] || [ -z "$(B)" ]; then echo "error: give two runs: make compare A=RUN_DIR_OR_RESULT_JSON B=RUN_DIR_OR_RESULT_JSON" >&2; exit 2; fi
+	$(TVR) compare $(A) $(B)
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache
