@@ -115,9 +115,10 @@ def _chunk_sizes(n_text: int, n_video: int, pair_elems: int, max_elems: int) -> 
 
 #: Cosine block of one step of `wti_similarity_blocked`. Chosen from the work, not from the memory budget: each
 #: block is one [bt·L, D] x [D, F·bv] product followed by two max-reductions that read it back, so the block
-#: should stay in cache (2 MiB ~ 0.5 M cosines, e.g. 40 texts x 32 tokens x 40 videos x 12 frames, is still
-#: a ~270 M multiply-add product per step, large enough to run at the full product rate).
-WTI_CHUNK_BYTES = 2 * 2**20
+#: should stay near cache size (4 MiB ~ 1 M cosines, e.g. 50 texts x 32 tokens x 50 videos x 12 frames, a
+#: ~0.5 G multiply-add product per step: large enough to run at the full product rate and few enough steps
+#: that a busy 2-core machine does not stall on thread hand-offs; measured 2/8/32 MiB: docs/results/perf.md).
+WTI_CHUNK_BYTES = 4 * 2**20
 
 
 def wti_similarity_blocked(

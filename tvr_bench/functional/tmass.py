@@ -284,7 +284,7 @@ def tmass_pair_bytes(dim: int, trials: int, per_pair_eps: bool = False) -> int:
 #: D-vectors of one step of `tmass_similarity` (cache-sized: each is written and read a few times).
 TMASS_BLOCK_BYTES = 16 * 2**20
 #: Videos per block and texts per statistics chunk (wide enough for efficient [V·F, D] x [D, T] products).
-TMASS_VIDEO_BLOCK, TMASS_TEXT_CHUNK = 128, 256
+TMASS_VIDEO_BLOCK, TMASS_TEXT_CHUNK = 256, 256
 
 
 def tmass_similarity(

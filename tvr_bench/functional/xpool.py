@@ -324,7 +324,7 @@ def fast_pair_bytes(heads: int, frames: int) -> int:
 
 #: Temporaries of one (text chunk x video block) step of the fast scorers: small enough to stay in cache and
 #: be reused by the allocator (fresh multi-10-MB tensors page-fault on every call, which costs more than the math).
-BLOCK_BYTES = 8 * 2**20
+BLOCK_BYTES = 16 * 2**20
 
 
 def slice_video(vs: VideoSide, start: int, stop: int) -> VideoSide:

@@ -13,6 +13,12 @@ Each variant runs in a fresh process (spawn) so its peak resident memory (the Vm
 can be read; the inputs are rebuilt there from the same seed. Inputs:
 CLIP-like raw features (shared offset, per-video content, small per-frame changes), reference init
 of the heads plus 0.02·N(0, 1) noise (as perf anchor a), one caption per video unless `n_text` differs.
+
+Distance to the floor: every process also times one [1000, 512] x [512, 12000] float32 product before and
+after its scorer (`product_seconds`); `fast_in_products` = fast seconds / product seconds. The folded
+X-Pool scorer needs per pair two F·D dot products (attention logits, e) and K x K forms, i.e. about three
+such products at 1000 x 1000 (two text-side, one video-side); T-MASS adds the text-frame cosines, the
+radius, R ⊙ z and 3·M·D per pair for the trials (about ten).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch import Tensor
 
 from tvr_bench.functional.tmass import RadiusHead, counter_prior, tmass_similarity, tmass_similarity_reference
 from tvr_bench.functional.xpool import TextConditionedPool, xpool_similarity_fast, xpool_similarity_reference
+from tvr_bench.perf.drl_scorer import time_product
 from tvr_bench.perf.memory import peak_rss_bytes, reset_peak_rss
 
 VARIANTS = ("fast", "one_shot")
@@ -70,6 +77,7 @@ def run_variant(
         ("tmass", "one_shot"): lambda: tmass_similarity_reference(x["pool"], x["radius"], x["text"], x["frames"], None, x["eps"]),
     }
     fn = fns[(method, variant)]
+    product = [time_product()]
     base = reset_peak_rss()  # high-water mark reset: import/input peaks do not hide the call's own
     times = []
     with torch.no_grad():
@@ -78,11 +86,14 @@ def run_variant(
             sim = fn()
             if i:
                 times.append(time.perf_counter() - start)
+    peak = _peak_rss_bytes()
+    product.append(time_product())
     return {
+        "product_seconds": product,
         "seconds": statistics.median(times),
         "seconds_all": [round(t, 3) for t in times],
-        "peak_rss_mib": _peak_rss_bytes() / 2**20,
-        "peak_extra_mib": max(0, _peak_rss_bytes() - base) / 2**20,
+        "peak_rss_mib": peak / 2**20,
+        "peak_extra_mib": max(0, peak - base) / 2**20,
         "threads": torch.get_num_threads(),
         "sim": sim,
     }
@@ -108,6 +119,10 @@ def _bench(
             res = ex.submit(run_variant, *args).result()
         sims[variant] = res.pop("sim")
         out[variant] = res
+    products = [p for v in variants for p in out[v]["product_seconds"]]
+    out["product_seconds"] = statistics.median(products)
+    if "fast" in out:
+        out["fast_in_products"] = out["fast"]["seconds"] / out["product_seconds"]
     if "fast" in sims and "one_shot" in sims:
         out["max_abs_diff"] = float((sims["fast"] - sims["one_shot"]).abs().max())
         out["speedup_fast_vs_one_shot"] = out["one_shot"]["seconds"] / out["fast"]["seconds"]

@@ -52,6 +52,9 @@ TARGETS = {
     "eval_max_abs_diff": 1e-5,
     "eval_memory_ratio": 1 / 8,  # blocked peak memory at most 1/8 of the one-shot peak
     "eval_speed_ratio": 1.0,  # blocked no slower than one-shot
+    "eval_fast_vs_one_shot": 50.0,  # X-Pool and T-MASS fast scorers at least 50x the one-shot math (issue 15 item 2)
+    "drl_work_ratio": 1.3,  # DRL token-wise scoring within 1.3x of its work at the same run's product rate
+    "drl_memory_vs_reference_loop": 1.0,  # DRL blocked peak memory at most the reference loop's
     "train_overhead": 0.05,  # Lightning at most 5% slower per step than a plain loop
 }
 
@@ -437,12 +440,13 @@ def bench_cosine(class_path: str, n: int, d: int, repeats: int, budget_mb: float
 
 def _eval_summary(name: str, raw: dict[str, Any], blocked_key: str, blocking_applies: bool = True) -> dict[str, Any]:
     """Common figures of one scorer benchmark: seconds, peak MiB, ratios, max |diff|, targets (memory and
-    speed are n/a for a cosine scorer: its one block is the one-shot computation itself)."""
+    speed are n/a for a cosine scorer: its one block is the one-shot computation itself), and the distance to
+    the floor where measured (X-Pool/T-MASS: time in [1000, 512] x [512, 12000] products; DRL: time / work)."""
     b, o = raw[blocked_key], raw["one_shot"]
     diff = raw.get("max_abs_diff", b.get("max_abs_diff_vs_one_shot"))
     speed = o["seconds"] / b["seconds"]
     memory = b["peak_extra_mib"] / max(o["peak_extra_mib"], 1e-9)
-    return {
+    out = {
         "method": name,
         "blocked_seconds": b["seconds"],
         "one_shot_seconds": o["seconds"],
@@ -451,12 +455,28 @@ def _eval_summary(name: str, raw: dict[str, Any], blocked_key: str, blocking_app
         "speedup": speed,
         "memory_ratio": memory,
         "max_abs_diff": diff,
+        "product_seconds": raw.get("product_seconds"),
         "targets_met": {
             "equal": diff is not None and diff <= TARGETS["eval_max_abs_diff"],
             "memory": memory <= TARGETS["eval_memory_ratio"] if blocking_applies else None,
             "speed": speed >= TARGETS["eval_speed_ratio"] if blocking_applies else None,
         },
     }
+    if name in ("xpool", "tmass"):
+        out["blocked_in_products"] = raw.get("fast_in_products")
+        out["targets_met"]["fast_vs_one_shot"] = speed >= TARGETS["eval_fast_vs_one_shot"]
+    if name == "drl":
+        out["work_macs"] = raw.get("work_macs")
+        out["work_floor_seconds"] = raw.get("work_floor_seconds")
+        out["scoring_seconds"] = b.get("scoring_seconds")
+        out["work_ratio"] = raw.get("work_ratio")
+        out["targets_met"]["work_ratio"] = raw["work_ratio"] <= TARGETS["drl_work_ratio"] if "work_ratio" in raw else None
+        if "reference_loop" in raw:
+            ref = raw["reference_loop"]
+            out["reference_loop_peak_mib"] = ref["peak_extra_mib"]
+            out["memory_vs_reference_loop"] = raw.get("memory_vs_reference_loop")
+            out["targets_met"]["memory_vs_reference_loop"] = raw["memory_vs_reference_loop"] <= TARGETS["drl_memory_vs_reference_loop"]
+    return out
 
 
 def bench_eval(sizes: PerfSizes, methods: list[str]) -> dict[str, Any]:
@@ -479,8 +499,11 @@ def bench_eval(sizes: PerfSizes, methods: list[str]) -> dict[str, Any]:
         elif name == "drl":
             from tvr_bench.perf.drl_scorer import bench_drl
 
-            variants = ("blocked", "one_shot", "reference_loop") if sizes.drl_reference_loop else ("blocked", "one_shot")
-            raw, key = bench_drl(n=n, words=32, frames=12, d=512, repeats=max(reps, 1), budget_mb=128.0, variants=variants), "blocked"
+            # the reference loop's peak memory is reached in its first row of 32 x 32 blocks: by default only its first
+            # 128 texts run (time scaled to all rows, marked as an estimate); --drl-reference-loop runs all of it
+            rows = None if sizes.drl_reference_loop else 128
+            raw, key = bench_drl(n=n, words=32, frames=12, d=512, repeats=max(reps, 1), budget_mb=1024.0,
+                                 variants=("blocked", "one_shot", "reference_loop"), reference_rows=rows), "blocked"  # fmt: skip
         else:
             raise ValueError(f"unknown method {name!r}")
         raw["wall_seconds"] = time.perf_counter() - t0
@@ -489,8 +512,13 @@ def bench_eval(sizes: PerfSizes, methods: list[str]) -> dict[str, Any]:
     out["note"] = ("clip4clip (meanP and seqTransf) and mascot score by a cosine of pooled embeddings: the blocked "
                    "path is the evaluator's `blocked_similarity`; the [N, N] matrix is the whole cost, so memory "
                    "and time are equal by construction (one block = the one-shot call; memory and speed targets n/a). xpool/tmass: `fast` folded scorer under a "
-                   "256 MiB budget vs the reference math materialising [N, N, D]; drl: length-sorted blocked WTI "
-                   "under a 128 MiB budget vs one [N, L, N, F] tensor. peak = RSS growth over the inputs, each variant in a fresh process.")
+                   "512 MiB budget (cache-sized steps) vs the reference math materialising [N, N, D]; drl: length-sorted blocked WTI "
+                   "in cache-sized 2 MiB chunks (WTI_CHUNK_BYTES, chosen from the work) under the module's 1 GiB default budget "
+                   "vs one [N, L, N, F] tensor and vs the reference's 32 x 32 loop. peak = RSS growth over the inputs, each "
+                   "variant in a fresh process. product_seconds: one [1000, 512] x [512, 12000] float32 product, timed in "
+                   "every scorer process before and after its scorer (median).")
+    products = [r["product_seconds"] for r in out["raw"].values() if r.get("product_seconds")]
+    out["product_seconds"] = _median(products) if products else None
     return out
 
 
@@ -696,6 +724,33 @@ def _mark(ok: bool | None) -> str:
     return "n/a" if ok is None else ("✓" if ok else "✗")
 
 
+def _floor_lines(e: dict[str, Any]) -> list[str]:
+    """Markdown lines: the scorers' distance to their floor (same-run product time, work ratio, memory)."""
+    if not e.get("product_seconds"):
+        return []
+    summ = e["summary"]
+    lines = [f"Floor unit: one [1000, 512] × [512, 12000] float32 product = **{e['product_seconds'] * 1000:.0f} ms** in this run "
+             "(timed in every scorer's process).", ""]  # fmt: skip
+    for name in ("xpool", "tmass"):
+        s = summ.get(name)
+        if s and s.get("blocked_in_products") is not None:
+            lines.append(
+                f"- {name}: fast scorer {s['blocked_seconds']:.3f} s = {s['blocked_in_products']:.1f} products; "
+                f"{s['speedup']:.1f}× the one-shot math (target ≥ {TARGETS['eval_fast_vs_one_shot']:.0f}× "
+                f"{_mark(s['targets_met']['fast_vs_one_shot'])}), max |diff| {s['max_abs_diff']:.1e} (≤ 1e-5 {_mark(s['targets_met']['equal'])})."
+            )
+    s = summ.get("drl")
+    if s and s.get("work_ratio") is not None:
+        line = (f"- drl: token-wise scoring {s['scoring_seconds']:.3f} s for {s['work_macs'] / 1e9:.0f} G multiply-adds "
+                f"(real tokens × real frames × D) = {s['work_floor_seconds']:.3f} s at the product rate: "
+                f"**{s['work_ratio']:.2f}×** its work (target ≤ {TARGETS['drl_work_ratio']} {_mark(s['targets_met']['work_ratio'])})")  # fmt: skip
+        if s.get("memory_vs_reference_loop") is not None:
+            line += (f"; peak {s['blocked_peak_mib']:.0f} MiB vs the reference loop's {s['reference_loop_peak_mib']:.0f} MiB "
+                     f"on the same inputs ({_mark(s['targets_met']['memory_vs_reference_loop'])})")  # fmt: skip
+        lines.append(line + ".")
+    return lines + [""]
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     """A short Markdown summary of a perf result (ratios first, absolute figures beside them)."""
     m = result["machine"]
@@ -757,9 +812,11 @@ def render_markdown(result: dict[str, Any]) -> str:
         if "reference_loop" in drl:
             lines += ["", f"DRL reference-style loop (32 × 32 blocks, weights recomputed per block): "
                           f"{_fmt(drl['reference_loop']['seconds'], 2)} s = "
-                          f"{_fmt(drl['reference_loop']['seconds'] / drl['blocked']['seconds'], 1)}× the blocked scorer."]  # fmt: skip
+                          f"{_fmt(drl['reference_loop']['seconds'] / drl['blocked']['seconds'], 1)}× the blocked scorer"
+                          f"{' (estimated from its first ' + str(drl['reference_loop']['rows_run']) + ' texts)' if drl['reference_loop'].get('rows_run') else ''}."]  # fmt: skip
         lines += ["", "CLIP4Clip (meanP, seqTransf) and MASCOT score by one cosine per pair: blocking changes nothing "
                       "there (the [N, N] matrix is the whole cost); the memory and speed targets apply to X-Pool, T-MASS, DRL.", ""]  # fmt: skip
+        lines += _floor_lines(e)
     if "metrics" in sec:
         x = sec["metrics"]
         lines += [
@@ -788,10 +845,14 @@ def render_markdown(result: dict[str, Any]) -> str:
         from tvr_bench.perf.intervals_bench import render as render_intervals
 
         lines += render_intervals(sec["intervals"])
+    if "precision" in sec:
+        from tvr_bench.perf.precision_bench import render as render_precision
+
+        lines += render_precision(sec["precision"])
     return "\n".join(lines)
 
 
-SECTIONS = ("data", "data-memory", "eval", "metrics", "train", "features", "intervals")
+SECTIONS = ("data", "data-memory", "eval", "metrics", "train", "features", "intervals", "precision")
 
 
 def _bench_features(work: Path, quick: bool, accelerator: str) -> dict[str, Any]:
@@ -800,6 +861,16 @@ def _bench_features(work: Path, quick: bool, accelerator: str) -> dict[str, Any]
 
     sizes = {"steps": 6, "warmup": 2, "rounds": 1} if quick else {"steps": 12, "warmup": 3, "rounds": 2}
     return bench_features(work, accelerator=accelerator, **sizes)
+
+
+def _bench_precision(result: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """Section `precision`: train steps/s at 32-true vs bf16-mixed on CUDA ('no CUDA' otherwise) and the workers that
+    feed one H100, at the per-core DataModule rate of this run's data section (1 worker, else 0 workers)."""
+    from tvr_bench.perf.precision_bench import bench_precision
+
+    rates = result["sections"].get("data", {}).get("clips_per_s", {})
+    per_core = rates.get("datamodule_1_worker") or rates.get("datamodule_0_workers")
+    return bench_precision(quick, per_core)
 
 
 EVAL_METHODS = ("clip4clip", "mascot", "xpool", "tmass", "drl")
@@ -848,6 +919,7 @@ def perf_main(argv: list[str]) -> int:
         "train": lambda: bench_train(sizes, args.accelerator),
         "features": lambda: _bench_features(Path(args.work_dir), args.quick, args.accelerator),
         "intervals": lambda: __import__("tvr_bench.perf.intervals_bench", fromlist=["x"]).bench_intervals(args.quick),
+        "precision": lambda: _bench_precision(result, args.quick),
     }
     for name in sections:
         t0 = time.perf_counter()
