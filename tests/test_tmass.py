@@ -498,3 +498,29 @@ def test_evaluator_scores_are_float32_under_cpu_autocast():
         scored = blocked_similarity(Cosine(), t, v, budget_mb=1e-3)
     assert scored.dtype == torch.float32
     torch.testing.assert_close(scored, exact, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("per_pair", [False, True])
+def test_fast_scorer_steps_cover_every_pair(monkeypatch, per_pair: bool):
+    """Text chunks, video blocks and D-vector sub-steps that do not divide the sizes give the reference scores,
+    for both eps layouts and both pairings (with a masked frame)."""
+    from tvr_bench.functional import tmass as tm
+
+    monkeypatch.setattr(tm, "TMASS_VIDEO_BLOCK", 4)
+    monkeypatch.setattr(tm, "TMASS_TEXT_CHUNK", 6)
+    pool, radius, text, frames = _setup(32, 2, 0.2, 14, 10, frames=5, seed=4)
+    mask = torch.ones(10, 5, dtype=torch.bool)
+    mask[7, 3:] = False
+    eps = counter_prior("uniform01", 1.0, 2, torch.arange(14), 6, 32, torch.arange(10) if per_pair else None)
+    col = torch.arange(14) % 10  # videos 0-3 have two captions
+    from tvr_bench.methods.tmass import caption_positions, own_caption_layout
+
+    pos, own = own_caption_layout(text, col, 10, 4)
+    assert torch.equal(pos, caption_positions(col, 10))
+    step = tm.tmass_pair_bytes(32, 6, per_pair) * 4 * 2  # 4 videos x 2 texts per D-vector step
+    with torch.no_grad():
+        for own_text, text_pos in ((None, None), (own, pos)):
+            ref = tm.tmass_similarity_reference(pool, radius, text, frames, mask, eps, own_text, text_pos)
+            fast = tm.tmass_similarity(pool, radius, text, frames, mask, eps, own_text, text_pos, block_bytes=step)
+            assert torch.equal(fast.isnan(), ref.isnan())
+            torch.testing.assert_close(fast.nan_to_num(3.0), ref.nan_to_num(3.0), atol=1e-5, rtol=0)
