@@ -564,7 +564,7 @@ def _fit(method: type, root: Path, ckpt_dir: Path, *, stop: int | None = None, c
         callbacks += [StopAtStep(stop), ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_last=True, save_top_k=0)]
     trainer = L.Trainer(max_epochs=2, max_steps=max_steps, accelerator="cpu", deterministic=True, logger=False,
                         callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0)
+                        num_sanity_val_steps=0, enable_checkpointing=stop is not None, default_root_dir=ckpt_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
