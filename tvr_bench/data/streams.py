@@ -444,7 +444,8 @@ def _decode_batches(
 
 def _decode_group(items: list[dict[str, Any]], num_frames: int, image_size: int, train: bool) -> dict[str, Any]:
     """One batch: decode every clip into the batch buffer, then collate the text side."""
-    frames = np.empty((len(items), num_frames, 3, image_size, image_size), dtype=np.uint8)
+    frames_t = _batch_buffer((len(items), num_frames, 3, image_size, image_size))
+    frames = frames_t.numpy()
     mask = np.zeros((len(items), num_frames), dtype=bool)
     for b, item in enumerate(items):
         picked, pad = stored_frame_plan(len(item["jpegs"]), num_frames)
@@ -455,11 +456,20 @@ def _decode_group(items: list[dict[str, Any]], num_frames: int, image_size: int,
         mask[b, : len(picked)] = True
         if pad:
             frames[b, len(picked) :] = 0
-    out = {"frames": torch.from_numpy(frames), "frame_mask": torch.from_numpy(mask)}
+    out = {"frames": frames_t, "frame_mask": torch.from_numpy(mask)}
     return {**out, **(_train_text(items) if train else _eval_text(items))}
 
 
 decode_batches = wds.pipelinefilter(_decode_batches)
+
+
+def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 batch tensor; in a DataLoader worker it is allocated in shared memory, so
+    handing it to the main process sends its handle instead of copying the batch into a new segment."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
 
 
 def _train_text(items: list[dict[str, Any]]) -> dict[str, Any]:
