@@ -322,9 +322,12 @@ def fast_pair_bytes(heads: int, frames: int) -> int:
     return 4 * (6 * k + 24)
 
 
-#: Temporaries of one (text chunk x video block) step of the fast scorers: small enough to stay in cache and
-#: be reused by the allocator (fresh multi-10-MB tensors page-fault on every call, which costs more than the math).
-BLOCK_BYTES = 16 * 2**20
+#: Temporaries of one (text chunk x video block) step of the fast scorers. Small steps stay in cache, but each
+#: op is a parallel region and on a busy 2-core machine every region waits for a descheduled thread: at
+#: 1000 x 1000 with 2 threads under load 6, 16 / 64 / 256 MiB steps took 20 / 12 / 9 products (about 5 with
+#: 1 thread at 16 MiB). 128 MiB is a handful of steps; each tensor of a step stays under glibc's 32 MiB mmap
+#: threshold, so its memory is reused rather than page-faulted again.
+BLOCK_BYTES = 128 * 2**20
 
 
 def slice_video(vs: VideoSide, start: int, stop: int) -> VideoSide:
