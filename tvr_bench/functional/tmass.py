@@ -31,12 +31,9 @@ from torch import Tensor, nn
 
 from tvr_bench.functional.losses import symmetric_infonce
 from tvr_bench.functional.xpool import (
-    FoldedWeights,
     TextConditionedPool,
-    TextSide,
-    VideoSide,
-    cosine,
     _autocast_type,
+    cosine,
     fold_weights,
     pair_statistics,
     prepare_text,

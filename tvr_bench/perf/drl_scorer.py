@@ -32,7 +32,6 @@ import torch
 from torch import Tensor, nn
 
 from tvr_bench.functional.drl import (
-    normalise_masked,
     token_weights,
     weight_mlp,
     wti_similarity,
