@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from tvr_bench.backbones.clip import CLIPBackbone
+from tvr_bench.data.transforms import normalize_batch
 from tvr_bench.functional.losses import MAX_LOGIT_SCALE, clamp_logit_scale_
 from tvr_bench.optim import REFERENCE_ADAM_ARGS, REFERENCE_OPTIMIZERS, BertAdam, LegacyAdamW, schedule_lambda
 
@@ -189,6 +190,11 @@ class RetrievalModule(L.LightningModule):
             self.log(f"train/{name}", value, batch_size=bs)
         self.log("train/logit_scale", self.backbone.logit_scale.detach().exp(), batch_size=bs)
         return loss
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 loader frames -> CLIP-normalised float32 on the device, for loaders passed to the Trainer
+        without their DataModule (Lightning then calls this hook instead of the DataModule's)."""
+        return normalize_batch(batch) if isinstance(batch, dict) else batch
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Clamp the temperature at ln(100) after each step, as every reference does."""
