@@ -278,10 +278,11 @@ def tmass_pair_bytes(dim: int, trials: int, per_pair_eps: bool = False) -> int:
     return 4 * (4 * dim + 6 * trials + 128) + (4 * 3 * trials * dim if per_pair_eps else 0)
 
 
-#: D-vectors of one step of `tmass_similarity` (four reused buffers). Smaller steps stay in cache (16 MiB: ~21
-#: products per 10^6 pairs with 1 thread) but make many small parallel regions, which stall on a busy 2-core
-#: machine (2 threads, load 7: 16 / 64 / 128 MiB -> 113 / 74 / 68 products per 10^6 pairs).
-TMASS_BLOCK_BYTES = 64 * 2**20
+#: D-vectors of one step of `tmass_similarity` (four reused buffers). Small steps keep them in cache: at
+#: 1000 x 1000, 2 threads, quiet machine, 16 / 32 / 64 MiB took 22 / 31 / 30 products of [1000, 512] x
+#: [512, 12000]; on a busy machine (load 7) the many small parallel regions stall instead (500 x 500:
+#: 16 / 64 / 128 MiB -> 113 / 74 / 68 products per 10^6 pairs).
+TMASS_BLOCK_BYTES = 16 * 2**20
 #: Videos per block and texts per statistics chunk (wide enough for efficient [V·F, D] x [D, T] products).
 TMASS_VIDEO_BLOCK, TMASS_TEXT_CHUNK = 256, 256
 

@@ -323,11 +323,11 @@ def fast_pair_bytes(heads: int, frames: int) -> int:
 
 
 #: Temporaries of one (text chunk x video block) step of the fast scorers. Small steps stay in cache, but each
-#: op is a parallel region and on a busy 2-core machine every region waits for a descheduled thread: at
-#: 1000 x 1000 with 2 threads under load 6, 16 / 64 / 256 MiB steps took 20 / 12 / 9 products (about 5 with
-#: 1 thread at 16 MiB). 128 MiB is a handful of steps; each tensor of a step stays under glibc's 32 MiB mmap
-#: threshold, so its memory is reused rather than page-faulted again.
-BLOCK_BYTES = 128 * 2**20
+#: op is a parallel region and on a busy 2-core machine every region waits for a descheduled thread. At
+#: 1000 x 1000 with 2 threads: quiet (load < 1) 8 / 16 / 32 / 128 MiB took 4.1 / 4.2 / 4.3 / 4.7 products of
+#: [1000, 512] x [512, 12000]; busy (load 6) 16 / 64 / 256 MiB took 20 / 12 / 9. Each tensor of a 32 MiB step
+#: stays under glibc's 32 MiB mmap threshold, so its memory is reused rather than page-faulted again.
+BLOCK_BYTES = 32 * 2**20
 
 
 def slice_video(vs: VideoSide, start: int, stop: int) -> VideoSide:
