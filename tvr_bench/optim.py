@@ -77,7 +77,36 @@ def schedule_lambda(kind: str, total_steps: int, warmup_ratio: float) -> Callabl
     raise ValueError(f"unknown schedule {kind!r}; choose 'cosine' or 'cosine_overall'")
 
 
-class BertAdam(torch.optim.Optimizer):
+class _MomentAdam(torch.optim.Optimizer):
+    """The loop both reference rules share: every parameter with a dense gradient, its step count and two
+    moment buffers; a subclass gives the update of one parameter (`_update`)."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter that has a gradient; returns the closure's loss (if any)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                self._update(p, state, group)
+        return loss
+
+    def _update(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class BertAdam(_MomentAdam):
     """Adam without bias correction, per-tensor gradient-norm clipping and learning-rate-scaled weight decay.
 
     Per parameter p with gradient g, each step: g <- g · min(1, max_grad_norm / (||g|| + 1e-6)) (in
@@ -99,40 +128,23 @@ class BertAdam(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "max_grad_norm": max_grad_norm}
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One update of every parameter that has a gradient; returns the closure's loss (if any)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("BertAdam does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                if group["max_grad_norm"] > 0:
-                    clip_grad_norm_(p, group["max_grad_norm"])
-                grad = p.grad
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                update = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
-                if group["weight_decay"] > 0.0:
-                    update += group["weight_decay"] * p
-                p.add_(-(group["lr"] * update))
-                state["step"] += 1
-        return loss
+    def _update(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Clip this tensor's gradient, update the raw moments, step without bias correction."""
+        beta1, beta2 = group["betas"]
+        if group["max_grad_norm"] > 0:
+            clip_grad_norm_(p, group["max_grad_norm"])
+        grad = p.grad
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        update = exp_avg / (exp_avg_sq.sqrt() + group["eps"])
+        if group["weight_decay"] > 0.0:
+            update += group["weight_decay"] * p
+        p.add_(-(group["lr"] * update))
+        state["step"] += 1
 
 
-class LegacyAdamW(torch.optim.Optimizer):
+class LegacyAdamW(_MomentAdam):
     """AdamW of older HuggingFace transformers releases (vendored by X-Pool and T-MASS).
 
     Per parameter, at step t (1-based): m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g²;
@@ -154,39 +166,22 @@ class LegacyAdamW(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One update of every parameter that has a gradient; returns the closure's loss (if any)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("LegacyAdamW does not support sparse gradients")
-                grad = p.grad
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                state["step"] += 1
-                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                denom = exp_avg_sq.sqrt().add_(group["eps"])
-                step_size = group["lr"]
-                if group["correct_bias"]:
-                    step = state["step"]
-                    step_size = step_size * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-                p.addcdiv_(exp_avg, denom, value=-step_size)
-                if group["weight_decay"] > 0.0:
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
-        return loss
+    def _update(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Update the moments, step with the bias correction folded into the step size, then decay."""
+        beta1, beta2 = group["betas"]
+        grad = p.grad
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = exp_avg_sq.sqrt().add_(group["eps"])
+        step_size = group["lr"]
+        if group["correct_bias"]:
+            step = state["step"]
+            step_size = step_size * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+        p.addcdiv_(exp_avg, denom, value=-step_size)
+        if group["weight_decay"] > 0.0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
 
 def _check_adam_args(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
