@@ -17,9 +17,7 @@ from tvr_bench.cli import EXIT_DATA, TOOL_COMMANDS, TVRBenchCLI, _import_class, 
 from tvr_bench.data.benchmarks.catalog import datamodules
 from tvr_bench.data.benchmarks.msrvtt import MSRVTTDataModule
 from tvr_bench.data.commands import prepare_main
-from tvr_bench.data.datamodule import RetrievalDataModule
 from tvr_bench.loggers import RunConfigCallback
-from tvr_bench.methods.base import RetrievalModule
 
 REPO = Path(__file__).resolve().parents[1]
 #: The Makefile's METHODS (recipes/methods/<m>.yaml).
@@ -61,16 +59,7 @@ def model_class(method: str) -> type:
 
 def build(args: list[str]) -> TVRBenchCLI:
     """The CLI as `tvr-bench` builds it, parsed and instantiated but not run."""
-    return TVRBenchCLI(
-        RetrievalModule,
-        RetrievalDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=RunConfigCallback,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=False,
-    )
+    return cli_main(args, run=False)
 
 
 def prepare_fixture(tmp_path: Path, out: Path, *extra: str) -> Path:

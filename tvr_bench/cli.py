@@ -238,8 +238,8 @@ def _dispatch_tool(name: str, argv: list[str]) -> int:
     return int(getattr(module, func_name)(argv) or 0)
 
 
-def cli_main(args: list[str] | None = None) -> TVRBenchCLI:
-    """Run the Lightning part of the CLI (testable: pass `args`)."""
+def cli_main(args: list[str] | None = None, run: bool = True) -> TVRBenchCLI:
+    """Run the Lightning part of the CLI (testable: pass `args`; `run=False` parses and instantiates only)."""
     os.environ.setdefault("WANDB_SILENT", "true")
     import lightning.pytorch as pl
 
@@ -253,6 +253,7 @@ def cli_main(args: list[str] | None = None) -> TVRBenchCLI:
         save_config_callback=RunConfigCallback,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 
