@@ -578,13 +578,13 @@ def plot_leaderboard(aggregated: list[dict[str, Any]], expected: list[dict[str, 
     if "paper" in labelled:
         handles.append(Line2D([], [], marker="D", color="black", linestyle="none", markeredgecolor="white"))
         names.append("paper")
-    fig.suptitle(f"tvr-bench: R@1 per method (error bars: 95% bootstrap interval over test queries; "
+    fig.suptitle(f"tvr-bench: R@1 per method\n(error bars: 95% bootstrap interval over test queries; "
                  f"{BEST_MARK} best, {TIED_MARK} not significantly different; hatched: incomplete test set)",
-                 y=0.985, fontsize=9)
+                 y=0.99, fontsize=8.5)
     if handles:
-        fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.93), ncol=min(6, len(handles)),
+        fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.915), ncol=min(6, len(handles)),
                    fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.88))
+    fig.tight_layout(rect=(0, 0, 1, 0.86))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return atomic_write(path, buf.getvalue())
