@@ -203,7 +203,8 @@ def test_explicit_sampling_wins_and_mismatched_roots_are_named(
 @pytest.mark.parametrize("method", ["xpool", "clip4clip"])
 def test_synthetic_keeps_its_stream_and_takes_no_sampling(method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The synthetic DataModule has no `sampling` argument (its shards are prepared once); its recipe's explicit
-    `train_stream: videos` wins over the method's, and the method's augmentation is filled."""
+    `train_stream: videos` and `augment: none` win over the method's (a flip would contradict the captions'
+    left/right, data_cards/synthetic.md)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["tvr-bench"])
     cli = build([*recipes(method, "synthetic"), "--model.init_args.backbone", "tiny", "--trainer.logger", "false"])
@@ -211,7 +212,7 @@ def test_synthetic_keeps_its_stream_and_takes_no_sampling(method: str, tmp_path:
     accepted = inspect.signature(type(dm).__init__).parameters
     assert "sampling" not in accepted and "sampling" not in cli.config.data.init_args
     assert dm.train_stream == "videos" == cli.config.data.init_args.train_stream
-    assert dm.augment == model_class(method).DATA_PROTOCOL["augment"] == cli.config.data.init_args.augment
+    assert dm.augment == "none" == cli.config.data.init_args.augment
 
 
 @needs_fixtures
