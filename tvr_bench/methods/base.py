@@ -177,6 +177,7 @@ class RetrievalModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         """Encode, gather across ranks, compute the method's loss, refuse non-finite values."""
+        batch = normalize_batch(batch)  # no-op after the DataModule's hook; uint8 frames of a bare loader otherwise
         text, video = self.training_features(batch)
         loss, extra = self.training_loss(self.gather_features(text), self.gather_features(video))
         if not torch.isfinite(loss):
@@ -190,11 +191,6 @@ class RetrievalModule(L.LightningModule):
             self.log(f"train/{name}", value, batch_size=bs)
         self.log("train/logit_scale", self.backbone.logit_scale.detach().exp(), batch_size=bs)
         return loss
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """uint8 loader frames -> CLIP-normalised float32 on the device, for loaders passed to the Trainer
-        without their DataModule (Lightning then calls this hook instead of the DataModule's)."""
-        return normalize_batch(batch) if isinstance(batch, dict) else batch
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Clamp the temperature at ln(100) after each step, as every reference does."""
@@ -226,6 +222,7 @@ class RetrievalModule(L.LightningModule):
             torch.cuda.set_rng_state(state["cuda"], self.device)
 
     def _eval_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        batch = normalize_batch(batch)  # as in training_step
         text = self.encode_batch_text(batch)
         video = self.encode_video(batch["frames"], batch["frame_mask"])
         return {
