@@ -55,25 +55,27 @@ def tree_memory() -> tuple[int, int]:
     return sum(_proc_kib(p, "Pss", "smaps_rollup") for p in pids), sum(_proc_kib(p, "VmRSS", "status") for p in pids)
 
 
-def prepare_train_shards(clips: list[Path], root: Path, num_frames: int, videos: int, per_shard: int = 64) -> Path:
-    """Shards of the clips at ``num_frames`` frames (segment_middle, short side 224, q95), then a ``train``
-    split of ``videos`` samples (copies of the clips under new keys), unless already there."""
+def replicated_split(clips: list[Path], root: Path, split: str, *, num_frames: int, sampling: str, videos: int,
+                     per_shard: int) -> Path:
+    """Shards of the clips (``sampling``, ``num_frames`` frames, short side 224, q95) under ``root/source``, then a
+    ``split`` of ``videos`` samples in shards of ``per_shard`` (copies of the clips under new keys), unless a split
+    of that size is already there."""
     from tvr_bench.data.prepare import PrepareConfig, VideoRecord, prepare
     from tvr_bench.data.shards import INDEX_FILE, SHARD_PATTERN, ShardFile, iter_shard, parse_sample, read_index, write_json_atomic
 
-    if (root / "train" / INDEX_FILE).is_file() and read_index(root / "train")["num_samples"] == videos:
+    if (root / split / INDEX_FILE).is_file() and read_index(root / split)["num_samples"] == videos:
         return root
     src = root / "source"
     if not (src / "clips" / INDEX_FILE).is_file():
         records = [VideoRecord(p.stem, p, [f"perf clip {p.stem}"], "clips") for p in clips]
-        config = PrepareConfig(dataset="perf", num_frames=num_frames, sampling="segment_middle", short_side=224,
+        config = PrepareConfig(dataset="perf", num_frames=num_frames, sampling=sampling, short_side=224,
                                jpeg_quality=95, shard_size=len(records))  # fmt: skip
         prepare(records, src, config, workers=1, progress=False)
     samples = []
     for entry in read_index(src / "clips")["shards"]:
         for raw in iter_shard(src / "clips" / entry["file"]):
             samples.append({k: v for k, v in raw.items() if k == "__key__" or not k.startswith("__")})
-    split_dir = root / "train.tmp"
+    split_dir = root / f"{split}.tmp"
     shutil.rmtree(split_dir, ignore_errors=True)
     split_dir.mkdir(parents=True)
     infos = []
@@ -85,11 +87,18 @@ def prepare_train_shards(clips: list[Path], root: Path, num_frames: int, videos:
             shard.write({**sample, "__key__": f"{sample['__key__']}-c{i}"}, len(meta["captions"]))
         infos.append(shard.finish().as_dict())
     index = read_index(src / "clips")
-    index.update(split="train", shards=infos, num_shards=len(infos), num_samples=videos, num_captions=videos)
+    index.update(split=split, shards=infos, num_shards=len(infos), num_samples=videos,
+                 num_captions=sum(i["num_captions"] for i in infos))  # fmt: skip
     write_json_atomic(split_dir / INDEX_FILE, index)
-    shutil.rmtree(root / "train", ignore_errors=True)
-    os.replace(split_dir, root / "train")
+    shutil.rmtree(root / split, ignore_errors=True)
+    os.replace(split_dir, root / split)
     return root
+
+
+def prepare_train_shards(clips: list[Path], root: Path, num_frames: int, videos: int, per_shard: int = 64) -> Path:
+    """A ``train`` split of ``videos`` samples of the clips at ``num_frames`` frames (segment_middle)."""
+    return replicated_split(clips, root, "train", num_frames=num_frames, sampling="segment_middle", videos=videos,
+                            per_shard=per_shard)
 
 
 def measure_loader_memory(root: str, num_frames: int, workers: int, batch_size: int, batches: int, **overrides: Any) -> dict[str, Any]:

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -191,41 +190,10 @@ def make_clips(out_dir: Path, sizes: PerfSizes, seed: int = 0) -> list[Path]:
 def prepare_clip_shards(clips: list[Path], root: Path, copies: int) -> Path:
     """Prepare the clips into shards (fps1_uniform, 12 frames, short side 224, the suite's defaults), then a
     `test` split holding `copies` copies of each sample under new keys (more clips per pass, same frames)."""
-    from tvr_bench.data.prepare import PrepareConfig, VideoRecord, prepare
-    from tvr_bench.data.shards import INDEX_FILE, SHARD_PATTERN, ShardFile, iter_shard, parse_sample, read_index, write_json_atomic
+    from tvr_bench.perf.data_bench import replicated_split
 
-    if (root / "test" / INDEX_FILE).is_file():
-        return root
-    src = root / "source"
-    if not (src / "clips" / INDEX_FILE).is_file():
-        records = [VideoRecord(p.stem, p, [f"perf clip {p.stem}"], "clips") for p in clips]
-        prepare(records, src, PrepareConfig(dataset="perf", num_frames=12, sampling="fps1_uniform", short_side=224,
-                                            jpeg_quality=95, shard_size=len(records)), workers=1, progress=False)  # fmt: skip
-    samples = []
-    for entry in read_index(src / "clips")["shards"]:
-        for raw in iter_shard(src / "clips" / entry["file"]):
-            samples.append({k: v for k, v in raw.items() if k == "__key__" or not k.startswith("__")})
-    split_dir = root / "test.tmp"
-    shutil.rmtree(split_dir, ignore_errors=True)
-    split_dir.mkdir(parents=True)
-    infos = []
-    per_shard = max(1, len(samples))
-    shard = None
-    for c in range(copies):
-        if shard is not None:
-            infos.append(shard.finish().as_dict())
-        shard = ShardFile(split_dir / SHARD_PATTERN.format(c))
-        for sample in samples[:per_shard]:
-            meta, _ = parse_sample(sample)
-            shard.write({**sample, "__key__": f"{sample['__key__']}-c{c}"}, len(meta["captions"]))
-    assert shard is not None
-    infos.append(shard.finish().as_dict())
-    index = read_index(src / "clips")
-    index.update(split="test", shards=infos, num_shards=len(infos), num_samples=sum(i["num_samples"] for i in infos),
-                 num_captions=sum(i["num_captions"] for i in infos))  # fmt: skip
-    write_json_atomic(split_dir / INDEX_FILE, index)
-    os.replace(split_dir, root / "test")
-    return root
+    return replicated_split(clips, root, "test", num_frames=12, sampling="fps1_uniform", videos=copies * len(clips),
+                            per_shard=max(1, len(clips)))
 
 
 def _clip_transform(image: Any, size: int) -> np.ndarray:
