@@ -171,16 +171,12 @@ def retrieval_metrics(
     sim: Tensor, text_to_video: Tensor, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> dict[str, float]:
     """Contract-1 metrics: `t2v/` and `v2t/` R@1, R@5, R@10 (percent), MdR and MnR (1-based ranks)."""
-    with torch.no_grad():
-        target = _check_inputs(sim, text_to_video)
-        out: dict[str, float] = {}
-        for direction, ranks in (
-            ("t2v", t2v_ranks(sim, target, chunk_bytes=chunk_bytes)),
-            ("v2t", v2t_ranks(sim, target, chunk_bytes=chunk_bytes)),
-        ):
-            for key, value in rank_metrics(ranks).items():
-                out[f"{direction}/{key}"] = value
-    return out
+    return metrics_from_ranks(query_ranks(sim, text_to_video, chunk_bytes=chunk_bytes))
+
+
+def metrics_from_ranks(ranks: dict[str, Tensor]) -> dict[str, float]:
+    """The `retrieval_metrics` dict from the per-query ranks of :func:`query_ranks`."""
+    return {f"{direction}/{key}": value for direction in ("t2v", "v2t") for key, value in rank_metrics(ranks[direction]).items()}
 
 
 def query_ranks(

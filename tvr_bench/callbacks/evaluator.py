@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 
-from tvr_bench.metrics import dual_softmax, query_ranks, retrieval_metrics
+from tvr_bench.metrics import dual_softmax, metrics_from_ranks, query_ranks
 
 Features = dict[str, Tensor]
 
@@ -95,10 +95,12 @@ def _blocked_similarity(method: Any, text: Features, video: Features, budget_mb:
 
 @torch.no_grad()
 def per_query_results(sim: Tensor, text_to_video: Tensor, video_keys: list[str], caption_keys: list[str],
-                      dsl_sim: Tensor | None = None, top_k: int = 5) -> dict[str, Any]:
+                      dsl_sim: Tensor | None = None, top_k: int = 5, ranks: dict[str, Tensor] | None = None,
+                      dsl_ranks: dict[str, Tensor] | None = None) -> dict[str, Any]:
     """Per-query ranks (t2v per caption, v2t per captioned video, DSL too when given) with their keys, and the
-    top-k videos (column, score) of every text: what the leaderboard saves and the qualitative page shows."""
-    ranks = query_ranks(sim, text_to_video)
+    top-k videos (column, score) of every text: what the leaderboard saves and the qualitative page shows.
+    `ranks` / `dsl_ranks`: the `query_ranks` of `sim` / `dsl_sim` when already computed."""
+    ranks = query_ranks(sim, text_to_video) if ranks is None else ranks
     k = min(top_k, sim.shape[1])
     top = torch.topk(sim.float().nan_to_num(nan=float("-inf")), k, dim=1)
     out = {
@@ -112,7 +114,7 @@ def per_query_results(sim: Tensor, text_to_video: Tensor, video_keys: list[str],
         "top_score": top.values.cpu(),
     }
     if dsl_sim is not None:
-        dsl = query_ranks(dsl_sim, text_to_video)
+        dsl = query_ranks(dsl_sim, text_to_video) if dsl_ranks is None else dsl_ranks
         out.update(dsl_t2v_rank=dsl["t2v"].cpu(), dsl_v2t_rank=dsl["v2t"].cpu())
     return out
 
@@ -278,12 +280,15 @@ class RetrievalEvaluator(L.Callback):
         if self.save_scores and stage == "test" and trainer.is_global_zero:
             payload = {"sim": sim, "text_to_video": t2v, "video_keys": video_keys, "caption_keys": caption_keys}
             torch.save(payload, self.save_scores)
-        metrics = retrieval_metrics(sim, t2v)
+        ranks = query_ranks(sim, t2v)  # once: the metrics and the per-query results both come from them
+        metrics = metrics_from_ranks(ranks)
         dsl_sim = dual_softmax(sim) if self.dsl else None
-        if dsl_sim is not None:
-            metrics.update({f"dsl/{k}": v for k, v in retrieval_metrics(dsl_sim, t2v).items()})
+        dsl_ranks = None if dsl_sim is None else query_ranks(dsl_sim, t2v)
+        if dsl_ranks is not None:
+            metrics.update({f"dsl/{k}": v for k, v in metrics_from_ranks(dsl_ranks).items()})
         self.last_per_query = (
-            per_query_results(sim, t2v, video_keys, caption_keys, dsl_sim, self.top_k) if stage == "test" else None
+            per_query_results(sim, t2v, video_keys, caption_keys, dsl_sim, self.top_k, ranks, dsl_ranks)
+            if stage == "test" else None
         )
         self.last_intervals = None
         if self.last_per_query is not None and self.bootstrap_resamples > 0 and trainer.is_global_zero:
