@@ -212,15 +212,23 @@ def _trial_lhs(eps: Tensor, text: Tensor) -> Tensor:
     return torch.cat([eps * t2, eps * eps], -1)
 
 
-def _trial_terms(eps: Tensor, lhs: Tensor, rz: Tensor, rr: Tensor) -> tuple[Tensor, Tensor]:
-    """<eps_m, R ⊙ z> and 2 <eps_m ⊙ t, R> + <eps_m², R²>, both [T, M, V], from text-major pair vectors:
-    `rz` [T, V, D] and `rr` [T, V, 2D] = [R, R²] (the two denominator dots as one product over 2D, `lhs`
-    from `_trial_lhs`). With eps [T, M, D] (shared by the videos of a text) these are two [M, ·] x [·, V]
-    products per text; with eps [T, V, M, D] (per pair) M x D products per pair.
+def _trial_ratios(
+    eps: Tensor, lhs: Tensor, rz: Tensor, rr: Tensor, tz: Tensor, tn2: Tensor
+) -> Tensor:  # fmt: skip
+    """(<t, z> + <eps_m, R ⊙ z>) / sqrt(|t|² + 2 <eps_m ⊙ t, R> + <eps_m², R²>), [T, M, V] (times |z| = cos).
+
+    Text-major pair vectors `rz` [T, V, D] and `rr` [T, V, 2D] = [R, R²] (the two denominator dots as one
+    product over 2D with `lhs` from `_trial_lhs`); `tz` [T, 1, V] and `tn2` [T, 1, 1] ride in the products'
+    accumulators. With eps [T, M, D] (shared by the videos of a text) these are two [M, ·] x [·, V] products
+    per text; with eps [T, V, M, D] (per pair) M x D products per pair.
     """
     if eps.dim() == 3:
-        return torch.bmm(eps, rz.mT), torch.bmm(lhs, rr.mT)
-    return torch.einsum("tvmd,tvd->tmv", eps, rz), torch.einsum("tvmd,tvd->tmv", lhs, rr)
+        num = torch.baddbmm(tz, eps, rz.mT)
+        den = torch.baddbmm(tn2.expand(-1, eps.shape[1], 1), lhs, rr.mT)
+    else:
+        num = torch.einsum("tvmd,tvd->tmv", eps, rz).add_(tz)
+        den = torch.einsum("tvmd,tvd->tmv", lhs, rr).add_(tn2)
+    return den.rsqrt_().mul_(num)
 
 
 def _own_pooled(
@@ -327,16 +335,16 @@ def tmass_similarity(
             t_chunk = text[i : i + chunk]
             ts = prepare_text(pool, fw, t_chunk)
             tu = t_chunk / t_chunk.norm(dim=-1, keepdim=True)
-            tn2 = t_chunk.pow(2).sum(-1)
+            tn2 = t_chunk.pow(2).sum(-1)[:, None, None]  # [T, 1, 1]
             e_chunk = eps[i : i + chunk]
             lhs_chunk = _trial_lhs(e_chunk, t_chunk) if eps.dim() == 3 else None
             for j in range(0, nv, cols):
                 vsj = slice_video(vs, j, j + cols)
                 nb = vsj.w.shape[0]
                 alpha, s2, s3, tz, zz = pair_statistics(fw, ts, vsj)  # [V, K, T], [V, T] x 4
-                coef = _pooled_coefficients(alpha, s2, s3).mT  # [V, T, K + 2]
+                coef = _pooled_coefficients(alpha, s2, s3).mT.contiguous()  # [V, T, K + 2]
                 cosines = tu @ unit[j : j + cols].reshape(nb * nf, d).T  # [T, V·F], text-major
-                zn, tz = zz.sqrt_().T, tz.T  # [T, V]
+                zn, tz = zz.sqrt_().T, tz.T.unsqueeze(1)  # [T, V], [T, 1, V]
                 for k in range(0, t_chunk.shape[0], sub):
                     ks = slice(k, k + sub)
                     tb = min(sub, t_chunk.shape[0] - k)
@@ -346,19 +354,18 @@ def tmass_similarity(
                     r = rr[..., :d]
                     log_r = torch.addmm(b2, cosines[ks].reshape(tb * nb, nf), w2, out=scratch.view(-1, d))
                     torch.exp2(log_r.view(tb, nb, d), out=r)
-                    torch.mul(r, r, out=rr[..., d:])
                     z = torch.bmm(coef[:, ks], w_aug[j : j + cols], out=scratch.view(nb, tb, d))  # video-major
                     torch.mul(z.transpose(0, 1), r, out=rz)  # R ⊙ z, text-major
+                    torch.mul(r, r, out=rr[..., d:])
                     if eps.dim() == 3:
                         e, lhs = e_chunk[ks], lhs_chunk[ks]
                     else:
                         e = e_chunk[ks, j : j + cols]
                         lhs = _trial_lhs(e, t_chunk[ks])
-                    num, den = _trial_terms(e, lhs, rz, rr)
-                    cos = num.add_(tz[ks].unsqueeze(1)).div_(den.add_(tn2[ks, None, None]).sqrt_().mul_(zn[ks].unsqueeze(1)))
-                    rows = slice(i + k, i + k + tb)  # cos: [T, M, V]
+                    ratio = _trial_ratios(e, lhs, rz, rr, tz[ks], tn2[ks])  # cos · |z|: [T, M, V]
+                    rows = slice(i + k, i + k + tb)
                     if z_own is None:
-                        torch.amax(cos, 1, out=out[rows, j : j + cols])
+                        torch.amax(ratio, 1, out=out[rows, j : j + cols]).div_(zn[ks])
                     else:
-                        out[rows, j : j + cols] = _selected(t_chunk[ks], r, e, cos.argmax(1), z_own[j : j + cols], text_pos[rows])
+                        out[rows, j : j + cols] = _selected(t_chunk[ks], r, e, ratio.argmax(1), z_own[j : j + cols], text_pos[rows])
         return out

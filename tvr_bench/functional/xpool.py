@@ -250,14 +250,16 @@ def prepare_video(
     return VideoSide(k=k, v=v, w=w, quad=quad, mask=mask)
 
 
-def _item_products(ts: TextSide, vs: VideoSide) -> tuple[Tensor, Tensor]:
-    """Attention logits and e_k = <g, v_k>, video-major [V, H, F, T]: [V·F, D] x [D, T] products (one head)."""
+def _item_products(ts: TextSide, vs: VideoSide, with_e: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Attention logits and e_k = <g, v_k> (None without `with_e`), video-major [V, H, F, T]: [V·F, D] x [D, T]
+    products (one head)."""
     nv, nf, h, dh = vs.k.shape
     nt = ts.q.shape[0]
     if h == 1:
         x = vs.k.reshape(nv * nf, dh)
-        return (x @ ts.q[:, 0].T).view(nv, 1, nf, nt), (x @ ts.g[:, 0].T).view(nv, 1, nf, nt)
-    return torch.einsum("vfhc,thc->vhft", vs.k, ts.q), torch.einsum("vfhc,thc->vhft", vs.v, ts.g)
+        e = (x @ ts.g[:, 0].T).view(nv, 1, nf, nt) if with_e else None
+        return (x @ ts.q[:, 0].T).view(nv, 1, nf, nt), e
+    return torch.einsum("vfhc,thc->vhft", vs.k, ts.q), torch.einsum("vfhc,thc->vhft", vs.v, ts.g) if with_e else None
 
 
 def _softmax_frames_(logits: Tensor, mask: Tensor | None) -> Tensor:
@@ -270,24 +272,27 @@ def _softmax_frames_(logits: Tensor, mask: Tensor | None) -> Tensor:
 
 def attention_weights(ts: TextSide, vs: VideoSide) -> Tensor:
     """Softmax attention weights [V, K, T] (video-major; K = heads x frames, head-major)."""
-    logits, _ = _item_products(ts, vs)
+    logits, _ = _item_products(ts, vs, with_e=False)
     nv, h, nf, nt = logits.shape
     return _softmax_frames_(logits, vs.mask).reshape(nv, h * nf, nt)
 
 
-def pair_statistics(fw: FoldedWeights, ts: TextSide, vs: VideoSide) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def pair_statistics(
+    fw: FoldedWeights, ts: TextSide, vs: VideoSide, with_tz: bool = True
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:  # fmt: skip
     """Per-pair alpha [V, K, T], std(o) s2, std(y) s3, <t, z> and |z|² ([V, T] each, accumulation dtype).
 
     Video-major: the two item products come out as [V·F, T] blocks, so the softmax, alpha·e and the
     K x K quadratic forms (one [3K + 3, K] x [K, T] product per video) all run over contiguous memory.
+    Without `with_tz` the e-product (one of the two) is skipped and <t, z> is None: callers that build
+    z anyway (pooled vectors, T-MASS) get <t, z> from it at O(D) per pair instead of O(F·D).
     """
     acc = vs.quad.dtype
     d = fw.c.shape[0]
-    logits, e = _item_products(ts, vs)
+    logits, e = _item_products(ts, vs, with_e=with_tz)
     nv, h, nf, nt = logits.shape
     nk = h * nf
     alpha = _softmax_frames_(logits, vs.mask).reshape(nv, nk, nt)
-    ae = e.reshape(nv, nk, nt).mul_(alpha).sum(1).to(acc) + ts.kappa.to(acc)
     a = alpha.to(acc)
     forms = torch.bmm(vs.quad, a)  # [V, 3K + 3, T]
     quad = forms[:, : 3 * nk].view(nv, 3, nk, nt).mul_(a.unsqueeze(1)).sum(2)  # [V, 3, T]
@@ -296,7 +301,10 @@ def pair_statistics(fw: FoldedWeights, ts: TextSide, vs: VideoSide) -> tuple[Ten
     s2 = (quad[:, 0] / d + fw.eps2).sqrt()
     yy = quad[:, 1] / s2**2 + 2 * lin[:, 0] / s2 + c @ c
     s3 = (yy / d + fw.eps3).sqrt()
-    tz = (ae / s2 + ts.tc.to(acc)) / s3 + ts.tb.to(acc)
+    tz = None
+    if e is not None:
+        ae = e.reshape(nv, nk, nt).mul_(alpha).sum(1).to(acc) + ts.kappa.to(acc)
+        tz = (ae / s2 + ts.tc.to(acc)) / s3 + ts.tb.to(acc)
     gy = quad[:, 2] / s2**2 + 2 * lin[:, 1] / s2 + (g3 * c) @ (g3 * c)
     by = lin[:, 2] / s2 + (g3 * b3) @ c
     zz = gy / s3**2 + 2 * by / s3 + b3 @ b3
@@ -311,7 +319,7 @@ def score_prepared(fw: FoldedWeights, ts: TextSide, vs: VideoSide) -> Tensor:
 
 def pooled_prepared(fw: FoldedWeights, ts: TextSide, vs: VideoSide) -> Tensor:
     """Pooled vectors z_{v|t} [T, V, D] from prepared sides (O(K·D) per pair instead of O(D²))."""
-    alpha, s2, s3, _, _ = pair_statistics(fw, ts, vs)
+    alpha, s2, s3, _, _ = pair_statistics(fw, ts, vs, with_tz=False)
     y = torch.bmm(alpha.mT.to(vs.w.dtype), vs.w) / s2.to(vs.w.dtype).unsqueeze(-1) + fw.c  # [V, T, D]
     return (fw.g3 * y / s3.to(y.dtype).unsqueeze(-1) + fw.b3).transpose(0, 1)
 
