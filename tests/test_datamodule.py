@@ -194,3 +194,23 @@ def test_sample_missing_frames_error_names_key(tiny_root: Path, tmp_path: Path) 
         list(_dm(root, num_workers=1).val_dataloader())
     message = str(err.value)
     assert "shard-00000.tar" in message and samples[3]["__key__"] in message and "frames missing" in message
+
+
+def test_persistent_eval_workers_repeat_the_same_pass(tiny_root: Path) -> None:
+    # val: 16 videos read by 2 persistent workers, three passes over one loader (three evaluations)
+    dm = _dm(tiny_root, num_workers=2, persistent_workers=True)
+    loader = dm.eval_dataloader("val")
+    passes = [[(b["video_key"], b["caption_key"], b["frames"]) for b in loader] for _ in range(3)]
+    fresh = [(b["video_key"], b["caption_key"], b["frames"]) for b in _dm(tiny_root, num_workers=2).eval_dataloader("val")]
+    assert loader.loader.pipeline[0].persistent_workers  # the WebLoader's DataLoader
+    for batches in passes:
+        assert [b[:2] for b in batches] == [b[:2] for b in fresh]
+        assert all(torch.equal(a[2], b[2]) for a, b in zip(batches, fresh))
+    assert sorted(k for b in fresh for k in b[0]) == sorted(_captions_by_key(tiny_root, "val"))
+
+
+def test_persistent_workers_refused_for_the_epoch_seeded_training_stream() -> None:
+    from tvr_bench.data.streams import StreamState, make_loader
+
+    with pytest.raises(ValueError, match="first epoch's shuffle"):
+        make_loader([], num_workers=2, num_batches=1, state=StreamState(), endless=True, persistent_workers=True)  # type: ignore[arg-type]

@@ -44,6 +44,8 @@ class RetrievalDataModule(L.LightningDataModule):
     ``pairs``), read only when ``train_stream`` is unset; both unset: ``videos``. ``shuffle_buffer`` is
     the number of undecoded videos each worker's pool holds, ``shuffle_buffer_mb`` the JPEG bytes the
     pools of one rank may hold together (split over its workers; always room for one batch).
+    ``persistent_workers`` keeps the val/test workers alive between evaluations (the training stream's
+    workers restart each epoch, as its shuffles derive from the epoch).
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class RetrievalDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         shuffle_buffer_mb: float = 1024.0,
         pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
         """Configure the streams; nothing is read until setup or a dataloader is asked for."""
         super().__init__()
@@ -104,6 +107,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.shuffle_buffer_mb = shuffle_buffer_mb
         self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
         self._splits: dict[str, SplitShards] = {}
         self._train_loader: StreamLoader | None = None
         self._train_resume: dict[str, int] | None = None
@@ -256,9 +260,12 @@ class RetrievalDataModule(L.LightningDataModule):
             caption_mode=self.caption_mode,
         )
         batches = eval_batches_on_rank(shards.num_samples, rank, world, self.num_workers, self.eval_batch_size)
+        # Evaluation streams do not depend on the epoch, so their workers may outlive a pass (the training
+        # stream's workers restart each epoch: they derive their shuffles from it).
         return make_loader(
-            pipeline, num_workers=self.num_workers, num_batches=batches, state=state, pin_memory=self.pin_memory, warn_short=rank == 0
-        )
+            pipeline, num_workers=self.num_workers, num_batches=batches, state=state, pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers, warn_short=rank == 0,
+        )  # fmt: skip
 
     def val_dataloader(self) -> Any:
         """Validation loader over ``val_split`` (an empty list when it is None)."""

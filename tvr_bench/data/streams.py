@@ -708,6 +708,7 @@ def make_loader(
     epoch_fn: Any = None,
     endless: bool = False,
     pin_memory: bool = False,
+    persistent_workers: bool = False,
     warn_short: bool = True,
 ) -> StreamLoader:
     """Wrap a batch pipeline in a WebLoader (batching already done in the workers).
@@ -715,13 +716,18 @@ def make_loader(
     The DataLoader draws its worker base seed from its own generator, not from torch's global RNG, so
     creating an iterator (each epoch, each evaluation) leaves the model's random stream untouched: a
     resumed run continues the same dropout / sampling draws as an uninterrupted one.
+    `persistent_workers` keeps the workers between passes: only for streams that do not change with the epoch
+    (the workers keep the copy of the stream state they were started with).
     """
+    if persistent_workers and endless:
+        raise ValueError("persistent workers would replay the first epoch's shuffle: the training stream restarts them")
     generator = torch.Generator().manual_seed(0)
     loader = wds.WebLoader(
         pipeline,
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
         generator=generator,
         worker_init_fn=fixed_mmap_threshold if num_workers > 0 else None,
     )

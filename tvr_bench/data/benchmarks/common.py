@@ -272,6 +272,7 @@ class BenchmarkDataModule(RetrievalDataModule):
         shuffle_buffer: int = 1000,
         shuffle_buffer_mb: float = 1024.0,
         pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
         """``None``/``"auto"`` arguments take the benchmark's defaults; ``val_split=None`` disables validation."""
         if not self.NAME:
@@ -297,6 +298,7 @@ class BenchmarkDataModule(RetrievalDataModule):
             shuffle_buffer=shuffle_buffer,
             shuffle_buffer_mb=shuffle_buffer_mb,
             pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
         )
         self.sampling = sampling
         # hparams: this class's own arguments with the defaults resolved (re-instantiable as is)

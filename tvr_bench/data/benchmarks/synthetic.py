@@ -78,6 +78,7 @@ class SyntheticDataModule(RetrievalDataModule):
         shuffle_buffer: int = 1000,
         shuffle_buffer_mb: float = 1024.0,
         pin_memory: bool = False,
+        persistent_workers: bool = False,
     ) -> None:
         """``size`` picks tiny (tests) or default (benchmark); ``synth_seed`` the generated content."""
         if size not in synth.SIZES:
@@ -101,6 +102,7 @@ class SyntheticDataModule(RetrievalDataModule):
             shuffle_buffer=shuffle_buffer,
             shuffle_buffer_mb=shuffle_buffer_mb,
             pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
         )
         self.size = size
         self.synth_seed = synth_seed
