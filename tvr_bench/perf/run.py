@@ -463,7 +463,7 @@ def bench_eval(sizes: PerfSizes, methods: list[str]) -> dict[str, Any]:
         elif name == "tmass":
             from tvr_bench.perf.eval_scorers import bench_tmass
 
-            raw, key = bench_tmass(n=n, d=512, frames=12, trials=20, repeats=sizes.tmass_repeats), "fast"
+            raw, key = bench_tmass(n=n, d=512, frames=12, trials=20, repeats=sizes.tmass_repeats, fast_repeats=max(reps, 3)), "fast"
         elif name == "drl":
             from tvr_bench.perf.drl_scorer import bench_drl
 
