@@ -95,9 +95,12 @@ def _steps_per_s(
     return 1.0 / statistics.median(steps)
 
 
-def bench_precision(quick: bool = False, per_core_clips_per_s: float | None = None) -> dict[str, Any]:
+def bench_precision(
+    quick: bool = False, per_core_clips_per_s: float | None = None, per_core_source: str = "1 worker"
+) -> dict[str, Any]:
     """Train steps/s at 32-true vs bf16-mixed on CUDA (CLIP B/32 architecture, 12 frames at 224 px); 'no CUDA' on CPU."""
     feed = gpu_feed(H100_CLIPS_PER_S, per_core_clips_per_s)
+    feed["per_core_source"] = per_core_source
     feed["note"] = "on paper: one H100 consumes about 250 clips/s of 12 frames training CLIP B/32 (issue 15)"
     if not torch.cuda.is_available():
         return {"cuda": False, "note": "no CUDA: train steps/s at 32-true vs bf16-mixed not measured", "h100_feed": feed}
@@ -148,7 +151,8 @@ def render(sec: dict[str, Any]) -> list[str]:
     if "workers" in f:
         lines.append(
             f"On paper: one H100 needs ≈ {f['gpu_clips_per_s']:.0f} clips/s of 12 frames for CLIP B/32 (issue 15); "
-            f"the shard DataModule decodes {f['per_core_clips_per_s']:.1f} clips/s on one core (data section, 0 workers), "
+            f"the shard DataModule decodes {f['per_core_clips_per_s']:.1f} clips/s on one core (data section, "
+            f"{f.get('per_core_source', '1 worker')}), "
             f"so **{f['workers']} workers** ({f['cores_busy']:.1f} cores busy decoding) deliver it; n GPUs need n times "
             "that, plus a core per GPU for the training process."
         )

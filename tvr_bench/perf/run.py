@@ -837,8 +837,9 @@ def _bench_precision(result: dict[str, Any], quick: bool) -> dict[str, Any]:
     from tvr_bench.perf.precision_bench import bench_precision
 
     rates = result["sections"].get("data", {}).get("clips_per_s", {})
+    source = "1 worker" if rates.get("datamodule_1_worker") else "0 workers"
     per_core = rates.get("datamodule_1_worker") or rates.get("datamodule_0_workers")
-    return bench_precision(quick, per_core)
+    return bench_precision(quick, per_core, source)
 
 
 EVAL_METHODS = ("clip4clip", "mascot", "xpool", "tmass", "drl")
