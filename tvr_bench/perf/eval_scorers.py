@@ -129,6 +129,10 @@ def _bench(
     if "fast" in sims and "one_shot" in sims:
         out["max_abs_diff"] = float((sims["fast"] - sims["one_shot"]).abs().max())
         out["speedup_fast_vs_one_shot"] = out["one_shot"]["seconds"] / out["fast"]["seconds"]
+        # each side in the product units of its own process: steadier when neighbours slow one process and not the other
+        fast_units = out["fast"]["seconds"] / statistics.median(out["fast"]["product_seconds"])
+        one_shot_units = out["one_shot"]["seconds"] / statistics.median(out["one_shot"]["product_seconds"])
+        out["speedup_in_own_products"] = one_shot_units / fast_units
         out["memory_ratio_fast_vs_one_shot"] = out["fast"]["peak_extra_mib"] / max(1e-9, out["one_shot"]["peak_extra_mib"])
     return out
 

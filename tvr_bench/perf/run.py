@@ -432,6 +432,7 @@ def _eval_summary(name: str, raw: dict[str, Any], blocked_key: str, blocking_app
     }
     if name in ("xpool", "tmass"):
         out["blocked_in_products"] = raw.get("fast_in_products")
+        out["speedup_in_own_products"] = raw.get("speedup_in_own_products")
         out["targets_met"]["fast_vs_one_shot"] = speed >= TARGETS["eval_fast_vs_one_shot"]
     if name == "drl":
         out["work_macs"] = raw.get("work_macs")
@@ -707,6 +708,9 @@ def _floor_lines(e: dict[str, Any]) -> list[str]:
                 f"{s['speedup']:.1f}× the one-shot math (target ≥ {TARGETS['eval_fast_vs_one_shot']:.0f}× "
                 f"{_mark(s['targets_met']['fast_vs_one_shot'])}), max |diff| {s['max_abs_diff']:.1e} (≤ 1e-5 {_mark(s['targets_met']['equal'])})."
             )
+            if s.get("speedup_in_own_products") is not None:
+                lines[-1] += (f" Each side in its own process's product units: {s['speedup_in_own_products']:.1f}× (steadier when a "
+                              "neighbour slows one process and not the other).")  # fmt: skip
     s = summ.get("drl")
     if s and s.get("work_ratio") is not None:
         line = (f"- drl: token-wise scoring {s['scoring_seconds']:.3f} s for {s['work_macs'] / 1e9:.0f} G multiply-adds "
