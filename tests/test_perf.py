@@ -61,3 +61,39 @@ def test_perf_main_writes_json_and_markdown(tmp_path: Path, monkeypatch: pytest.
     assert md.startswith("# tvr-bench perf") and "## Metrics (100 × 100)" in md
     with pytest.raises(SystemExit):
         perf_main(["--sections", "nope"])
+
+
+def test_precision_step_timer_runs_both_precisions_on_cpu() -> None:
+    """The CUDA-only precision section's step timer (Trainer + clock callback) works at 32-true and bf16-mixed."""
+    from tvr_bench.perf.precision_bench import _batches, _steps_per_s
+
+    batches = _batches(4, 2, 2, 64, torch.device("cpu"), seed=0)
+    assert batches[0]["frames"].shape == (2, 2, 3, 64, 64) and len(batches[0]["captions"]) == 2
+    for precision in ("32-true", "bf16-mixed"):
+        rate = _steps_per_s(precision, "tiny", batches, warmup=1, accelerator="cpu")
+        assert 0 < rate < float("inf")
+
+
+def test_precision_section_summary_and_report_with_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With CUDA present the section reports both precisions, the bf16 speed-up and the workers that feed the GPU."""
+    import tvr_bench.perf.precision_bench as pb
+
+    rates = {"32-true": [2.0, 2.2], "bf16-mixed": [5.0, 4.6]}
+    calls: list[str] = []
+
+    def fake_rate(precision: str, *args: object, **kwargs: object) -> float:
+        calls.append(precision)
+        return rates[precision][sum(1 for c in calls if c == precision) - 1]
+
+    monkeypatch.setattr(pb.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(pb.torch.cuda, "get_device_name", lambda index=0: "Fake GPU")
+    monkeypatch.setattr(pb, "_batches", lambda *args, **kwargs: [])
+    monkeypatch.setattr(pb, "_steps_per_s", fake_rate)
+    sec = pb.bench_precision(quick=False, per_core_clips_per_s=50.0, per_core_source="1 worker")
+    assert calls == ["32-true", "bf16-mixed"] * 2  # rounds alternate the two precisions
+    assert sec["steps_per_s"] == {"32-true": 2.1, "bf16-mixed": 4.8}
+    assert sec["bf16_speedup"] == pytest.approx(4.8 / 2.1)
+    assert sec["measured_feed"]["workers"] == 4  # 4.8 steps/s x 32 clips = 153.6 clips/s at 50 per core
+    assert sec["h100_feed"]["workers"] == 5  # 250 clips/s at 50 per core
+    text = "\n".join(pb.render(sec))
+    assert "Fake GPU" in text and "**2.29×**" in text and "4 loader workers" in text and "(data section, 1 worker)" in text
