@@ -524,3 +524,22 @@ def test_fast_scorer_steps_cover_every_pair(monkeypatch, per_pair: bool):
             fast = tm.tmass_similarity(pool, radius, text, frames, mask, eps, own_text, text_pos, block_bytes=step)
             assert torch.equal(fast.isnan(), ref.isnan())
             torch.testing.assert_close(fast.nan_to_num(3.0), ref.nan_to_num(3.0), atol=1e-5, rtol=0)
+
+
+def test_step_sizes_cache_sized_on_cpu_whole_budget_on_accelerators():
+    """Scorer steps: the cache-sized constant (capped by the budget) on CPU, the whole budget on a GPU; the
+    accelerator's single large step gives the same scores (checked here on CPU)."""
+    from tvr_bench.functional import tmass as tm
+    from tvr_bench.functional.steps import step_bytes
+
+    assert step_bytes(torch.device("cpu"), 16, 100) == 16 and step_bytes(torch.device("cpu"), 16, 8) == 8
+    assert step_bytes(torch.device("cuda", 0), 16, 100) == 100 and step_bytes(torch.device("meta"), 16, 100) == 100
+    pool, radius, text, frames = _setup(32, 2, 0.2, 14, 10, frames=5, seed=4)
+    eps = counter_prior("uniform01", 1.0, 2, torch.arange(14), 6, 32)
+    with torch.no_grad():
+        ref = tm.tmass_similarity_reference(pool, radius, text, frames, None, eps)
+        budget = 256 * 2**20
+        whole = tm.tmass_similarity(pool, radius, text, frames, None, eps, max_bytes=budget, block_bytes=budget)
+        default = tm.tmass_similarity(pool, radius, text, frames, None, eps, max_bytes=budget)
+    torch.testing.assert_close(whole, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(default, ref, atol=1e-5, rtol=0)

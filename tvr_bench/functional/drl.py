@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tvr_bench.functional.steps import step_bytes
+
 INTERACTIONS = ("wti", "ti", "dp")
 CDCR_MODES = (0, 1, 2, 3)
 
@@ -129,7 +131,7 @@ def wti_similarity_blocked(
     video_w: Tensor,
     video_mask: Tensor,
     max_bytes: int = 256 * 2**20,
-    chunk_bytes: int = WTI_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> Tensor:
     """Memory-bounded token-wise score [Nt, Nv] equal to the one-shot result.
 
@@ -137,10 +139,12 @@ def wti_similarity_blocked(
     is normalised when it is used. Items are sorted by length so each chunk is cut to its longest
     member; the 0 that padding contributes to the max is restored for items with any padding.
     Each chunk is one [bt·L, D] x [D, F·bv] matmul whose result, with its two maxima, stays
-    under about min(`max_bytes`, `chunk_bytes`) (cache-sized: see WTI_CHUNK_BYTES). Inputs are
+    under about min(`max_bytes`, `chunk_bytes`) (default: cache-sized WTI_CHUNK_BYTES on CPU, `max_bytes` on
+    accelerators; see `tvr_bench.functional.steps`). Inputs are
     cast to float32 and autocast is off inside (scores stay float32 under bf16-mixed).
     """
     kind = text_n.device.type if text_n.device.type in ("cpu", "cuda", "xpu", "mps") else "cpu"
+    chunk_bytes = step_bytes(text_n.device, WTI_CHUNK_BYTES, max_bytes) if chunk_bytes is None else chunk_bytes
     with torch.autocast(device_type=kind, enabled=False):
         return _wti_blocked(
             text_n.float(), text_w.float(), text_mask, video_n.float(), video_w.float(), video_mask, max_bytes, chunk_bytes

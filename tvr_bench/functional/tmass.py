@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from tvr_bench.functional.losses import symmetric_infonce
+from tvr_bench.functional.steps import step_bytes
 from tvr_bench.functional.xpool import (
     TextConditionedPool,
     _autocast_type,
@@ -301,7 +302,7 @@ TMASS_VIDEO_BLOCK, TMASS_TEXT_CHUNK = 128, 256
 def tmass_similarity(
     pool: TextConditionedPool, radius: RadiusHead, text: Tensor, frames: Tensor, frame_mask: Tensor | None,
     eps: Tensor, own_text: Tensor | None = None, text_pos: Tensor | None = None,
-    max_bytes: int = 256 * 2**20, block_bytes: int = TMASS_BLOCK_BYTES,
+    max_bytes: int = 256 * 2**20, block_bytes: int | None = None,
 ) -> Tensor:  # fmt: skip
     """Fast exact M-sample scores [T, V]: folded X-Pool statistics, R ⊙ z as one batched product, trials as matmuls.
 
@@ -310,7 +311,8 @@ def tmass_similarity(
     by all videos) or [T, V, M, D] (per pair). `own_text`/`text_pos` switch to the reference code's pairing
     (see `tmass_similarity_reference`). Per (text chunk x video block) the X-Pool statistics and text-frame
     cosines come from wide products; the D-vectors are then made for a few texts at a time, within
-    `block_bytes` (and `max_bytes`). Inputs are cast to float32 and autocast is off inside.
+    `block_bytes` (and `max_bytes`; default: TMASS_BLOCK_BYTES on CPU, `max_bytes` on accelerators, see
+    `tvr_bench.functional.steps`). Inputs are cast to float32 and autocast is off inside.
     """
     if pool.training and pool.dropout.p > 0:
         raise RuntimeError("the fast T-MASS scorer is exact only without dropout: call pool.eval() first")
@@ -323,6 +325,7 @@ def tmass_similarity(
         unit = _unit_frames(frames, frame_mask)
         z_own = None if own_text is None else _own_pooled(pool, frames, frame_mask, own_text.float())
         nt, nf = text.shape[0], frames.shape[1]
+        block_bytes = step_bytes(text.device, TMASS_BLOCK_BYTES, max_bytes) if block_bytes is None else block_bytes
         pairs = max(1, min(max_bytes, block_bytes) // tmass_pair_bytes(d, eps.shape[-2], eps.dim() == 4))
         cols = min(nv, TMASS_VIDEO_BLOCK, pairs)
         sub = min(nt, max(1, pairs // cols))  # texts per D-vector step

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tvr_bench.functional.steps import step_bytes
+
 # reference (layer6ai-labs/xpool `modules/transformer.py::Transformer`) parameter prefixes -> ours
 REFERENCE_KEY_MAP: dict[str, str] = {
     "layer_norm1.": "norm_in.",
@@ -351,11 +353,12 @@ def video_block(n_text: int, pair_bytes: int, block_bytes: int = BLOCK_BYTES) ->
 
 def xpool_similarity_fast(
     pool: TextConditionedPool, text: Tensor, frames: Tensor, frame_mask: Tensor | None = None,
-    max_bytes: int = 256 * 2**20, acc_dtype: torch.dtype = torch.float32, block_bytes: int = BLOCK_BYTES,
+    max_bytes: int = 256 * 2**20, acc_dtype: torch.dtype = torch.float32, block_bytes: int | None = None,
 ) -> Tensor:  # fmt: skip
     """cos(t, z_{v|t}) [T, V] with the folded algebra, in text chunks x video blocks of small temporaries.
 
-    `max_bytes` bounds the text chunk (all videos), `block_bytes` the temporaries of one step. Inputs are
+    `max_bytes` bounds the text chunk (all videos), `block_bytes` the temporaries of one step (default: BLOCK_BYTES
+    on CPU, `max_bytes` on accelerators; `tvr_bench.functional.steps`). Inputs are
     cast to float32 and autocast is off inside (scores stay float32 under bf16-mixed).
     """
     if pool.training and pool.dropout.p > 0:
@@ -365,6 +368,7 @@ def xpool_similarity_fast(
         fw = fold_weights(pool)
         vs = prepare_video(pool, fw, frames, frame_mask, acc_dtype)
         nt, nv = text.shape[0], frames.shape[0]
+        block_bytes = step_bytes(text.device, BLOCK_BYTES, max_bytes) if block_bytes is None else block_bytes
         pair = fast_pair_bytes(pool.heads, frames.shape[1])
         rows = max(1, max_bytes // (pair * max(1, nv)))
         out = text.new_empty(nt, nv)
