@@ -124,6 +124,25 @@ def test_eval_and_train_batches_equal_the_e54bdc9_loader_bitwise(tiny_root: Path
             assert torch.equal(dm.on_after_batch_transfer(batch, 0)["frames"], expected)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_centre_crop_planes_equal_the_decoded_frame_cropped(mode: str) -> None:
+    """The plane-by-plane crop equals decode + centre crop + HWC -> CHW, for colour and grey JPEGs; other short
+    sides are refused without touching the destination."""
+    from tvr_bench.data.transforms import decode_center_crop_into, decode_jpeg
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (32, 45, 3) if mode == "RGB" else (32, 45), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode=mode).save(buf, format="JPEG", quality=90)
+    full = decode_jpeg(buf.getvalue())
+    out = np.zeros((3, 32, 32), dtype=np.uint8)
+    assert decode_center_crop_into(buf.getvalue(), 32, out)
+    left = (45 - 32) // 2
+    assert np.array_equal(out, full[:, left : left + 32].transpose(2, 0, 1))
+    untouched = np.full((3, 24, 24), 9, dtype=np.uint8)
+    assert not decode_center_crop_into(buf.getvalue(), 24, untouched) and (untouched == 9).all()
+
+
 def test_padded_frames_are_zero_after_normalisation() -> None:
     jpegs = []
     for i in range(3):

@@ -26,19 +26,27 @@ def decode_jpeg(data: bytes, min_side: int | None = None) -> np.ndarray:
         return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # convert() to the same mode copies
 
 
-def decode_center_crop(data: bytes, size: int) -> np.ndarray | None:
-    """The centre ``size x size`` crop of a JPEG whose short side (after :func:`decode_jpeg`'s draft) is
-    ``size``, as uint8 ``[size, size, 3]``, cropped by PIL before the pixels are copied out (fewer bytes
-    than :func:`decode_jpeg` + slicing); None when the short side is another size."""
+def decode_center_crop_into(data: bytes, size: int, out: np.ndarray) -> bool:
+    """Write the centre ``size x size`` crop of a JPEG whose short side (after :func:`decode_jpeg`'s draft) is
+    ``size`` into ``out`` (uint8 ``[3, size, size]``, channel-planar); False (``out`` untouched) when the short
+    side is another size.
+
+    PIL crops before any pixel leaves it and hands out one colour plane at a time, so the pixels are
+    copied twice (plane bytes, then ``out``) instead of an RGB copy plus a strided HWC -> CHW transpose
+    (measured 33 vs 68 µs per 224 px frame)."""
     with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
         if min(img.size) >= 2 * size:
             img.draft("RGB", (size, size))
         w, h = img.size
         if min(w, h) != size:
-            return None
+            return False
         top, left = (h - size) // 2, (w - size) // 2
         crop = img.crop((left, top, left + size, top + size))
-        return np.asarray(crop if crop.mode == "RGB" else crop.convert("RGB"))
+        if crop.mode != "RGB":
+            crop = crop.convert("RGB")
+        for channel, band in enumerate("RGB"):
+            out[channel] = np.frombuffer(crop.tobytes("raw", band), dtype=np.uint8).reshape(size, size)
+        return True
 
 
 def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
@@ -145,16 +153,14 @@ def decode_clip_into(out: np.ndarray, jpegs: list[bytes], picked: list[int], siz
 
     Eval (``augment_seed`` None): short side resized to ``size`` (only when the stored frames are not
     already at it) and centre-cropped; frames stored at the target short side (the usual case) are cropped
-    while transposing, one copy per frame. Train augmentation (``clip_train``): one
+    by PIL and written plane by plane (:func:`decode_center_crop_into`). Train augmentation (``clip_train``): one
     :func:`random_resized_crop_box` drawn from ``random.Random(augment_seed)`` for the stored frame size,
     the same crop, resize and flip for every frame of the clip.
     """
     if augment_seed is None:
         for n, i in enumerate(picked):
-            crop = decode_center_crop(jpegs[i], size)
-            if crop is None:  # not stored at the target short side: the resize path below for the whole clip
-                break
-            out[n] = crop.transpose(2, 0, 1)
+            if not decode_center_crop_into(jpegs[i], size, out[n]):
+                break  # not stored at the target short side: the resize path below for the whole clip
         else:
             return
     frames = [decode_jpeg(jpegs[i], size) for i in picked]
