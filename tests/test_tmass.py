@@ -534,6 +534,7 @@ def test_step_sizes_cache_sized_on_cpu_whole_budget_on_accelerators():
 
     assert step_bytes(torch.device("cpu"), 16, 100) == 16 and step_bytes(torch.device("cpu"), 16, 8) == 8
     assert step_bytes(torch.device("cuda", 0), 16, 100) == 100 and step_bytes(torch.device("meta"), 16, 100) == 100
+    assert step_bytes(torch.device("cuda", 0), 16, 100, requested=7) == 7 == step_bytes(torch.device("cpu"), 16, 100, 7)
     pool, radius, text, frames = _setup(32, 2, 0.2, 14, 10, frames=5, seed=4)
     eps = counter_prior("uniform01", 1.0, 2, torch.arange(14), 6, 32)
     with torch.no_grad():

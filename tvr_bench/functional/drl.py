@@ -144,7 +144,7 @@ def wti_similarity_blocked(
     cast to float32 and autocast is off inside (scores stay float32 under bf16-mixed).
     """
     kind = text_n.device.type if text_n.device.type in ("cpu", "cuda", "xpu", "mps") else "cpu"
-    chunk_bytes = step_bytes(text_n.device, WTI_CHUNK_BYTES, max_bytes) if chunk_bytes is None else chunk_bytes
+    chunk_bytes = step_bytes(text_n.device, WTI_CHUNK_BYTES, max_bytes, chunk_bytes)
     with torch.autocast(device_type=kind, enabled=False):
         return _wti_blocked(
             text_n.float(), text_w.float(), text_mask, video_n.float(), video_w.float(), video_mask, max_bytes, chunk_bytes

@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def step_bytes(device: torch.device, cpu_step: int, max_bytes: int) -> int:
-    """Bytes of one scorer step: `cpu_step` (capped by `max_bytes`) on CPU, the whole `max_bytes` elsewhere."""
+def step_bytes(device: torch.device, cpu_step: int, max_bytes: int, requested: int | None = None) -> int:
+    """Bytes of one scorer step: `requested` when the caller set one, else `cpu_step` (capped by `max_bytes`) on
+    CPU and the whole `max_bytes` elsewhere."""
+    if requested is not None:
+        return requested
     return min(cpu_step, max_bytes) if device.type == "cpu" else max_bytes

@@ -325,7 +325,7 @@ def tmass_similarity(
         unit = _unit_frames(frames, frame_mask)
         z_own = None if own_text is None else _own_pooled(pool, frames, frame_mask, own_text.float())
         nt, nf = text.shape[0], frames.shape[1]
-        block_bytes = step_bytes(text.device, TMASS_BLOCK_BYTES, max_bytes) if block_bytes is None else block_bytes
+        block_bytes = step_bytes(text.device, TMASS_BLOCK_BYTES, max_bytes, block_bytes)
         pairs = max(1, min(max_bytes, block_bytes) // tmass_pair_bytes(d, eps.shape[-2], eps.dim() == 4))
         cols = min(nv, TMASS_VIDEO_BLOCK, pairs)
         sub = min(nt, max(1, pairs // cols))  # texts per D-vector step

@@ -287,7 +287,8 @@ def pair_statistics(
     Video-major: the two item products come out as [V·F, T] blocks, so the softmax, alpha·e and the
     K x K quadratic forms (one [3K + 3, K] x [K, T] product per video) all run over contiguous memory.
     Without `with_tz` the e-product (one of the two) is skipped and <t, z> is None: callers that build
-    z anyway (pooled vectors, T-MASS) get <t, z> from it at O(D) per pair instead of O(F·D).
+    z anyway (`pooled_prepared`) do not need <t, z> from the statistics. (T-MASS keeps the e-product: taking
+    <t, z> from its z was measured as costly as the product it saves, docs/results/perf.md.)
     """
     acc = vs.quad.dtype
     d = fw.c.shape[0]
@@ -368,7 +369,7 @@ def xpool_similarity_fast(
         fw = fold_weights(pool)
         vs = prepare_video(pool, fw, frames, frame_mask, acc_dtype)
         nt, nv = text.shape[0], frames.shape[0]
-        block_bytes = step_bytes(text.device, BLOCK_BYTES, max_bytes) if block_bytes is None else block_bytes
+        block_bytes = step_bytes(text.device, BLOCK_BYTES, max_bytes, block_bytes)
         pair = fast_pair_bytes(pool.heads, frames.shape[1])
         rows = max(1, max_bytes // (pair * max(1, nv)))
         out = text.new_empty(nt, nv)
