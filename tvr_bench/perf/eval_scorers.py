@@ -105,9 +105,10 @@ def _bench(
     fast_repeats: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     n_text, n_video = n_text or n, n_video or n
+    fast_reps = max(repeats, fast_repeats or 0)
     out: dict[str, Any] = {
         "method": method, "n_text": n_text, "n_video": n_video, "frames": frames, "d": d, "heads": heads,
-        "budget_mb": budget_mb, "repeats": repeats, "fast_repeats": max(repeats, fast_repeats or 0),
+        "budget_mb": budget_mb, "repeats": repeats, "fast_repeats": fast_reps,
         "note": "median of `repeats` (the fast scorer: `fast_repeats`) after 1 warm-up; each variant in its own "
                 "process; peak_extra_mib = RSS growth over the inputs; peak_rss_mib includes python + torch (~0.3 GiB) "
                 "and the inputs",
@@ -117,7 +118,7 @@ def _bench(
     sims: dict[str, Tensor] = {}
     for variant in variants:
         with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as ex:
-            reps = max(repeats, fast_repeats or 0) if variant == "fast" else repeats
+            reps = fast_reps if variant == "fast" else repeats
             args = (method, variant, n_text, n_video, frames, d, heads, trials, reps, budget_mb, seed, threads)
             res = ex.submit(run_variant, *args).result()
         sims[variant] = res.pop("sim")
