@@ -16,8 +16,9 @@ RECIPE_EXTRA = $(wildcard recipes/methods/$(METHOD)_$(DATA).yaml)
 PROFILE_LAYERS = $(if $(PROFILE),recipes/profiles/$(PROFILE).yaml $(wildcard recipes/profiles/$(PROFILE)_$(METHOD).yaml) $(if $(filter paper,$(PROFILE)),recipes/selection/reference_$(METHOD).yaml))
 PROFILES := $(strip $(foreach p,$(basename $(notdir $(wildcard recipes/profiles/*.yaml))),$(if $(findstring _,$(p)),,$(p))))
 
-METHODS := clip4clip clip4clip_seqtransf xpool drl tmass mascot
 DATASETS := $(basename $(notdir $(wildcard recipes/data/*.yaml)))
+# the built-in methods: recipes/methods/<m>.yaml without the per-dataset layers <m>_<dataset>.yaml (tvr_bench/recipes.py)
+METHODS := $(sort $(filter-out $(foreach d,$(DATASETS),%_$(d)),$(basename $(notdir $(wildcard recipes/methods/*.yaml)))))
 
 .PHONY: install bench check-names test test-slow test-all perf leaderboard compare clean
 

@@ -18,10 +18,11 @@ from tvr_bench.data.benchmarks.catalog import datamodules
 from tvr_bench.data.benchmarks.msrvtt import MSRVTTDataModule
 from tvr_bench.data.commands import prepare_main
 from tvr_bench.loggers import RunConfigCallback
+from tvr_bench.recipes import method_recipes
 
 REPO = Path(__file__).resolve().parents[1]
-#: The Makefile's METHODS (recipes/methods/<m>.yaml).
-METHODS = ("clip4clip", "clip4clip_seqtransf", "xpool", "drl", "tmass", "mascot")
+#: The built-in methods, as the Makefile's METHODS (recipes/methods/<m>.yaml).
+METHODS = tuple(method_recipes())
 LIGHTNING = ("fit", "validate", "test", "predict", "bench")
 needs_fixtures = pytest.mark.skipif(
     not (fixtures_dir() / "expected.json").is_file(),

@@ -25,13 +25,12 @@ import yaml
 
 from tests.data_fixtures import tiny_root  # noqa: F401 - pytest fixture
 from tvr_bench.data.shards import INDEX_FILE, MANIFEST_FILE, SHARD_PATTERN, ShardFile, iter_shard, parse_sample, read_index, write_json_atomic
+from tvr_bench.recipes import method_recipes
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 #: Shard sizes of the odd test split: 23 videos (prime), uneven shards, uneven slots on 2 ranks x 2 workers.
 ODD_SHARDS = (10, 10, 3)
-#: Suffixes of per-dataset method overrides (`recipes/methods/<method>_<dataset>.yaml`), not methods themselves.
-DATASETS = {"msrvtt", "msvd", "lsmdc", "didemo", "activitynet", "vatex", "charades", "synthetic"}
 DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK",
            "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "PL_TRAINER_GPUS")
 TIMEOUT_S = 420
@@ -44,13 +43,6 @@ QUIET = {
         "enable_model_summary": False,
     }
 }
-
-
-def method_recipes() -> list[str]:
-    """Stems of `recipes/methods/*.yaml` that define a method (per-dataset overrides excluded)."""
-    datasets = DATASETS | {p.stem for p in (RECIPES / "data").glob("*.yaml")}
-    stems = sorted(p.stem for p in (RECIPES / "methods").glob("*.yaml"))
-    return [s for s in stems if not any(s.endswith(f"_{d}") for d in datasets)]
 
 
 def build_odd_root(tiny: Path, out: Path, shard_sizes: tuple[int, ...] = ODD_SHARDS) -> Path:

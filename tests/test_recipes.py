@@ -14,9 +14,11 @@ from unittest import mock
 import pytest
 import yaml
 
+from tvr_bench.recipes import method_recipes
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
-METHODS = ("clip4clip", "clip4clip_seqtransf", "xpool", "drl", "tmass", "mascot")
+METHODS = tuple(method_recipes())
 DATASETS = tuple(sorted(p.stem for p in (RECIPES / "data").glob("*.yaml")))
 REAL_DATASETS = tuple(d for d in DATASETS if d != "synthetic")
 TABLE = yaml.safe_load((RECIPES / "reference_settings.yaml").read_text())
@@ -134,3 +136,20 @@ def test_paragraph_batches_follow_the_clip4clip_readme():
             init = compose(tuple(bench_stack(method, dataset)))
             assert init["data"]["init_args"]["batch_size"] == 32
             assert init["model"]["init_args"]["max_words"] == 77
+
+
+def test_method_list_is_the_recipes_and_the_makefile_agrees():
+    """`tvr_bench.recipes.method_recipes` lists each method recipe once, without per-dataset layers, as the Makefile."""
+    import subprocess
+
+    from tvr_bench.recipes import method_class, method_model_config
+
+    assert {"clip4clip", "clip4clip_seqtransf", "xpool", "drl", "tmass", "mascot"} <= set(METHODS)
+    assert not any(m.endswith(f"_{d}") for m in METHODS for d in DATASETS)
+    for method in METHODS:
+        assert method_class(method).__name__ == method_model_config(method)["class_path"].rsplit(".", 1)[1]
+    with pytest.raises(ValueError, match="unknown method 'xpool_msrvtt'"):
+        method_model_config("xpool_msrvtt")
+    done = subprocess.run(["make", "-s", "-C", str(REPO), "check-names", "METHOD=nope"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[0].split("choose one of: ")[1].split() == list(METHODS)

@@ -47,6 +47,7 @@ from tvr_bench.data.shards import (
 )
 from tvr_bench.methods.base import RNG_STATE_KEY, NonFiniteLossError
 from tvr_bench.methods.clip4clip import CLIP4Clip
+from tvr_bench.recipes import method_recipes
 from tvr_bench.report import build_leaderboard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -720,7 +721,7 @@ def test_nan_loss_stops_the_cli_with_exit_code_4(tiny_root: Path, cli_env: Path,
 
 
 # ------------------------------------------------------------------------------------------ safe loading
-@pytest.mark.parametrize("recipe", ["clip4clip", "clip4clip_seqtransf", "xpool", "drl", "tmass", "mascot"])
+@pytest.mark.parametrize("recipe", method_recipes())
 def test_every_method_checkpoint_content_loads_weights_only(recipe: str, tmp_path: Path) -> None:
     """hparams and weights of every method recipe are plain types and tensors: torch.load(weights_only=True)."""
     import importlib

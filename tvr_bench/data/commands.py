@@ -13,6 +13,7 @@ from tvr_bench.data.frames import POLICIES
 from tvr_bench.data.prepare import PrepareConfig, prepare
 from tvr_bench.data.readers import READERS, get_reader
 from tvr_bench.data.shards import INDEX_FILE, MANIFEST_FILE, MissingShardsError, ShardError, verify_split, write_json_atomic
+from tvr_bench.recipes import RECIPES, method_recipes
 
 
 def _default_workers() -> int:
@@ -85,10 +86,6 @@ def prepare_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: The recipes folder of this checkout (method x dataset frame counts), when installed from source.
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-
-
 def recipe_needs(dataset: str, recipes: Path = RECIPES) -> dict[tuple[str, int], list[str]]:
     """(sampling, frames) -> methods whose `make bench METHOD=<m> DATA=<dataset>` recipe stack reads such
     shards: sampling from the method's DATA_PROTOCOL unless a recipe sets it, frames from the recipes."""
@@ -98,10 +95,8 @@ def recipe_needs(dataset: str, recipes: Path = RECIPES) -> dict[tuple[str, int],
     if not data_recipe.is_file():
         return {}
     needs: dict[tuple[str, int], list[str]] = {}
-    for method_recipe in sorted((recipes / "methods").glob("*.yaml")):
-        method = method_recipe.stem
-        if any(method.endswith(f"_{d}") and (recipes / "methods" / f"{method[: -len(d) - 1]}.yaml").is_file() for d in READERS):
-            continue  # a method x dataset layer, not a method
+    for method in method_recipes(recipes):
+        method_recipe = recipes / "methods" / f"{method}.yaml"
         stack = [method_recipe, data_recipe, recipes / "methods" / f"{method}_{dataset}.yaml"]
         docs = [yaml.safe_load(p.read_text(encoding="utf-8")) or {} for p in stack if p.is_file()]
         class_path = next((d["model"]["class_path"] for d in docs if (d.get("model") or {}).get("class_path")), None)
