@@ -9,6 +9,8 @@ PROFILE_SEED = $(if $(PROFILE),$(shell sed -n 's/^seed_everything: *\([0-9][0-9]
 SEED ?= $(or $(PROFILE_SEED),0)
 SEEDS ?= $(SEED)
 ARGS ?=
+# ROOT=<dir>: the prepared shards to read (data.init_args.root), e.g. DATA=custom ROOT=data/my-videos
+ROOT ?=
 TVR := $(VENV)/bin/tvr-bench
 RECIPES = --config recipes/base.yaml --config recipes/methods/$(METHOD).yaml --config recipes/data/$(DATA).yaml
 RECIPE_EXTRA = $(wildcard recipes/methods/$(METHOD)_$(DATA).yaml)
@@ -42,7 +44,7 @@ bench: check-names install
 	@for seed in $(SEEDS); do \
 	  echo "== $(METHOD) on $(DATA), seed $$seed =="; \
 	  $(TVR) bench $(RECIPES) $(foreach f,$(RECIPE_EXTRA) $(PROFILE_LAYERS),--config $(f)) \
-	    --seed_everything $$seed --trainer.default_root_dir runs/$(METHOD)/$(DATA)/$(if $(PROFILE),$(PROFILE)/)seed$$seed $(ARGS) || exit $$?; \
+	    --seed_everything $$seed --trainer.default_root_dir runs/$(METHOD)/$(DATA)/$(if $(PROFILE),$(PROFILE)/)seed$$seed $(if $(ROOT),--data.init_args.root $(ROOT)) $(ARGS) || exit $$?; \
 	done
 
 test: install

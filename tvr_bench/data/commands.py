@@ -238,6 +238,8 @@ def prepare_main(argv: list[str]) -> int:
             VideoIndex.use_members(args.videos, None)
     table = protocol_table(args.dataset, report.splits)
     _record_protocol(Path(args.out), table, args.allow_incomplete)
+    if reader.finish is not None:
+        reader.finish(Path(args.out), args.annotations, report.splits)
     for split, row in table.items():
         counts = report.splits.get(split, {"num_captions": 0, "num_shards": 0, "num_failed": 0})
         size = row["protocol"]

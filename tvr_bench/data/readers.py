@@ -25,6 +25,8 @@ class DatasetReader:
     jpeg_quality: int = 95
     shard_size: int = 200
     description: str = ""
+    #: Called after a successful prepare with (out, annotations, per-split counts), e.g. to write a data card.
+    finish: Callable[[Path, Path, dict[str, dict[str, int]]], None] | None = None
 
 
 READERS: dict[str, DatasetReader] = {

@@ -12,8 +12,9 @@ from types import ModuleType
 
 from tvr_bench.data.benchmarks.common import BenchmarkDataModule, BenchmarkSpec
 
-#: Benchmark modules under tvr_bench/data/benchmarks/.
-MODULES: tuple[str, ...] = ("msrvtt", "didemo", "lsmdc", "activitynet", "msvd", "vatex", "charades")
+#: Benchmark modules under tvr_bench/data/benchmarks/: the official benchmarks, then `custom` (the user's own
+#: captioned videos, data_cards/custom.md), which has no official protocol.
+MODULES: tuple[str, ...] = ("msrvtt", "didemo", "lsmdc", "activitynet", "msvd", "vatex", "charades", "custom")
 
 
 def _module(name: str) -> ModuleType:

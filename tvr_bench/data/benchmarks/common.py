@@ -52,6 +52,8 @@ class BenchmarkSpec:
     sampling: str = "fps1_uniform"
     shard_size: int = 200
     description: str = ""
+    #: Called by ``tvr-bench prepare`` after a successful run with (out, annotations, the report's splits).
+    finish: Callable[[Path, Path, dict[str, dict[str, int]]], None] | None = None
 
     def reader_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`tvr_bench.data.readers.DatasetReader`."""
@@ -61,6 +63,7 @@ class BenchmarkSpec:
             "sampling": self.sampling,
             "shard_size": self.shard_size,
             "description": self.description,
+            "finish": self.finish,
         }
 
 
@@ -251,6 +254,9 @@ class BenchmarkDataModule(RetrievalDataModule):
     PROTOCOL_SOURCE: ClassVar[str] = ""
     #: ``--videos``/``--annotations`` of the data card's prepare command (where the user unpacked the release).
     PREPARE_INPUTS: ClassVar[str] = ""
+    #: An official benchmark (a published protocol, its name fixed); False for the user's own data, which has no
+    #: protocol size and may be labelled with ``name``.
+    OFFICIAL: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -273,10 +279,17 @@ class BenchmarkDataModule(RetrievalDataModule):
         shuffle_buffer_mb: float = 1024.0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        name: str | None = None,
     ) -> None:
-        """``None``/``"auto"`` arguments take the benchmark's defaults; ``val_split=None`` disables validation."""
+        """``None``/``"auto"`` arguments take the benchmark's defaults; ``val_split=None`` disables validation;
+        ``name`` labels the dataset in results (only the user's own data, not an ``OFFICIAL`` benchmark)."""
         if not self.NAME:
             raise TypeError("BenchmarkDataModule is abstract: use a benchmark subclass")
+        if name is not None and name != self.NAME:
+            if self.OFFICIAL:
+                raise ValueError(f"the {self.NAME} benchmark keeps its name (got name={name!r}); only custom data is renamed")
+            if not all(c.isalnum() or c in "-_" for c in name):
+                raise ValueError(f"data name must be letters, digits, '-' or '_', got {name!r}")
         if sampling is not None and sampling not in POLICIES:
             raise ValueError(f"sampling must be one of {', '.join(POLICIES)}, got {sampling!r}")
         super().__init__(
@@ -301,9 +314,11 @@ class BenchmarkDataModule(RetrievalDataModule):
             persistent_workers=persistent_workers,
         )
         self.sampling = sampling
+        self.name = name or self.NAME
         # hparams: this class's own arguments with the defaults resolved (re-instantiable as is)
         self.hparams.pop("dataset", None)
         self.hparams.update(
+            name=self.name,
             root=self.root,
             num_frames=self.num_frames,
             caption_mode=self.caption_mode,
