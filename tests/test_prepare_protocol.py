@@ -15,7 +15,7 @@ from tests.official_fixtures import build_raw, expected, fixtures_dir
 from tvr_bench.data.benchmarks.catalog import datamodules
 from tvr_bench.data.benchmarks.common import AnnotationError
 from tvr_bench.data.benchmarks.msrvtt import read_full_records, read_records
-from tvr_bench.data.commands import prepare_main
+from tvr_bench.prepare_cli import prepare_main
 from tvr_bench.data.shards import MANIFEST_FILE
 from tvr_bench.data.video import TarMember, probe_video
 
@@ -107,7 +107,7 @@ def test_complete_test_split_exits_0(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_recipe_needs_name_every_method_shard_variant(dataset: str) -> None:
     """For the 64-frame benchmarks, the methods' recipes ask two shard variants: 64 fps1 frames (CLIP4Clip,
     DRL, MASCOT) and 12 segment_middle frames (X-Pool, T-MASS recipes); prepare names both."""
-    from tvr_bench.data.commands import recipe_needs
+    from tvr_bench.prepare_cli import recipe_needs
 
     needs = recipe_needs(dataset)
     cls = datamodules()[dataset]

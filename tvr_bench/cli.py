@@ -31,7 +31,7 @@ EXIT_NONFINITE = 4
 #: Subcommands handled outside LightningCLI: name -> "module:function" taking argv and returning an exit code.
 TOOL_COMMANDS: dict[str, str] = {
     "synth": "tvr_bench.data.commands:synth_main",
-    "prepare": "tvr_bench.data.commands:prepare_main",
+    "prepare": "tvr_bench.prepare_cli:prepare_main",
     "verify": "tvr_bench.data.commands:verify_main",
     "leaderboard": "tvr_bench.report:leaderboard_main",
     "compare": "tvr_bench.compare:compare_main",

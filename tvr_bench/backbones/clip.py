@@ -19,11 +19,8 @@ import torch
 from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 
+from tvr_bench.backbones.normalization import CLIP_MEAN, CLIP_STD  # noqa: F401  (the backbone's pixel statistics)
 from tvr_bench.backbones.tokenizer import offline_clip_tokenizer
-
-#: OpenAI's image normalisation, applied by the data pipeline.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""Command functions behind ``tvr-bench synth``, ``prepare`` and ``verify`` (argparse; return exit codes)."""
+"""Command functions behind ``tvr-bench synth``, ``prepare`` and ``verify`` (argparse; return exit codes).
+
+Data knows no method: the lines ``prepare`` prints about the shards other methods read come from a hook that
+the command line's face passes in (:mod:`tvr_bench.prepare_cli`, which reads the methods' data protocols).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tvr_bench.data import synth
@@ -13,7 +18,6 @@ from tvr_bench.data.frames import POLICIES
 from tvr_bench.data.prepare import PrepareConfig, prepare
 from tvr_bench.data.readers import READERS, get_reader
 from tvr_bench.data.shards import INDEX_FILE, MANIFEST_FILE, MissingShardsError, ShardError, verify_split, write_json_atomic
-from tvr_bench.recipes import RECIPES, method_recipes
 
 
 def _default_workers() -> int:
@@ -86,84 +90,6 @@ def prepare_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def recipe_needs(dataset: str, recipes: Path = RECIPES) -> dict[tuple[str, int], list[str]]:
-    """(sampling, frames) -> methods whose `make bench METHOD=<m> DATA=<dataset>` recipe stack reads such
-    shards: sampling from the method's DATA_PROTOCOL unless a recipe sets it, frames from the recipes."""
-    import yaml
-
-    data_recipe = recipes / "data" / f"{dataset}.yaml"
-    if not data_recipe.is_file():
-        return {}
-    needs: dict[tuple[str, int], list[str]] = {}
-    for method in method_recipes(recipes):
-        method_recipe = recipes / "methods" / f"{method}.yaml"
-        stack = [method_recipe, data_recipe, recipes / "methods" / f"{method}_{dataset}.yaml"]
-        docs = [yaml.safe_load(p.read_text(encoding="utf-8")) or {} for p in stack if p.is_file()]
-        class_path = next((d["model"]["class_path"] for d in docs if (d.get("model") or {}).get("class_path")), None)
-        if class_path is None:
-            continue
-        module_name, _, name = class_path.rpartition(".")
-        try:
-            protocol = getattr(__import__(module_name, fromlist=[name]), name).DATA_PROTOCOL
-        except (ImportError, AttributeError):
-            continue
-        init: dict[str, object] = {}
-        for doc in docs:
-            init.update(((doc.get("data") or {}).get("init_args")) or {})
-        sampling = str(init.get("sampling") or protocol.get("sampling", "fps1_uniform"))
-        frames = int(init.get("num_frames") or get_reader(dataset).num_frames)  # type: ignore[arg-type]
-        needs.setdefault((sampling, frames), []).append(method)
-    return needs
-
-
-def _other_sampling_commands(args: argparse.Namespace, sampling: str, num_frames: int) -> list[str]:
-    """The same prepare command for the shards every other method recipe reads (another sampling or frame
-    count), into the root its DataModule reads by default; the other sampling at these frames without recipes."""
-    from tvr_bench.data.benchmarks.catalog import datamodules
-
-    cls = datamodules().get(args.dataset)
-    needs = recipe_needs(args.dataset) if cls is not None else {}
-    if not needs:
-        users = methods_by_sampling()
-        needs = {(other, num_frames): users.get(other, []) for other in POLICIES if other != sampling}
-    out = []
-    for (other, frames), methods in sorted(needs.items()):
-        if (other, frames) == (sampling, num_frames):
-            continue
-        root = cls.default_root(other, frames) if cls is not None else f"{args.out}-{other}"
-        parts = ["tvr-bench prepare", args.dataset]
-        if args.source != "files":
-            parts.append(f"--source {args.source}")
-        parts += [f"--videos {args.videos}", f"--annotations {args.annotations}"]
-        if frames != get_reader(args.dataset).num_frames:
-            parts.append(f"--frames {frames}")
-        parts += [f"--sampling {other}", f"--out {root}"]
-        who = ", ".join(methods) or "no built-in method"
-        out.append(f"{' '.join(parts)}   # {other}, {frames} frames: {who}")
-    return out
-
-
-def methods_by_sampling() -> dict[str, list[str]]:
-    """Frame sampling policy -> the built-in methods whose DATA_PROTOCOL uses it (class names)."""
-    import importlib
-    import pkgutil
-
-    import tvr_bench.methods as package
-    from tvr_bench.methods.base import RetrievalModule
-
-    users: dict[str, list[str]] = {}
-    for info in pkgutil.iter_modules(package.__path__):
-        try:
-            module = importlib.import_module(f"{package.__name__}.{info.name}")
-        except Exception:  # noqa: BLE001 - a method that cannot import is simply not listed
-            continue
-        for value in vars(module).values():
-            if isinstance(value, type) and issubclass(value, RetrievalModule) and value is not RetrievalModule and value.__module__ == module.__name__:
-                protocol = getattr(value, "DATA_PROTOCOL", {}) or {}
-                users.setdefault(str(protocol.get("sampling", "")), []).append(value.__name__)
-    return {k: sorted(set(v)) for k, v in users.items()}
-
-
 def protocol_table(dataset: str, splits: dict[str, dict[str, int]]) -> dict[str, dict[str, object]]:
     """Per split: prepared videos, the official protocol's videos (None when it fixes none), complete."""
     from tvr_bench.data.benchmarks.catalog import datamodules
@@ -188,11 +114,16 @@ def report_split_of(dataset: str) -> str:
     return cls.TEST_SPLIT if cls is not None else "test"
 
 
-def prepare_main(argv: list[str]) -> int:
+#: ``(arguments, sampling, frames) -> lines``: the prepare commands for the shards other readers need.
+OtherCommands = Callable[[argparse.Namespace, str, int], list[str]]
+
+
+def prepare_main(argv: list[str], other_commands: OtherCommands | None = None) -> int:
     """Convert a raw release into frame shards, checked against the protocol's split sizes (``tvr-bench prepare <dataset> ...``).
 
-    Exit codes: 0 done; 1 bad input or output directory; 2 wrong arguments; 3 the test split has fewer
-    videos than the official protocol (unless ``--allow-incomplete``).
+    ``other_commands`` names the prepare commands for the shards that other readers (the methods) need; each
+    line is printed after ``for other methods:``. Exit codes: 0 done; 1 bad input or output directory; 2 wrong
+    arguments; 3 the test split has fewer videos than the official protocol (unless ``--allow-incomplete``).
     """
     args = prepare_parser().parse_args(argv)
     reader = get_reader(args.dataset)
@@ -255,7 +186,7 @@ def prepare_main(argv: list[str]) -> int:
     if report.failures:
         print(f"{len(report.failures)} videos missing or undecodable: see {Path(args.out) / 'manifest.json'}")
     print(f"done in {report.seconds:.1f} s ({report.converted} converted, {report.reused} kept from earlier runs)")
-    for line in _other_sampling_commands(args, config.sampling, config.num_frames):
+    for line in other_commands(args, config.sampling, config.num_frames) if other_commands is not None else []:
         print(f"for other methods: {line}")
     test = report_split_of(args.dataset)
     row = table.get(test)

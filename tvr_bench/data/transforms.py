@@ -1,19 +1,25 @@
-"""Pixels: decode stored JPEG frames, resize/center-crop with torch ops, CLIP normalisation."""
+"""Pixels: decode stored JPEG frames, resize/center-crop with torch ops; CLIP's normalisation comes from the
+backbone (:mod:`tvr_bench.backbones.normalization`) and is re-exported here for the data pipeline."""
 
 from __future__ import annotations
 
 import io
 import math
 import random
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+from tvr_bench.backbones.normalization import (  # noqa: F401  (re-exported: the data pipeline's names)
+    CLIP_MEAN,
+    CLIP_STD,
+    normalize,
+    normalize_batch,
+    normalize_clips,
+    normalize_frames,
+)
 
 
 def decode_jpeg(data: bytes, min_side: int | None = None) -> np.ndarray:
@@ -65,34 +71,6 @@ def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
     return frames[..., top : top + size, left : left + size]
 
 
-_SCALE = np.array([1.0 / (255.0 * s) for s in CLIP_STD], dtype=np.float32).reshape(3, 1, 1)
-_SHIFT = np.array([m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], dtype=np.float32).reshape(3, 1, 1)
-
-
-def normalize(frames: torch.Tensor) -> torch.Tensor:
-    """Map uint8 (or 0-255 float) frames ``[..., 3, H, W]`` to CLIP-normalised float32.
-
-    Computed with numpy: elementwise work in data workers and in-process loading then never wakes
-    torch's intra-op thread pool, which is very slow on a busy machine with few cores.
-    """
-    array = frames.numpy().astype(np.float32)
-    array *= _SCALE
-    array -= _SHIFT
-    return torch.from_numpy(array)
-
-
-def normalize_clips(clips: list[np.ndarray]) -> torch.Tensor:
-    """Stack uint8 clips ``[F, 3, H, W]`` into CLIP-normalised float32 ``[B, F, 3, H, W]``: the values of
-    :func:`normalize` on the stacked batch, written frame by frame into one buffer (no uint8 batch copy,
-    each frame's two passes stay in cache)."""
-    out = np.empty((len(clips), *clips[0].shape), dtype=np.float32)
-    for i, clip in enumerate(clips):
-        for j in range(clip.shape[0]):
-            np.multiply(clip[j], _SCALE, out=out[i, j])
-            out[i, j] -= _SHIFT
-    return torch.from_numpy(out)
-
-
 def clip_to_uint8(frames: list[np.ndarray], size: int) -> torch.Tensor:
     """Stack decoded ``[H, W, 3]`` uint8 frames of one clip into resized, cropped uint8 ``[F, 3, size, size]``."""
     h, w = frames[0].shape[:2]
@@ -110,41 +88,6 @@ def clip_to_uint8(frames: list[np.ndarray], size: int) -> torch.Tensor:
 def frames_to_tensor(frames: list[np.ndarray], size: int) -> torch.Tensor:
     """Stack decoded ``[H, W, 3]`` uint8 frames of one clip into a normalised float ``[F, 3, size, size]``."""
     return normalize(clip_to_uint8(frames, size))
-
-
-# ------------------------------------------------------------------ uint8 transport (INTERFACES point 5)
-def normalize_frames(frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 frames ``[B, F, 3, H, W]`` -> CLIP-normalised float32 on the same device, padded frames
-    (``frame_mask`` False) zero. Float input is returned unchanged (already normalised).
-
-    Bitwise equal to the worker-side normalisation this replaced: ``x * (1 / (255 std)) - mean / std``
-    in float32, two separate roundings (numpy on CPU, two torch kernels elsewhere: never a fused multiply-add).
-    """
-    if frames.dtype != torch.uint8:
-        return frames
-    if frames.device.type == "cpu":
-        array = frames.numpy().astype(np.float32)  # numpy: no wake-up of torch's intra-op pool on a busy CPU
-        array *= _SCALE
-        array -= _SHIFT
-        out = torch.from_numpy(array)
-    else:
-        scale = torch.from_numpy(_SCALE).to(frames.device)
-        shift = torch.from_numpy(_SHIFT).to(frames.device)
-        out = frames.to(torch.float32)
-        out.mul_(scale)
-        out.sub_(shift)
-    if frame_mask is not None and not bool(frame_mask.all()):
-        out[~frame_mask.to(out.device)] = 0.0
-    return out
-
-
-def normalize_batch(batch: dict[str, Any]) -> dict[str, Any]:
-    """A loader batch with its uint8 ``frames`` CLIP-normalised (what ``RetrievalDataModule.on_after_batch_transfer``
-    does on the device); for code that iterates loaders without a Trainer. Other keys are kept as they are."""
-    frames = batch.get("frames")
-    if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8:
-        return batch
-    return {**batch, "frames": normalize_frames(frames, batch.get("frame_mask"))}
 
 
 # ------------------------------------------------------------------ decoding into a batch buffer

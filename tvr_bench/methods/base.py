@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from tvr_bench.backbones.clip import CLIPBackbone
-from tvr_bench.data.transforms import normalize_batch
+from tvr_bench.backbones.normalization import normalize_batch
 from tvr_bench.functional.losses import MAX_LOGIT_SCALE, clamp_logit_scale_
 from tvr_bench.optim import REFERENCE_ADAM_ARGS, REFERENCE_OPTIMIZERS, BertAdam, LegacyAdamW, schedule_lambda
 
