@@ -12,6 +12,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from tvr_bench.backbones.clip import WeightsUnavailableError
 from tvr_bench.callbacks.evaluator import RetrievalEvaluator
 from tvr_bench.callbacks.leaderboard import LeaderboardWriter, canonical_backbone, dataset_name
 from tvr_bench.data.datamodule import RetrievalDataModule
@@ -113,6 +114,29 @@ def unprepared_shards_message(cls: Any, init: Any, model_cls: type | None = None
     return None
 
 
+def missing_weights_message(config: Any) -> str | None:
+    """Why the configured model's CLIP weights or tokenizer cannot be had (``weights_problem`` of its
+    ``backbone`` init arg: a hub name neither cached nor downloadable now), None when they can or none is set."""
+    model = config.get("model") if config is not None else None
+    init = model.get("init_args") if model is not None and hasattr(model, "get") else None
+    backbone = init.get("backbone") if init is not None and hasattr(init, "get") else None
+    if not isinstance(backbone, str) or not backbone:
+        return None
+    from tvr_bench.backbones.clip import weights_problem
+
+    return weights_problem(backbone)
+
+
+def _stop_on(weights: str | None, shards: str | None) -> None:
+    """Print one ``error:`` line per missing piece (CLIP weights, then shards) and exit: 2 when the weights are
+    missing, 3 when only the shards are; return when nothing is missing."""
+    for message in (weights, shards):
+        if message is not None:
+            print(f"error: {message}", file=sys.stderr)
+    if weights is not None or shards is not None:
+        raise SystemExit(EXIT_CONFIG if weights is not None else EXIT_DATA)
+
+
 class TVRBenchCLI(LightningCLI):
     """LightningCLI with the shared evaluator and leaderboard writer always attached and a `bench` subcommand."""
 
@@ -128,8 +152,12 @@ class TVRBenchCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config is not None and "weights_only" in config and config.get("weights_only") is None:
             config["weights_only"] = True  # `--ckpt_path`: tensors and plain types only, never arbitrary pickles
+        # the CLIP weights first (a hub name not in the cache, no network), before any data work, so that a
+        # user missing both the weights and the shards learns of both at once
+        weights = missing_weights_message(config)
         data = config.get("data") if config is not None else None
         if data is None or not getattr(data, "class_path", None):
+            _stop_on(weights, None)
             return
         from jsonargparse import Namespace
 
@@ -142,12 +170,10 @@ class TVRBenchCLI(LightningCLI):
         model = config.get("model")
         model_cls = _import_class(model.class_path) if getattr(model, "class_path", None) else None
         fill_data_protocol(init, cls, model_cls)
-        if not (isinstance(cls, type) and issubclass(cls, BenchmarkDataModule)):
-            return
-        message = unprepared_shards_message(cls, init, model_cls)
-        if message is not None:
-            print(f"error: {message}", file=sys.stderr)
-            raise SystemExit(EXIT_DATA)
+        shards = None
+        if isinstance(cls, type) and issubclass(cls, BenchmarkDataModule):
+            shards = unprepared_shards_message(cls, init, model_cls)
+        _stop_on(weights, shards)
 
     def instantiate_classes(self) -> None:
         """Instantiate the configured classes; a rejected value ends with its message, not a traceback."""
@@ -156,7 +182,12 @@ class TVRBenchCLI(LightningCLI):
         except Exception as err:  # jsonargparse wraps the constructor's own error
             root = err
             while root.__cause__ is not None:
+                if isinstance(root, WeightsUnavailableError):
+                    break  # its own message says it all; what caused it is in that line
                 root = root.__cause__
+            if isinstance(root, WeightsUnavailableError):
+                print(f"error: {root}", file=sys.stderr)
+                raise SystemExit(EXIT_CONFIG) from None
             if isinstance(root, (ValueError, TypeError, FileNotFoundError, OSError)):
                 print(f"error: invalid configuration: {type(root).__name__}: {root}", file=sys.stderr)
                 raise SystemExit(EXIT_CONFIG) from None
@@ -276,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch_tool(args[0], args[1:])
     try:
         cli_main(None if argv is None else args)
+    except WeightsUnavailableError as exn:  # CLIP weights or tokenizer neither local, cached nor downloadable
+        print(f"error: {exn}", file=sys.stderr)
+        return EXIT_CONFIG
     except (FileNotFoundError, ShardError) as exn:  # MissingShardsError, a missing --ckpt_path
         print(f"error: {_message(exn)}", file=sys.stderr)
         return EXIT_DATA

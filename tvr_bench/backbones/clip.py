@@ -74,8 +74,113 @@ PRESETS: dict[str, RandomCLIPPreset] = {
 }
 
 
+#: Seconds to wait for the Hugging Face hub to answer before calling it unreachable (one try, no retries).
+HUB_PROBE_TIMEOUT_S = 5.0
+#: Fewer tokens than this is no BPE vocabulary (256 byte tokens at least): transformers 5 returns such an
+#: empty CLIPTokenizer, silently, when the tokenizer files are missing.
+MIN_TOKENIZER_SIZE = 256
+
+
+class WeightsUnavailableError(OSError):
+    """CLIP weights or a tokenizer that cannot be had: not in a local directory, not in the Hugging Face cache,
+    and not downloadable now (no network, ``HF_HUB_OFFLINE``, or not on the hub). The message is one line."""
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached now (``HF_HUB_OFFLINE``, a refused or timed-out connection),
+    after one request of at most ``HUB_PROBE_TIMEOUT_S`` seconds; None when it answers (any HTTP status)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as err:  # noqa: BLE001 - any failure to get an answer means: not reachable now
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"the hub ({constants.ENDPOINT}) cannot be reached: {reason}"
+    return None
+
+
+def missing_weights_message(name: str, what: str, why: str) -> str:
+    """The one-line error for hub ``name``'s ``what`` (`weights`, `tokenizer`) missing from the cache while ``why``."""
+    fetch = (
+        f"python -c \"from transformers import CLIPModel, CLIPTokenizer; n = '{name}'; "
+        f"CLIPModel.from_pretrained(n).save_pretrained('clip'); CLIPTokenizer.from_pretrained(n).save_pretrained('clip')\""
+    )
+    verb = "are" if " and " in what else "is"
+    return (
+        f"CLIP {what} {name!r} {verb} not in the local Hugging Face cache ({_hub_cache()}) and cannot be downloaded "
+        f"now ({why}). "
+        f"Two ways out: pass a local directory made with save_pretrained (on a machine with hub access run `{fetch}`, "
+        f"copy the folder `clip` here and use --model.init_args.backbone clip), or run once on a machine with hub "
+        f"access so that the cache fills (the same HF_HOME)"
+    )
+
+
+def _check_tokenizer(tokenizer: CLIPTokenizer, source: str, vocab_size: int | None = None) -> CLIPTokenizer:
+    """The tokenizer when its vocabulary is one; WeightsUnavailableError naming ``source`` otherwise."""
+    size = len(tokenizer)
+    if size < MIN_TOKENIZER_SIZE:
+        raise WeightsUnavailableError(f"the CLIP tokenizer of {source} is empty ({size} tokens): its files are missing")
+    if vocab_size is not None and size > vocab_size:
+        raise WeightsUnavailableError(
+            f"the CLIP tokenizer of {source} has {size:,} tokens but the model's text embeddings only {vocab_size:,}"
+        )
+    return tokenizer
+
+
+def _from_hub(cls: type, name: str, what: str) -> object:
+    """``cls.from_pretrained(name)``: from the local cache when it is there (no network), else from the hub when
+    it can be reached; WeightsUnavailableError (one line, both ways out) otherwise."""
+    try:
+        found = cls.from_pretrained(name, local_files_only=True)
+        if cls is not CLIPTokenizer or len(found) >= MIN_TOKENIZER_SIZE:
+            return found
+    except OSError:
+        pass
+    why = hub_unreachable()
+    if why is not None:
+        raise WeightsUnavailableError(missing_weights_message(name, what, why))
+    try:
+        return cls.from_pretrained(name)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightsUnavailableError(missing_weights_message(name, what, f"the hub does not give it: {first}")) from None
+
+
+def weights_problem(name: str) -> str | None:
+    """Why ``load_clip(name)`` cannot get its files, found without loading a model or downloading anything
+    (None: a preset, a local save_pretrained directory, cached hub files, or a hub that answers)."""
+    if name in PRESETS:
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            return f"{str(path)!r} holds no config.json: not a CLIP directory made with CLIPModel.save_pretrained"
+        return None
+    if name.startswith((".", "/", "~")):
+        return f"CLIP weights directory {name!r} does not exist"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = {f for f in ("config.json", "tokenizer.json", "vocab.json") if isinstance(try_to_load_from_cache(name, f), str)}
+    missing = ([] if "config.json" in cached else ["weights"]) + ([] if cached - {"config.json"} else ["tokenizer"])
+    if not missing:
+        return None
+    why = hub_unreachable()
+    return None if why is None else missing_weights_message(name, " and ".join(missing), why)
+
+
 def load_clip(name: str) -> tuple[CLIPModel, CLIPTokenizer]:
-    """Build or load a CLIP model and its tokenizer from a preset, a local directory or a hub name."""
+    """Build or load a CLIP model and its tokenizer from a preset, a local directory or a hub name
+    (WeightsUnavailableError, one line naming the model and the ways out, when the files cannot be had)."""
     if name in PRESETS:
         torch_state = torch.random.get_rng_state()
         model = CLIPModel(PRESETS[name].config())
@@ -83,25 +188,31 @@ def load_clip(name: str) -> tuple[CLIPModel, CLIPTokenizer]:
         return model, offline_clip_tokenizer()
     path = Path(name).expanduser()
     if path.is_dir():
-        model = CLIPModel.from_pretrained(str(path), local_files_only=True)
+        try:
+            model = CLIPModel.from_pretrained(str(path), local_files_only=True)
+        except OSError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise WeightsUnavailableError(
+                f"{str(path)!r} is not a CLIP directory made with CLIPModel.save_pretrained ({first})"
+            ) from None
+        vocab = int(model.config.text_config.vocab_size)
         has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "vocab.json"))
-        tokenizer = (
-            CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
-            if has_tokenizer
-            else offline_clip_tokenizer()
-        )
-        return model, tokenizer
+        if not has_tokenizer:
+            return model, offline_clip_tokenizer()
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise WeightsUnavailableError(
+                f"the CLIP tokenizer files in {str(path)!r} cannot be loaded ({type(err).__name__}: {err}); save them "
+                f"again with CLIPTokenizer.save_pretrained, or remove tokenizer.json and vocab.json to use OpenAI's "
+                f"tokenizer bundled with tvr-bench"
+            ) from None
+        return model, _check_tokenizer(tokenizer, repr(str(path)), vocab)
     if name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"CLIP weights directory {name!r} does not exist")
-    try:
-        model = CLIPModel.from_pretrained(name)
-        tokenizer = CLIPTokenizer.from_pretrained(name)
-    except OSError as err:
-        raise OSError(
-            f"could not load CLIP {name!r} from the Hugging Face hub or its cache ({err}). Presets: "
-            f"{sorted(PRESETS)}; or pass a local directory made with CLIPModel.save_pretrained."
-        ) from err
-    return model, tokenizer
+    model = _from_hub(CLIPModel, name, "weights")
+    tokenizer = _from_hub(CLIPTokenizer, name, "tokenizer")
+    return model, _check_tokenizer(tokenizer, repr(name), int(model.config.text_config.vocab_size))
 
 
 class CLIPBackbone(nn.Module):
@@ -113,6 +224,10 @@ class CLIPBackbone(nn.Module):
             raise ValueError(f"freeze must be 'none', 'embeddings' or 'all', got {freeze!r}")
         self.name = name
         self.clip, self.tokenizer = load_clip(name)
+        # from_pretrained returns the model in eval mode; a built one is in train mode. Train mode, as the
+        # references train CLIP (their loops call model.train() every epoch): Lightning switches to eval for
+        # validation and test and back, and finds no module left in eval mode when training starts.
+        self.clip.train()
         self.clip.config.use_cache = False
         self._precomputed_text: dict[str, Tensor] | None = None
         if gradient_checkpointing:

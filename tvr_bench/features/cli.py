@@ -58,13 +58,18 @@ def default_frame_root(dataset: str, sampling: str | None, synthetic_size: str, 
 def features_main(argv: list[str]) -> int:
     """Encode a prepared dataset once with a frozen CLIP into cached feature shards (docs/features.md).
 
-    Exit codes: 3 for missing or damaged frame shards, 2 for a bad setting or an existing output."""
+    Exit codes: 3 for missing or damaged frame shards, 2 for a bad setting, CLIP weights that cannot be had or an
+    existing output."""
     args = features_parser().parse_args(argv)
-    from tvr_bench.backbones.clip import CLIPBackbone
+    from tvr_bench.backbones.clip import CLIPBackbone, WeightsUnavailableError, weights_problem
     from tvr_bench.data.datamodule import RetrievalDataModule
     from tvr_bench.features.datamodule import default_features_dir
     from tvr_bench.features.extract import extract_features, split_names
 
+    missing = weights_problem(args.backbone)  # before any data work (a synthetic set may be built below)
+    if missing is not None:
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     try:
         root = args.root or default_frame_root(args.dataset, args.sampling, args.synthetic_size, args.frames)
         if args.dataset == "synthetic" and not Path(root).is_dir() and args.root is None:
@@ -94,6 +99,9 @@ def features_main(argv: list[str]) -> int:
             datamodule, backbone, out, splits, max_words=args.max_words, tokens=not args.no_tokens, device=device,
             shard_size=args.shard_size, seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress,
         )  # fmt: skip
+    except WeightsUnavailableError as exn:  # an OSError: before the FileNotFoundError branch
+        print(f"error: {exn}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ShardError) as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 3
