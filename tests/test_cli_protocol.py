@@ -23,7 +23,7 @@ from tvr_bench.recipes import method_recipes
 REPO = Path(__file__).resolve().parents[1]
 #: The built-in methods, as the Makefile's METHODS (recipes/methods/<m>.yaml).
 METHODS = tuple(method_recipes())
-LIGHTNING = ("fit", "validate", "test", "predict", "bench")
+LIGHTNING = ("fit", "validate", "test", "bench")
 needs_fixtures = pytest.mark.skipif(
     not (fixtures_dir() / "expected.json").is_file(),
     reason=f"official-format fixtures not found at {fixtures_dir()} (set TVR_FIXTURES_DIR)",
@@ -87,6 +87,37 @@ def test_help_lists_every_subcommand(monkeypatch: pytest.MonkeyPatch, capsys: py
     assert "Re-hash and re-read prepared shards" in listed  # the tool's own docstring line
     for name in ("synth", "prepare", "verify", "leaderboard", "perf"):
         assert name in TOOL_COMMANDS
+
+
+def test_help_opens_with_what_tvr_bench_is_and_describes_every_subcommand_whole(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The first paragraph says what tvr-bench is (not Lightning's "Trainer command line tool"); every subcommand
+    has a whole one-sentence description (Lightning cuts its own docstring lines mid-sentence)."""
+    from tvr_bench.cli import SUBCOMMAND_SUMMARIES, TVRBenchCLI
+    from tvr_bench.recipes import method_recipes
+
+    monkeypatch.setattr(sys, "argv", ["tvr-bench"])
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    intro = " ".join(out.split("\n\n")[1].split())
+    assert intro.startswith("tvr-bench trains and evaluates text-video retrieval methods"), intro
+    assert "Lightning Trainer command line tool" not in out
+    assert all(m in intro for m in method_recipes())
+    listed = " ".join(out.split("Available subcommands:", 1)[1].split())
+    names = [*TVRBenchCLI.subcommands(), *TOOL_COMMANDS]
+    assert "predict" not in names  # no method defines a predict step: not offered
+    for name in names:
+        summary = SUBCOMMAND_SUMMARIES.get(name)
+        assert summary, f"subcommand {name!r} has no one-line description in SUBCOMMAND_SUMMARIES"
+        assert summary.endswith(".") and summary[0].isupper() and summary.count(". ") == 0, summary
+        assert f"{name} {summary}" in listed, name  # shown whole, not cut
+    with pytest.raises(SystemExit):
+        main(["test", "--help"])
+    head = " ".join(capsys.readouterr().out.split("\n\n")[1].split())
+    assert head == SUBCOMMAND_SUMMARIES["test"]
 
 
 # ------------------------------------------------------------------------- protocol filling rules

@@ -41,6 +41,37 @@ TOOL_COMMANDS: dict[str, str] = {
 }
 
 
+#: The one-line description of each subcommand in ``tvr-bench --help`` (a tool missing here shows the first
+#: line of its function's docstring; Lightning's own lines are cut mid-sentence, so each has one here).
+SUBCOMMAND_SUMMARIES: dict[str, str] = {
+    "fit": "Train a method on a benchmark (recipes given with --config), validating and checkpointing as configured.",
+    "validate": "Score a model once on the validation split: retrieval metrics in both directions.",
+    "test": "Score a checkpoint on the test split: metrics with 95% intervals, the result JSON, the leaderboard "
+            "and the qualitative page.",
+    "bench": "Fit, then test the best checkpoint in the same process (what `make bench` runs).",
+    "synth": "Generate the synthetic benchmark's videos and captions (then `tvr-bench prepare synthetic`).",
+    "prepare": "Convert a benchmark's official release (videos and annotations) into frame shards, checked against "
+               "the protocol's split sizes.",
+    "verify": "Re-hash and re-read every shard of a prepared dataset and report the damaged or missing ones.",
+    "leaderboard": "Rebuild runs/leaderboard.{csv,md,png} from the result files and print the ranking.",
+    "compare": "Tell whether two runs on the same test set really differ: paired intervals, p-values and a verdict.",
+    "perf": "Measure speed and memory against baselines of the same run and write a JSON and Markdown report.",
+    "features": "Encode a prepared dataset once with a frozen CLIP into cached features, to train heads fast.",
+}
+
+
+def cli_description() -> str:
+    """What tvr-bench is, for the top of ``tvr-bench --help`` (the built-in methods read from the recipes)."""
+    from tvr_bench.recipes import method_recipes
+
+    return (
+        "tvr-bench trains and evaluates text-video retrieval methods under one data pipeline, one CLIP backbone and "
+        f"one retrieval metric. Built-in methods: {', '.join(method_recipes())} (recipes/methods/). Typical run: "
+        "tvr-bench bench --config recipes/base.yaml --config recipes/methods/<method>.yaml --config "
+        "recipes/data/<dataset>.yaml (or `make bench METHOD=<method> DATA=<dataset>`)."
+    )
+
+
 #: Data init args a method's ``DATA_PROTOCOL`` fills when the data config leaves them unset.
 PROTOCOL_KEYS: tuple[str, ...] = ("sampling", "train_stream", "augment")
 
@@ -217,23 +248,35 @@ class TVRBenchCLI(LightningCLI):
             raise
         finish_wandb(self.trainer.loggers)
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's parser, whose ``--help`` opens with what tvr-bench is (subcommand parsers keep their own)."""
+        kwargs.setdefault("description", cli_description())
+        return super().init_parser(**kwargs)
+
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
-        """Lightning's subcommands, plus one help entry per TOOL_COMMANDS tool so ``--help`` lists them all
-        (the tools themselves are dispatched by :func:`main` before Lightning parses anything)."""
+        """Lightning's subcommands with whole one-line descriptions, plus one help entry per TOOL_COMMANDS tool so
+        ``--help`` lists them all (the tools themselves are dispatched by :func:`main` before Lightning parses)."""
+        for name in self.subcommands():
+            if name in SUBCOMMAND_SUMMARIES:
+                kwargs.setdefault(name, {}).setdefault("description", SUBCOMMAND_SUMMARIES[name])
         super()._add_subcommands(parser, **kwargs)
         action = parser._subcommands_action
         if action is None:
             return
+        for choice in action._choices_actions:  # Lightning's help= is its docstring's first line, cut at a width
+            if choice.dest in SUBCOMMAND_SUMMARIES:
+                choice.help = SUBCOMMAND_SUMMARIES[choice.dest]
         for name in TOOL_COMMANDS:
             if name in self._subcommand_parsers:
                 continue
-            summary = tool_summary(name)
+            summary = SUBCOMMAND_SUMMARIES.get(name) or tool_summary(name)
             action.add_subcommand(name, LightningArgumentParser(description=summary, add_help=False), help=summary)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """Lightning's subcommands plus `bench` (fit, then test the best checkpoint)."""
-        commands = dict(LightningCLI.subcommands())
+        """Lightning's fit, validate and test plus `bench` (fit, then test the best checkpoint). Lightning's
+        `predict` is left out: no method defines a predict step and no DataModule a predict split."""
+        commands = {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
         commands["bench"] = {"model", "train_dataloaders", "val_dataloaders", "datamodule"}
         return commands
 
