@@ -177,8 +177,15 @@ def test_build_leaderboard_writes_csv_md_and_a_real_png(tmp_path):
 
 
 def test_leaderboard_command(tmp_path, capsys):
-    assert leaderboard_main(["--runs", str(tmp_path), "--quiet"]) == 1  # nothing yet: says so, still writes files
-    assert "No results yet" in (tmp_path / "leaderboard.md").read_text()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "broken.json").write_text("{not json")  # not a result either
+    with pytest.warns(UserWarning, match="broken.json"):
+        assert leaderboard_main(["--runs", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no result files under") and "make bench" in err[0]
+    # nothing yet: says so and writes nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"] and not (tmp_path / "out").exists()
+    (tmp_path / "results" / "broken.json").unlink()
     seeds, _ = _three_seeds_and_one()
     write_results(tmp_path, seeds)
     assert leaderboard_main(["--runs", str(tmp_path), "--expected", str(EXPECTED), "--out", str(tmp_path / "out")]) == 0
@@ -446,3 +453,23 @@ def test_pairing_labels_rows_and_file_names_only_when_not_the_method_default(tmp
                      "toymethod__toyset__tiny__seed0.json"]  # the default keeps the plain name
     md = (runs / "leaderboard.md").read_text()
     assert "| toymethod (pairing=reference, eps_mode=pair) |" in md and "pairing=query, eps=text |" in md
+
+
+def test_no_tie_mark_between_rows_tested_on_different_data(tmp_path):
+    """The ≈ marks follow `tvr-bench compare`'s rule: rows whose test data differ (here the synthetic generation
+    seed, with the same query keys) are never called tied, whatever their p-value."""
+    from tests.leaderboard_toys import ranked_result
+
+    def run(method: str, quality: float, noise: int, synth_seed: int):
+        return ranked_result(method, "synthetic", 0, quality=quality, noise_seed=noise, n_video=150,
+                             datamodule={"hparams": {"size": "default", "synth_seed": synth_seed}})
+
+    runs = tmp_path / "runs"
+    (best, pq_best), (tied, pq_tied), (other, pq_other) = run("best", 3.0, 1, 0), run("tied", 2.9, 2, 0), run("other", 2.9, 2, 1)
+    write_results(runs, [best, tied, other], ranks={id(best): pq_best, id(tied): pq_tied, id(other): pq_other})
+    groups = {g["method"]: g for g in build_leaderboard(runs)["aggregated"]}
+    assert groups["tied"]["significance"] == "tied"
+    assert groups["other"]["significance"] == "n/a (different test data: synthetic generation seed 0 vs 1)"
+    assert groups["other"]["tied_with_best"] is None and groups["other"]["p_vs_best"] is None
+    md = (runs / "leaderboard.md").read_text()
+    assert "| ≈ | tied |" in md and "|  | other |" in md

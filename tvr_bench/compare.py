@@ -1,8 +1,10 @@
 """`tvr-bench compare RUN_A RUN_B`: is the difference between two runs on the same test set real?
 
 Each run is a result JSON (`runs/results/<...>.json`, or the `result.json` copy in a run directory) or a run
-directory (searched for its `result.json`). Both must have saved their per-query ranks (every test does) and
-have ranked exactly the same queries; otherwise the command refuses and names the difference. For every
+directory (searched for its `result.json`). Both must have saved their per-query ranks (every test does), have
+been tested on the same data (dataset, split, protocol size, synthetic generation seed: query keys alone can
+match on different videos; `--allow-different-data` overrides, and the verdict then says so) and have ranked
+exactly the same queries; otherwise the command refuses and names the difference. For every
 metric it prints A, B, A - B with its 95% paired-bootstrap interval (the same resampled videos for both runs)
 and the paired permutation p-value (see `tvr_bench/stats.py`), then a one-paragraph verdict.
 """
@@ -15,13 +17,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tvr_bench.results import SCHEMA, protocol_of, test_set_label, variant_of
+from tvr_bench.results import SCHEMA, data_differences, protocol_of, test_set_label, variant_of
 from tvr_bench.stats import DEFAULT_RESAMPLES, KeyMismatchError, PerQuery, paired_comparison
 
 RUN_RESULT = "result.json"
 EXIT_REFUSED = 2
 
-__all__ = ["compare_main", "compare_runs", "load_run", "verdict"]
+__all__ = ["DataMismatchError", "compare_main", "compare_runs", "format_p", "load_run", "verdict"]
+
+#: the command-line flag that compares runs tested on different data anyway
+ALLOW_FLAG = "--allow-different-data"
+
+
+class DataMismatchError(ValueError):
+    """Two runs were tested on different data (their query keys may still match): no paired comparison."""
+
+
+def format_p(p: float, n_perm: int) -> str:
+    """A permutation p-value with 4 decimals; at the resampling floor 1 / (1 + n_perm), where no permutation
+    reached the observed difference, `< 1/n_perm` (`< 0.0001` for 10,000 permutations)."""
+    if n_perm > 0 and p <= 1.0 / (1 + n_perm) * (1 + 1e-9):
+        return f"< {1.0 / n_perm:.2g}"
+    return f"{p:.4f}"
 
 
 def _find_result(path: Path) -> Path:
@@ -65,7 +82,7 @@ def _label(result: dict[str, Any]) -> str:
 def protocol_notes(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Differences of setup between the two runs that a reader of the comparison should know about."""
     notes = []
-    for field in ("dataset", "backbone", "frames", "words"):
+    for field in ("backbone", "frames", "words"):  # the data itself: data_differences, which refuses
         if a.get(field) != b.get(field):
             notes.append(f"{field} differs: {a.get(field)} vs {b.get(field)}")
     pa, pb = protocol_of(a), protocol_of(b)
@@ -81,10 +98,18 @@ def protocol_notes(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 def compare_runs(a: str | Path, b: str | Path, n_boot: int = DEFAULT_RESAMPLES, seed: int = 0,
-                 dsl: bool = False) -> dict[str, Any]:
-    """The paired comparison of two runs (raises KeyMismatchError naming the difference of their queries)."""
+                 dsl: bool = False, allow_different_data: bool = False) -> dict[str, Any]:
+    """The paired comparison of two runs: DataMismatchError naming the difference when they were tested on
+    different data (unless `allow_different_data`), KeyMismatchError naming the difference of their queries."""
     ra, qa, pa = load_run(a)
     rb, qb, pb = load_run(b)
+    different = data_differences(ra, rb)
+    if different and not allow_different_data:
+        raise DataMismatchError(
+            f"refused: A ({pa}) and B ({pb}) were tested on different data ({'; '.join(different)}); matching query "
+            f"keys do not make them the same queries. Compare runs on the same test data, or pass {ALLOW_FLAG} to "
+            "compare them anyway (the verdict then says so)"
+        )
     names = (f"A ({pa})", f"B ({pb})")
     metrics = paired_comparison(qa, qb, n_boot=n_boot, seed=seed, dsl=dsl, names=names)
     return {
@@ -98,6 +123,7 @@ def compare_runs(a: str | Path, b: str | Path, n_boot: int = DEFAULT_RESAMPLES, 
         "alpha": 0.05,
         "metrics": metrics,
         "notes": protocol_notes(ra, rb),
+        "different_data": different,  # non-empty only under allow_different_data
     }
 
 
@@ -111,16 +137,18 @@ def verdict(comparison: dict[str, Any]) -> str:
     better = sorted({(a if ((v["diff"] > 0) == k.endswith(("R@1", "R@5", "R@10"))) else b) for k, v in m.items()
                      if k in significant})
     lead = a if r1["diff"] > 0 else b
+    p_text = format_p(r1["p"], comparison["resamples"])
+    p_text = f"p {p_text}" if p_text.startswith("<") else f"p = {p_text}"
     if r1["p"] < alpha:
         head = (f"On the {comparison['queries']['t2v']:,} text queries of this {comparison['dataset']} test set, {lead} "
                 f"retrieves better: t2v R@1 {r1['a']:.1f} vs {r1['b']:.1f}, a difference of {r1['diff']:+.1f} points "
                 f"(95% paired bootstrap interval [{r1['ci'][0]:+.1f}, {r1['ci'][1]:+.1f}], paired permutation "
-                f"p = {r1['p']:.4f}), which is significant at the {alpha:.0%} level.")
+                f"{p_text}), which is significant at the {alpha:.0%} level.")
     else:
         head = (f"On the {comparison['queries']['t2v']:,} text queries of this {comparison['dataset']} test set, the "
                 f"t2v R@1 difference between {a} and {b} ({r1['a']:.1f} vs {r1['b']:.1f}, {r1['diff']:+.1f} points, "
                 f"95% paired bootstrap interval [{r1['ci'][0]:+.1f}, {r1['ci'][1]:+.1f}], paired permutation "
-                f"p = {r1['p']:.4f}) is not significant at the {alpha:.0%} level: this test set cannot tell the two "
+                f"{p_text}) is not significant at the {alpha:.0%} level: this test set cannot tell the two "
                 "apart on that metric.")
     if significant:
         tail = (f" {len(significant)} of {len(m)} metrics differ significantly ({', '.join(significant)}), in favour "
@@ -131,7 +159,11 @@ def verdict(comparison: dict[str, Any]) -> str:
               "method, a significant difference can still be within seed-to-seed variation (compare several seeds "
               "in the leaderboard).")
     notes = (" Note: " + "; ".join(comparison["notes"]) + ".") if comparison["notes"] else ""
-    return head + tail + caveat + notes
+    different = comparison.get("different_data") or []
+    override = (f"These runs were tested on DIFFERENT data ({'; '.join(different)}), compared anyway because of "
+                f"{ALLOW_FLAG}: the paired test assumes the same queries, so read what follows with that in mind. "
+                if different else "")
+    return override + head + tail + caveat + notes
 
 
 def _print(comparison: dict[str, Any]) -> None:
@@ -144,7 +176,8 @@ def _print(comparison: dict[str, Any]) -> None:
         table.add_column(col, justify="left" if i == 0 else "right", no_wrap=True)
     for key, v in comparison["metrics"].items():
         table.add_row(key, f"{v['a']:.2f}", f"{v['b']:.2f}", f"{v['diff']:+.2f}",
-                      f"[{v['ci'][0]:+.2f}, {v['ci'][1]:+.2f}]", f"{v['p']:.4f}" + (" *" if v["p"] < comparison["alpha"] else ""))
+                      f"[{v['ci'][0]:+.2f}, {v['ci'][1]:+.2f}]",
+                      format_p(v["p"], comparison["resamples"]) + (" *" if v["p"] < comparison["alpha"] else ""))
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)
@@ -161,9 +194,13 @@ def compare_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed of the resampling")
     parser.add_argument("--dsl", action="store_true", help="compare the dual-softmax (DSL) ranks")
     parser.add_argument("--json", default=None, help="also write the comparison as JSON to this file")
+    parser.add_argument(ALLOW_FLAG, action="store_true",
+                        help="compare runs tested on different data (dataset, split, protocol size, synthetic "
+                             "generation seed) anyway; the verdict says so")
     args = parser.parse_args(argv)
     try:
-        comparison = compare_runs(args.run_a, args.run_b, args.resamples, args.seed, args.dsl)
+        comparison = compare_runs(args.run_a, args.run_b, args.resamples, args.seed, args.dsl,
+                                  allow_different_data=args.allow_different_data)
     except (KeyMismatchError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_REFUSED

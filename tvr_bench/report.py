@@ -16,6 +16,7 @@ import datetime as _dt
 import io
 import re
 import statistics
+import sys
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,7 +31,9 @@ from tvr_bench.results import (
     RESULTS_SUBDIR,
     atomic_write,
     canonical_backbone,
+    data_identity,
     flat_row,
+    identity_differences,
     load_results,
     protocol_of,
     test_set_label,
@@ -241,12 +244,30 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "git_commits": sorted({r["git_commit"] for r in rows if r.get("git_commit")}),
                 "devices": _joined(r.get("device") for r in rows),
                 "last_timestamp": max((r.get("timestamp") or "" for r in rows), default=""),
+                "data_identity": _common_data_identity(members),
                 "_per_query": per_query,
             }
         )
     out.sort(key=lambda g: (*block_of(g), -(g["stats"].get("t2v/R@1", {}).get("mean") or 0.0), g["method"], g["variant"]))
     mark_significance(out)
     return out
+
+
+def _common_data_identity(members: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The test data (:func:`tvr_bench.results.data_identity`) all the seeds of a row share; None when they differ."""
+    first = data_identity(members[0])
+    if any(identity_differences(first, data_identity(m)) for m in members[1:]):
+        return None
+    return first
+
+
+def _data_gap(best: dict[str, Any], g: dict[str, Any]) -> str:
+    """How the test data of two leaderboard rows differ (dataset, split, protocol size, synthetic generation seed);
+    '' when they are the same. Query keys alone can match on different data, so such rows get no ≈."""
+    a, b = best.get("data_identity", {}), g.get("data_identity", {})
+    if a is None or b is None:
+        return "the seeds of a row were tested on different data"
+    return "; ".join(identity_differences(a, b))
 
 
 def block_of(g: dict[str, Any]) -> tuple[str, str, str, str, bool]:
@@ -288,6 +309,10 @@ def mark_significance(aggregated: list[dict[str, Any]], alpha: float = ALPHA, n_
         ref = _hits_at_1(best)
         for g in members:
             if g is best:
+                continue
+            gap = _data_gap(best, g)
+            if gap:
+                g["significance"] = f"n/a (different test data: {gap})"
                 continue
             mine = _hits_at_1(g)
             if ref is None or mine is None:
@@ -652,12 +677,13 @@ def leaderboard_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="where to write leaderboard.{csv,md,png} (default: --runs)")
     parser.add_argument("--quiet", action="store_true", help="do not print the table")
     args = parser.parse_args(argv)
+    if not load_results(args.runs):  # nothing to show: write nothing (no empty leaderboard over an old one)
+        print(f"error: no result files under {Path(args.runs) / RESULTS_SUBDIR}: run `make bench` first (each test "
+              "writes one); nothing was written", file=sys.stderr)
+        return 1
     built = build_leaderboard(args.runs, args.expected, args.out)
     if not args.quiet:
         _print_console(built["aggregated"], built["expected"])
         for kind, path in built["paths"].items():
             print(f"wrote {path}")
-    if built["n_results"] == 0:
-        print(f"no result files under {Path(args.runs) / RESULTS_SUBDIR}: run `make bench` first")
-        return 1
     return 0

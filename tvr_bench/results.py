@@ -29,6 +29,9 @@ __all__ = [
     "flat_row",
     "load_results",
     "protocol_of",
+    "data_differences",
+    "data_identity",
+    "identity_differences",
     "ranks_path",
     "result_filename",
     "test_set_label",
@@ -77,6 +80,33 @@ RANKS_SUFFIX = ".ranks.npz"
 def protocol_of(result: dict[str, Any]) -> dict[str, Any]:
     """The result's `protocol` block with the defaults filled in."""
     return {**PROTOCOL_DEFAULTS, **(result.get("protocol") or {})}
+
+
+def data_identity(result: dict[str, Any]) -> dict[str, Any]:
+    """The test data a result was measured on, beyond its query keys (which can match on different data):
+    dataset, test split, protocol size, and for the synthetic benchmark its generation seed and size
+    (None where the result does not record it)."""
+    proto = protocol_of(result)
+    hparams = (result.get("datamodule") or {}).get("hparams") or {}
+    synthetic = str(result.get("dataset")) == "synthetic"
+    return {
+        "dataset": result.get("dataset"),
+        "split": proto.get("test_split"),
+        "protocol size": proto.get("protocol_videos"),
+        "synthetic generation seed": hparams.get("synth_seed") if synthetic else None,
+        "synthetic size": hparams.get("size") if synthetic else None,
+    }
+
+
+def data_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """How the test data of two results differ (`"synthetic generation seed 0 vs 1"`), from their
+    :func:`data_identity`; a field recorded by only one of them is not counted. Empty: the same data."""
+    return identity_differences(data_identity(a), data_identity(b))
+
+
+def identity_differences(ia: dict[str, Any], ib: dict[str, Any]) -> list[str]:
+    """The fields in which two :func:`data_identity` dicts differ, both sides known."""
+    return [f"{k} {ia[k]} vs {ib.get(k)}" for k in ia if ia[k] is not None and ib.get(k) is not None and ia[k] != ib[k]]
 
 
 def variant_label(protocol: dict[str, Any]) -> str:
