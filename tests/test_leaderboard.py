@@ -473,3 +473,97 @@ def test_no_tie_mark_between_rows_tested_on_different_data(tmp_path):
     assert groups["other"]["tied_with_best"] is None and groups["other"]["p_vs_best"] is None
     md = (runs / "leaderboard.md").read_text()
     assert "| ≈ | tied |" in md and "|  | other |" in md
+
+
+# ---------------------------------------------------------------------------------------------- the picture
+def _plot_row(method: str, t2v: float, t2v_ci: list[float], v2t: float, v2t_ci: list[float], n: int = 1,
+              significance: str = "", dataset: str = "synthetic", complete: bool = True) -> dict:
+    """One aggregated leaderboard row as `aggregate` gives it, for the figure alone."""
+    return {"method": method, "variant": "", "dataset": dataset, "backbone": "tiny", "profile": "default",
+            "features": "end-to-end", "complete": complete, "test_set": "" if complete else "140/150 videos",
+            "n_runs": n, "seeds": list(range(n)), "significance": significance,
+            "stats": {"t2v/R@1": {"mean": t2v, "std": 1.0 if n > 1 else None, "n": n},
+                      "v2t/R@1": {"mean": v2t, "std": 1.0 if n > 1 else None, "n": n}},
+            "intervals": {"t2v/R@1": t2v_ci, "v2t/R@1": v2t_ci}}
+
+
+#: the README's synthetic leaderboard: short bars with intervals wider than half their height, two seed means
+README_ROWS = [
+    _plot_row("drl", 15.5, [12.5, 18.6], 24.0, [18.0, 30.0], significance="best"),
+    _plot_row("clip4clip", 14.9, [12.2, 17.7], 25.5, [19.5, 31.5], significance="tied"),
+    _plot_row("clip4clip_seqtransf", 9.2, [6.9, 11.6], 19.5, [14.0, 25.0]),
+    _plot_row("mascot", 4.2, [2.6, 5.9], 6.0, [3.0, 9.5]),
+    _plot_row("xpool", 2.7, [1.9, 3.7], 5.8, [4.0, 7.8], n=3),
+    _plot_row("tmass", 2.0, [1.4, 2.7], 3.7, [2.2, 5.2], n=3),
+]
+
+
+def _errorbar_boxes(ax) -> list:
+    """Display-space boxes of every error bar of an axes: the vertical whiskers and the caps."""
+    from matplotlib.container import BarContainer
+    from matplotlib.transforms import Bbox
+
+    boxes = []
+    px = ax.figure.dpi / 72.0
+    for container in ax.containers:
+        if not isinstance(container, BarContainer) or container.errorbar is None:
+            continue
+        _, caplines, barlinecols = container.errorbar.lines
+        for collection in barlinecols:
+            half = max(collection.get_linewidths()) * px / 2
+            for segment in collection.get_segments():
+                (x0, y0), (x1, y1) = ax.transData.transform(segment)
+                boxes.append(Bbox([[min(x0, x1) - half, min(y0, y1) - half], [max(x0, x1) + half, max(y0, y1) + half]]))
+        for cap in caplines:
+            half_w, half_h = cap.get_markersize() * px / 2, max(1.0, cap.get_markeredgewidth() * px)
+            for x, y in ax.transData.transform(cap.get_xydata()):
+                boxes.append(Bbox([[x - half_w, y - half_h], [x + half_w, y + half_h]]))
+    return boxes
+
+
+@pytest.mark.parametrize("case", ["readme", "one-bar", "blocks"])
+def test_the_picture_keeps_every_text_inside_and_no_label_on_an_error_bar(case):
+    """Rendered, every text (subtitle, legend, ticks, values, marks) lies inside the figure, every bar has its
+    value label, none touches an error bar, and a bar that is a mean of several seeds says so."""
+    from matplotlib.text import Text
+
+    from tests.leaderboard_toys import ranked_result
+    from tvr_bench.report import leaderboard_figure
+
+    expected: list = []
+    if case == "readme":
+        rows = README_ROWS
+    elif case == "one-bar":  # the narrowest figure: the subtitle must wrap, not run off both edges
+        rows = [README_ROWS[4]]
+    else:
+        results = [ranked_result(m, "sim", s, quality=q, noise_seed=n, n_video=60)[0]
+                   for m, s, q, n in (("xpool", 0, 0.4, 1), ("xpool", 1, 0.5, 2), ("drl", 0, 3.0, 3))]
+        results.append(ranked_result("xpool", "partial", 0, quality=2.0, noise_seed=4, n_video=50,
+                                     protocol={"test_videos": 50, "protocol_videos": 60})[0])
+        rows = aggregate(results)
+        expected = load_expected(EXPECTED)
+    fig = leaderboard_figure(rows, expected)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    frame = fig.bbox
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    assert any("95% bootstrap interval" in t.get_text() for t in texts)
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, (
+            f"{text.get_text()!r} lies outside the figure: {box} vs {frame}")
+    labels = [t for t in texts if t.get_gid() == "value-label"]
+    bars = [c for ax in fig.axes for c in ax.containers if hasattr(c, "errorbar")]
+    assert len(labels) == len(bars) == 2 * len(rows)
+    for ax in fig.axes:
+        whiskers = _errorbar_boxes(ax)
+        assert whiskers
+        for label in (t for t in labels if t.axes is ax):
+            box = label.get_window_extent(renderer)
+            touching = [w for w in whiskers if box.overlaps(w)]
+            assert not touching, f"value label {label.get_text()!r} overlaps an error bar"
+    for g in rows:
+        if g["n_runs"] > 1:
+            mine = [t.get_text() for t in labels if t.get_text().startswith(f"{g['stats']['t2v/R@1']['mean']:.1f}\n")]
+            assert f"{g['n_runs']} seeds" in " ".join(mine), g["method"]
+    assert sum(1 for t in labels if "seeds" in t.get_text()) == 2 * sum(1 for g in rows if g["n_runs"] > 1)

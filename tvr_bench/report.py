@@ -535,21 +535,53 @@ def to_markdown(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]]
     return "\n".join(out)
 
 
+#: figure fonts (points): value labels, marks and notes above a bar, the subtitle, the legend
+VALUE_FONT, MARK_FONT, TITLE_FONT, LEGEND_FONT = 7.0, 8.0, 8.5, 8.0
+#: figure margin (pixels) that no text may cross; the subtitle and legend wrap to keep twice that from the edges
+FIGURE_MARGIN_PX = 6.0
+#: what the picture's marks mean: the subtitle, as parts joined by "; " and wrapped to the figure's width
+PLOT_LEGEND_PARTS = (
+    "tvr-bench: R@1 per method.",
+    "error bars: 95% bootstrap interval over test queries",
+    f"{BEST_MARK} best, {TIED_MARK} not significantly different",
+    "'n seeds' under a value: the bar is the mean of n seeds",
+    "hatched: incomplete test set",
+)
+
+
 def plot_leaderboard(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write :func:`leaderboard_figure` as a PNG to `path`."""
+    fig = leaderboard_figure(aggregated, expected)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write(path, buf.getvalue())
+
+
+def _label(g: dict[str, Any]) -> str:
+    return g["method"] + (f" ({g['variant']})" if g["variant"] else "")
+
+
+def leaderboard_figure(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]]) -> Any:
     """Bar chart of t2v and v2t R@1 per ranking block and method: 95% query-bootstrap error bars, ★/≈ for the best
-    and tied rows, hatched bars and the test-set size for incomplete test sets, paper values as diamonds."""
+    and tied rows, "n seeds" under the value of a seed mean, hatched bars and the test-set size for incomplete
+    test sets, paper values as diamonds. Every text stays inside the figure (the subtitle and the legend wrap to
+    its width) and no value label touches an error bar: a label sits inside its bar, below the interval, when it
+    fits there, else above the interval, under the marks (tests/test_leaderboard.py renders and checks it)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     blocks = list(dict.fromkeys(block_of(g) for g in aggregated))
-    labels = list(dict.fromkeys(g["method"] + (f" ({g['variant']})" if g["variant"] else "") for g in aggregated))
+    labels = list(dict.fromkeys(_label(g) for g in aggregated))
     color = {m: f"C{i % 10}" for i, m in enumerate(labels)}
     most = max((sum(1 for g in aggregated if block_of(g) == b) for b in blocks), default=1)
     fig = Figure(figsize=(min(24.0, max(7.0, 2.0 + 2 * len(blocks) * (0.6 + 0.45 * most))), 5.0), dpi=110)
     FigureCanvasAgg(fig)
+    renderer = fig.canvas.get_renderer()
     axes = fig.subplots(1, 2, sharey=True)
     labelled: set[str] = set()
-    ymax = _ymax(aggregated, expected)
+    placed: list[dict[str, Any]] = []  # one entry per bar: where its value label and marks go
     for ax, direction in zip(axes, DIRECTIONS):
         key = f"{direction}/R@1"
         for bi, block in enumerate(blocks):
@@ -557,25 +589,28 @@ def plot_leaderboard(aggregated: list[dict[str, Any]], expected: list[dict[str, 
             width = 0.8 / max(1, len(members))
             for mi, g in enumerate(members):
                 stat = g["stats"][key]
-                label = g["method"] + (f" ({g['variant']})" if g["variant"] else "")
+                label = _label(g)
                 x = bi - 0.4 + width * (mi + 0.5)
                 show = label not in labelled
                 labelled.add(label)
                 interval = g["intervals"].get(key)
                 yerr = None
+                lo = hi = stat["mean"]
                 if interval:
                     yerr = [[max(0.0, stat["mean"] - interval[0])], [max(0.0, interval[1] - stat["mean"])]]
+                    lo, hi = min(interval[0], stat["mean"]), max(interval[1], stat["mean"])
                 elif stat.get("std") is not None:
                     yerr = [[stat["std"]], [stat["std"]]]
-                bars = ax.bar([x], [stat["mean"]], width=width * 0.9, color=color[label], label=label if show else None,
-                              yerr=yerr, capsize=4, hatch="//" if not g["complete"] else None,
-                              edgecolor="white" if g["complete"] else "black")
-                ax.bar_label(bars, labels=[f"{stat['mean']:.1f}"], label_type="center", fontsize=7, color="white")
-                top = interval[1] if interval else stat["mean"] + (stat.get("std") or 0.0)
+                    lo, hi = stat["mean"] - stat["std"], stat["mean"] + stat["std"]
+                ax.bar([x], [stat["mean"]], width=width * 0.9, color=color[label], label=label if show else None,
+                       yerr=yerr, capsize=4, hatch="//" if not g["complete"] else None,
+                       edgecolor="white" if g["complete"] else "black")
+                value = f"{stat['mean']:.1f}" + (f"\n{g['n_runs']} seeds" if g.get("n_runs", 1) > 1 else "")
                 mark = _mark(g) if direction == "t2v" else ""
-                note = mark + ("\n" + g["test_set"].replace(" videos", "") if not g["complete"] and g["test_set"] else "")
-                if note:
-                    ax.text(x, top + 0.02 * ymax, note, ha="center", va="bottom", fontsize=8)
+                note = "\n".join(p for p in (mark, g["test_set"].replace(" videos", "") if not g["complete"] and
+                                             g["test_set"] else "") if p)
+                placed.append({"ax": ax, "x": x, "width": width * 0.9, "mean": stat["mean"], "lo": max(0.0, lo),
+                               "hi": hi, "value": value, "note": note})
                 for paper in paper_entries(expected, g["method"], g["dataset"], g["backbone"])[:1]:
                     if key in paper["metrics"]:
                         show_paper = "paper" not in labelled
@@ -590,29 +625,94 @@ def plot_leaderboard(aggregated: list[dict[str, Any]], expected: list[dict[str, 
         ax.set_xticks(range(len(blocks)), names, fontsize=8)
         ax.set_xlim(-0.6, max(0, len(blocks) - 1) + 0.6)
         ax.set_title(f"{direction} R@1", fontsize=10)
-        ax.set_ylim(0, min(100.0, max(10.0, ymax * 1.2)))
         ax.grid(axis="y", alpha=0.3)
         if not aggregated:
             ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes)
     axes[0].set_ylabel("R@1 (%)")
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
 
+    # the header: subtitle and legend, each wrapped to the figure's width, then the axes below them
+    usable = fig.bbox.width - 4 * FIGURE_MARGIN_PX
+    title = fig.suptitle(_wrap_parts(fig, renderer, PLOT_LEGEND_PARTS, TITLE_FONT, usable), fontsize=TITLE_FONT,
+                         y=1 - FIGURE_MARGIN_PX / fig.bbox.height, va="top")
+    title.set_in_layout(False)  # the rect given to tight_layout below already leaves its room
+    bottom = title.get_window_extent(renderer).y0
     names = [lab for lab in labels if lab in labelled]
     handles: list[Any] = [Patch(color=color[lab]) for lab in names]  # plain patches: a hatched first bar is no key
     if "paper" in labelled:
         handles.append(Line2D([], [], marker="D", color="black", linestyle="none", markeredgecolor="white"))
         names.append("paper")
-    fig.suptitle(f"tvr-bench: R@1 per method\n(error bars: 95% bootstrap interval over test queries; "
-                 f"{BEST_MARK} best, {TIED_MARK} not significantly different; hatched: incomplete test set)",
-                 y=0.99, fontsize=8.5)
     if handles:
-        fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.915), ncol=min(6, len(handles)),
-                   fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.86))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return atomic_write(path, buf.getvalue())
+        ncol = min(6, len(handles))
+        while True:
+            legend = fig.legend(handles, names, loc="upper center", ncol=ncol, fontsize=LEGEND_FONT, frameon=False,
+                                bbox_to_anchor=(0.5, (bottom - 2) / fig.bbox.height))
+            if legend.get_window_extent(renderer).width <= usable or ncol == 1:
+                break
+            legend.remove()
+            ncol -= 1
+        bottom = legend.get_window_extent(renderer).y0
+    fig.tight_layout(rect=(0, 0, 1, max(0.3, (bottom - 4) / fig.bbox.height)))
+    _place_value_labels(fig, renderer, axes, placed, _ymax(aggregated, expected))
+    return fig
+
+
+def _wrap_parts(fig: Any, renderer: Any, parts: tuple[str, ...], fontsize: float, width_px: float) -> str:
+    """`parts` joined by "; " into as few lines as fit `width_px` at `fontsize` (measured, not guessed)."""
+    lines: list[str] = []
+    for part in parts:
+        candidate = f"{lines[-1]}; {part}" if lines and not lines[-1].endswith(".") else None
+        if candidate is not None and _text_px(fig, renderer, candidate, fontsize)[0] <= width_px:
+            lines[-1] = candidate
+        else:
+            lines.append(part)
+    return "\n".join(lines)
+
+
+def _text_px(fig: Any, renderer: Any, text: str, fontsize: float) -> tuple[float, float]:
+    """(width, height) in pixels of `text` drawn at `fontsize` points."""
+    probe = fig.text(0, 0, text, fontsize=fontsize)
+    box = probe.get_window_extent(renderer)
+    probe.remove()
+    return box.width, box.height
+
+
+def _place_value_labels(fig: Any, renderer: Any, axes: Any, placed: list[dict[str, Any]], ymax: float) -> None:
+    """Write each bar's value label and marks: the label inside the bar, centred below its interval, when it fits
+    there (white), else above the interval (black) with the marks above it; the y range grows to hold the marks."""
+    pad = 2.0  # points between a whisker, a label and a mark
+    to_px = fig.dpi / 72.0
+    for item in placed:
+        item["value_px"] = _text_px(fig, renderer, item["value"], VALUE_FONT)
+        item["note_px"] = _text_px(fig, renderer, item["note"], MARK_FONT) if item["note"] else (0.0, 0.0)
+    top = min(100.0, max(10.0, ymax * 1.2))
+    for _ in range(3):  # a larger y range makes more labels fit inside their bars: settle in a few rounds
+        for ax in axes:
+            ax.set_ylim(0, top)
+        needed = top
+        for item in placed:
+            ax = item["ax"]
+            per_px = top / max(1.0, ax.get_window_extent(renderer).height)  # data units per pixel
+            bar_px = item["width"] * ax.get_window_extent(renderer).width / max(1e-9, ax.get_xlim()[1] - ax.get_xlim()[0])
+            w, h = item["value_px"]
+            item["inside"] = (pad * to_px + h + pad * to_px) * per_px <= item["lo"] and w + 2 <= bar_px
+            stack_px = (0.0 if item["inside"] else pad * to_px + h) + (pad * to_px + item["note_px"][1] if item["note"] else 0.0)
+            needed = max(needed, item["hi"] + (stack_px + 2 * pad * to_px) * per_px)
+        if needed <= top * 1.0001:
+            break
+        top = needed
+    for item in placed:
+        ax = item["ax"]
+        above = pad
+        if item["inside"]:  # centred between the base and the interval's lower end
+            ax.annotate(item["value"], xy=(item["x"], item["lo"] / 2), ha="center", va="center", fontsize=VALUE_FONT,
+                        color="white", gid="value-label")
+        else:
+            ax.annotate(item["value"], xy=(item["x"], item["hi"]), xytext=(0, pad), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=VALUE_FONT, color="black", gid="value-label")
+            above += item["value_px"][1] / to_px + pad
+        if item["note"]:
+            ax.annotate(item["note"], xy=(item["x"], item["hi"]), xytext=(0, above), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=MARK_FONT, gid="bar-mark")
 
 
 def _ymax(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]]) -> float:
