@@ -3,8 +3,10 @@ SaveConfigCallback + WandbLogger clash (two consecutive CLI runs). Nothing here 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -43,6 +45,21 @@ def _assert_no_secret(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), f"API key written to {path}"
+
+
+def _table_images(run_folder: Path, rows: int) -> list[dict]:
+    """The image cells of the logged table of `rows` rows, from the W&B artifact files staged in `run_folder`."""
+    tables = []
+    for path in (f for f in run_folder.rglob("*") if f.is_file()):
+        if path.read_bytes()[:1] == b"{":
+            try:
+                data = json.loads(path.read_text())
+            except ValueError:
+                continue  # JSON lines (logs, history), not a table
+            if data.get("_type") == "table" and len(data.get("data") or []) == rows:
+                tables.append(data)
+    assert tables, f"no staged table of {rows} rows in {run_folder}"
+    return [cell for row in tables[0]["data"] for cell in row if isinstance(cell, dict) and cell.get("_type") == "image-file"]
 
 
 def _tables(save_dir: Path, key: str = "leaderboard") -> list[dict]:
@@ -255,13 +272,24 @@ def test_bench_on_tiny_synthetic_writes_result_leaderboard_and_wandb_table(offli
     [qual] = _tables(run_root, "qualitative")
     assert qual["columns"][:5] == ["caption_key", "query", "rank", "correct_video", "correct_frames"]
     assert len(qual["data"]) == 50 and all(1 <= row[2] <= 16 for row in qual["data"])
-    # offline, the run's table file holds the word "Image" (wandb #4611): the staged artifact keeps the images
-    staged = [json.loads(f.read_text()) for f in (tmp / "wandb_home" / "artifacts" / "staging").glob("*")
-              if f.read_bytes()[:1] == b"{"]
-    arts = [t for t in staged if t.get("_type") == "table" and len(t.get("data", [])) == 50]
-    assert arts and all(a["data"][0][4]["_type"] == "image-file" for a in arts)
-    assert arts[0]["data"][0][4]["path"].startswith("media/images/")
     assert len(list(run_root.glob("wandb/offline-run-*/files/media/images/test/rank_histograms_*.png"))) == 1
+    # everything the run logged lies in its run folder: W&B's default staging area (WANDB_DATA_DIR, the home
+    # folder for a user) holds nothing; then the finished run folder moves elsewhere, every other staging area is
+    # cleared, and the qualitative table's images are read back from the moved folder alone
+    home_staging = tmp / "wandb_home" / "artifacts" / "staging"
+    assert not home_staging.exists() or not any(home_staging.iterdir()), sorted(home_staging.iterdir())
+    [run_folder] = run_root.glob("wandb/offline-run-*")
+    moved = tmp / "elsewhere" / run_folder.name
+    moved.parent.mkdir()
+    shutil.move(str(run_folder), str(moved))
+    shutil.rmtree(tmp / "wandb_home", ignore_errors=True)
+    cells = _table_images(moved, rows=50)  # offline, files/media/table holds the word "Image" (wandb #4611)
+    assert len(cells) == 50 * 6  # correct video + top 5 per row
+    staged = {hashlib.sha256(f.read_bytes()).hexdigest(): f for f in moved.rglob("*") if f.is_file()}
+    for cell in cells:
+        assert cell["path"].startswith("media/images/") and cell["sha256"] in staged, cell
+        with Image.open(staged[cell["sha256"]]) as img:
+            assert img.size == (cell["width"], cell["height"]) and img.size[1] == 64  # a 4-frame strip, 64 px high
     with Image.open(tmp / "runs" / "leaderboard.png") as img:
         assert img.format == "PNG"
     _assert_no_secret(tmp)

@@ -5,19 +5,60 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-__all__ = ["OfflineWandbLogger", "RunConfigCallback", "run_directory", "finish_wandb", "slug"]
+__all__ = ["OfflineWandbLogger", "RunConfigCallback", "run_directory", "finish_wandb", "slug", "staging_in_run",
+           "wandb_run_folder"]
 
 
 def slug(text: str) -> str:
     """A file- and tag-safe lower-case form of `text` (`ViT-B/32` -> `vit-b-32`)."""
     return re.sub(r"[^a-z0-9._-]+", "-", str(text).lower()).strip("-") or "none"
+
+
+def wandb_run_folder(run: Any) -> Path | None:
+    """The folder of a live W&B run (`<dir>/wandb/offline-run-<time>-<id>/`, the parent of `run.dir`); None for a
+    disabled run or an object without one."""
+    if run is None or getattr(run, "disabled", False):
+        return None
+    try:
+        files = getattr(run, "dir", None)
+    except Exception:  # noqa: BLE001 - a finished or dummy run
+        return None
+    return Path(files).parent if isinstance(files, (str, os.PathLike)) and str(files) else None
+
+
+@contextmanager
+def staging_in_run(run: Any) -> Iterator[None]:
+    """Within the block, W&B stages what is logged into the run's own folder (`<run folder>/artifacts/staging`).
+
+    Every logged table is also an artifact (its JSON and, for the qualitative table, its images), and wandb copies
+    an artifact's files into a staging area before upload: by default `~/.local/share/wandb/artifacts/staging`
+    (WANDB_DATA_DIR), outside the run folder, so a run folder copied elsewhere before `wandb sync` lost them. The
+    staging area is read from WANDB_DATA_DIR when a file is staged; it is pointed into the run folder for the
+    block and restored after it."""
+    folder = wandb_run_folder(run)
+    if folder is None:
+        yield
+        return
+    before = os.environ.get("WANDB_DATA_DIR")
+    os.environ["WANDB_DATA_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("WANDB_DATA_DIR", None)
+        else:
+            os.environ["WANDB_DATA_DIR"] = before
 
 
 class OfflineWandbLogger(WandbLogger):
@@ -29,7 +70,8 @@ class OfflineWandbLogger(WandbLogger):
     `default_root_dir` (filled in by `describe`), so that every run's W&B files sit in its own run folder.
     `describe` fills `group` (the dataset: every run on one dataset lands in one W&B group, so the run comparer and
     parallel coordinates line methods up), `tags`, `name` and `job_type` unless the user gave them, and puts
-    method, dataset, backbone and seed into the run config.
+    method, dataset, backbone and seed into the run config. What a run logs stays inside its run folder,
+    artifact staging included (:func:`staging_in_run`), so the folder can be copied elsewhere before `wandb sync`.
     """
 
     def __init__(
@@ -78,6 +120,13 @@ class OfflineWandbLogger(WandbLogger):
         self.offline_mode = bool(offline)
         self._user_set = {k for k in ("name", "group", "tags", "job_type") if self._wandb_init.get(k) is not None}
         self._user_set |= {"dir"} if save_dir is not None or "dir" in kwargs else set()
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Lightning's log_metrics (which log_table, log_text and log_image go through), with whatever the values
+        stage kept inside the run's folder (:func:`staging_in_run`)."""
+        with staging_in_run(self.experiment):
+            super().log_metrics(metrics, step)
 
     def describe(
         self,

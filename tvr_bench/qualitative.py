@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from tvr_bench.loggers import staging_in_run
 from tvr_bench.results import atomic_write
 
 STRIP_FRAMES = 4
@@ -229,10 +230,8 @@ def log_wandb_table(run: Any, views: list[QueryView], images: dict[str, Any], hi
     if histogram_png:
         with Image.open(io.BytesIO(histogram_png)) as img:
             payload["test/rank_histograms"] = wandb.Image(img.copy())
-    run.log(payload)
-    # An offline run stores a table's images as the word "Image" (wandb issue #4611); the same table as an
-    # artifact keeps its image files, which `wandb sync` uploads with the run.
-    if hasattr(run, "log_artifact"):
-        artifact = wandb.Artifact(f"qualitative-{run.id}", type="qualitative")
-        artifact.add(table, "qualitative")
-        run.log_artifact(artifact)
+    # The run's own table file holds each image as the word "Image" (wandb issue #4611); wandb also logs every
+    # table as a `run_table` artifact with its image files, which `wandb sync` uploads. Those files are staged
+    # inside the run folder, so the folder alone carries them.
+    with staging_in_run(run):
+        run.log(payload)
