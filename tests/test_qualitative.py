@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -19,9 +20,10 @@ from PIL import Image
 
 from tvr_bench.callbacks.evaluator import per_query_results
 from tvr_bench.data.shards import encode_sample
-from tvr_bench.qualitative import PAGE_BUDGET, qualitative_for_run, sample_queries
+from tvr_bench.qualitative import PAGE_BUDGET, PAGE_WIDTH_PX, qualitative_for_run, sample_queries
 
-CHROMIUM = Path("/usr/bin/chromium")
+#: Debian's chromium (CI installs it); TVR_CHROMIUM names another headless-capable chromium binary or wrapper
+CHROMIUM = Path(os.environ.get("TVR_CHROMIUM", "/usr/bin/chromium"))
 
 
 class _Images(HTMLParser):
@@ -68,8 +70,9 @@ def _jpeg(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _shards(tmp: Path, n_videos: int, noise: bool, captions: int = 2, frames: int = 8) -> list[str]:
-    """A shard of `n_videos` videos of 224 px frames: random noise (worst case for JPEG) or smooth gradients."""
+def _shards(tmp: Path, n_videos: int, noise: bool, captions: int = 2, frames: int = 8, width: int = 224) -> list[str]:
+    """A shard of `n_videos` videos of 224 px high frames (`width` wide): random noise (worst case for JPEG) or
+    smooth gradients."""
     rng = np.random.default_rng(0)
     path = tmp / "test-000000.tar"
     with wds.TarWriter(str(path)) as sink:
@@ -77,9 +80,9 @@ def _shards(tmp: Path, n_videos: int, noise: bool, captions: int = 2, frames: in
             jpegs = []
             for f in range(frames):
                 if noise:
-                    array = rng.integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
+                    array = rng.integers(0, 256, size=(224, width, 3), dtype=np.uint8)
                 else:
-                    y, x = np.mgrid[0:224, 0:224]
+                    y, x = np.mgrid[0:224, 0:width]
                     array = np.stack([(x + 7 * v) % 256, (y + 13 * f) % 256, (x + y + v) % 256], axis=-1).astype(np.uint8)
                 jpegs.append(_jpeg(array))
             meta = {"captions": [f"video {v} caption {j} <b>&</b>" for j in range(captions)], "num_frames": frames}
@@ -145,22 +148,30 @@ def test_page_stays_under_the_budget_with_incompressible_frames(tmp_path):
     _check_page(small, 50)
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium here (Debian package `chromium`; CI installs it)")
-def test_page_renders_in_headless_chromium(tmp_path):
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no {CHROMIUM} here (Debian package `chromium`; CI installs it)")
+@pytest.mark.parametrize("frame_width", [224, 398])  # square frames, and 16:9 ones (the widest strips)
+def test_page_renders_in_headless_chromium_and_fits_1400_px(tmp_path, frame_width):
+    """Every image decodes in a real browser, and at 1,400 px the page needs no horizontal scrolling (the top-5
+    columns shrink their strips instead of running off the right edge)."""
     n_videos = 60
-    path = qualitative_for_run(_per_query(n_videos), _ShardsOnly(_shards(tmp_path, n_videos, noise=False)),
-                               tmp_path / "q.html", 50, "browser")
-    probe = tmp_path / "probe.html"  # the page plus a script reporting, after load, how many images decoded
+    shards = _ShardsOnly(_shards(tmp_path, n_videos, noise=False, width=frame_width))
+    path = qualitative_for_run(_per_query(n_videos), shards, tmp_path / "q.html", 50, "browser")
+    probe = tmp_path / "probe.html"  # the page plus a script reporting, after load, images decoded and widths
     script = ("<script>window.addEventListener('load', () => { const imgs = [...document.images];"
-              "document.title = 'IMAGES ' + imgs.filter(i => i.complete && i.naturalWidth > 0).length + '/' + imgs.length;"
+              "const root = document.documentElement;"
+              "const strips = imgs.filter(i => i.closest('td.cand')).map(i => i.getBoundingClientRect().width / i.naturalWidth);"
+              "document.title = 'IMAGES ' + imgs.filter(i => i.complete && i.naturalWidth > 0).length + '/' + imgs.length"
+              " + ' SCROLL ' + root.scrollWidth + ' VIEW ' + root.clientWidth + ' STRIP ' + Math.min(...strips).toFixed(3);"
               "});</script>")
     probe.write_text(path.read_text().replace("</body>", script + "</body>"))
     out = subprocess.run(
-        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--virtual-time-budget=20000", "--dump-dom", probe.as_uri()],
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+         f"--window-size={PAGE_WIDTH_PX},1000", "--virtual-time-budget=20000", "--dump-dom", probe.as_uri()],
         capture_output=True, text=True, timeout=120,
     )
-    match = re.search(r"<title>IMAGES (\d+)/(\d+)</title>", out.stdout)
+    match = re.search(r"<title>IMAGES (\d+)/(\d+) SCROLL (\d+) VIEW (\d+) STRIP ([\d.]+)</title>", out.stdout)
     assert match, f"chromium gave no result: rc={out.returncode} {out.stderr[-500:]}"
-    loaded, total = map(int, match.groups())
+    loaded, total, scroll, view = map(int, match.groups()[:4])
     assert total >= 50 * 6 + 1 and loaded == total
+    assert view == PAGE_WIDTH_PX and scroll <= view, f"the page is {scroll} px wide in a {view} px window"
+    assert float(match.group(5)) >= (1.0 if frame_width == 224 else 0.6)  # square frames at full size; 16:9 shrink a little

@@ -23,6 +23,10 @@ from tvr_bench.results import atomic_write
 
 STRIP_FRAMES = 4
 STRIP_HEIGHT = 64
+#: frames per row of a strip: 4 frames in 2 rows keep the page's 7 image columns within 1,400 px
+STRIP_PER_ROW = 2
+#: the window width the page fits without horizontal scrolling (wider strips shrink to their column)
+PAGE_WIDTH_PX = 1400
 JPEG_QUALITY = 70
 #: (frames, height, JPEG quality) of the strips, tried in order until the page fits PAGE_BUDGET
 STRIP_SETTINGS = ((STRIP_FRAMES, STRIP_HEIGHT, JPEG_QUALITY), (3, 56, 55), (2, 48, 40), (1, 40, 30))
@@ -49,8 +53,10 @@ def sample_queries(n_text: int, n: int, seed: int = 0) -> np.ndarray:
     return np.sort(rng.choice(n_text, size=min(n, n_text), replace=False))
 
 
-def frame_strip(jpegs: list[bytes], frames: int = STRIP_FRAMES, height: int = STRIP_HEIGHT) -> Any:
-    """A PIL image of `frames` evenly spaced frames side by side, `height` pixels high."""
+def frame_strip(jpegs: list[bytes], frames: int = STRIP_FRAMES, height: int = STRIP_HEIGHT,
+                per_row: int = STRIP_PER_ROW) -> Any:
+    """A PIL image of `frames` evenly spaced frames, each `height` pixels high, `per_row` side by side per row
+    (in time order: left to right, then top to bottom), 2 pixels of white between them."""
     from PIL import Image
 
     picks = np.linspace(0, len(jpegs) - 1, num=min(frames, len(jpegs))).round().astype(int)
@@ -60,11 +66,14 @@ def frame_strip(jpegs: list[bytes], frames: int = STRIP_FRAMES, height: int = ST
             img = img.convert("RGB")
             width = max(1, round(img.width * height / img.height))
             images.append(img.resize((width, height)))
-    strip = Image.new("RGB", (sum(im.width for im in images) + 2 * (len(images) - 1), height), "white")
-    x = 0
-    for im in images:
-        strip.paste(im, (x, 0))
-        x += im.width + 2
+    rows = [images[r : r + per_row] for r in range(0, len(images), max(1, per_row))]
+    width = max(sum(im.width for im in row) + 2 * (len(row) - 1) for row in rows)
+    strip = Image.new("RGB", (width, height * len(rows) + 2 * (len(rows) - 1)), "white")
+    for r, row in enumerate(rows):
+        x = 0
+        for im in row:
+            strip.paste(im, (x, r * (height + 2)))
+            x += im.width + 2
     return strip
 
 
@@ -147,9 +156,10 @@ def render_html(title: str, views: list[QueryView], strips: dict[str, str], hist
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>
 body {{ font-family: sans-serif; margin: 1em; }}
-table {{ border-collapse: collapse; }}
-td, th {{ border: 1px solid #ccc; padding: 4px; vertical-align: top; font-size: 12px; }}
-td.query {{ max-width: 18em; }}
+table {{ border-collapse: collapse; table-layout: fixed; width: 100%; }}
+col.query {{ width: 16em; }} col.rank {{ width: 3.5em; }}
+td, th {{ border: 1px solid #ccc; padding: 4px; vertical-align: top; font-size: 12px; overflow-wrap: anywhere; }}
+td img, img.hist {{ max-width: 100%; height: auto; }}
 td.rank {{ font-weight: bold; text-align: center; }}
 td.hit {{ background: #d4f7d4; }} td.near {{ background: #fff3c4; }} td.miss {{ background: #f7d4d4; }}
 td.correct img {{ outline: 3px solid #2a2; }}
@@ -158,8 +168,10 @@ td.correct img {{ outline: 3px solid #2a2; }}
 <p>{esc(summary)}</p>
 <p>Each row: a text query sampled from the test set, the rank of its correct video (1 = retrieved first), the
 correct video (green frame), then the five best-scoring videos with their scores; a green frame marks the
-correct video among them. Frame strips show {strip_frames} evenly spaced stored frame(s).</p>
-<table><thead><tr><th>query</th><th>rank</th><th>correct video</th>{head}</tr></thead>
+correct video among them. Frame strips show {strip_frames} evenly spaced stored frame(s), left to right, then top
+to bottom; in a window narrower than the table, they shrink to fit.</p>
+<table><colgroup><col class="query"><col class="rank"><col span="{k + 1}"></colgroup>
+<thead><tr><th>query</th><th>rank</th><th>correct video</th>{head}</tr></thead>
 <tbody>
 {chr(10).join(rows)}
 </tbody></table>
