@@ -289,7 +289,7 @@ def test_bench_on_tiny_synthetic_writes_result_leaderboard_and_wandb_table(offli
     for cell in cells:
         assert cell["path"].startswith("media/images/") and cell["sha256"] in staged, cell
         with Image.open(staged[cell["sha256"]]) as img:
-            assert img.size == (cell["width"], cell["height"]) and img.size[1] == 64  # a 4-frame strip, 64 px high
+            assert img.size == (cell["width"], cell["height"]) and img.size[1] == 2 * 64 + 2  # 4 frames, 2 rows of 64 px
     with Image.open(tmp / "runs" / "leaderboard.png") as img:
         assert img.format == "PNG"
     _assert_no_secret(tmp)
