@@ -86,6 +86,12 @@ class WeightsUnavailableError(OSError):
     and not downloadable now (no network, ``HF_HUB_OFFLINE``, or not on the hub). The message is one line."""
 
 
+def _first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _hub_cache() -> str:
     from huggingface_hub import constants
 
@@ -104,8 +110,7 @@ def hub_unreachable() -> str | None:
     try:
         get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
     except Exception as err:  # noqa: BLE001 - any failure to get an answer means: not reachable now
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return f"the hub ({constants.ENDPOINT}) cannot be reached: {reason}"
+        return f"the hub ({constants.ENDPOINT}) cannot be reached: {_first_line(err)}"
     return None
 
 
@@ -152,8 +157,8 @@ def _from_hub(cls: type, name: str, what: str) -> object:
     try:
         return cls.from_pretrained(name)
     except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsUnavailableError(missing_weights_message(name, what, f"the hub does not give it: {first}")) from None
+        why = f"the hub does not give it: {_first_line(err)}"
+        raise WeightsUnavailableError(missing_weights_message(name, what, why)) from None
 
 
 def weights_problem(name: str) -> str | None:
@@ -191,9 +196,8 @@ def load_clip(name: str) -> tuple[CLIPModel, CLIPTokenizer]:
         try:
             model = CLIPModel.from_pretrained(str(path), local_files_only=True)
         except OSError as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise WeightsUnavailableError(
-                f"{str(path)!r} is not a CLIP directory made with CLIPModel.save_pretrained ({first})"
+                f"{str(path)!r} is not a CLIP directory made with CLIPModel.save_pretrained ({_first_line(err)})"
             ) from None
         vocab = int(model.config.text_config.vocab_size)
         has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "vocab.json"))
@@ -203,7 +207,7 @@ def load_clip(name: str) -> tuple[CLIPModel, CLIPTokenizer]:
             tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as err:
             raise WeightsUnavailableError(
-                f"the CLIP tokenizer files in {str(path)!r} cannot be loaded ({type(err).__name__}: {err}); save them "
+                f"the CLIP tokenizer files in {str(path)!r} cannot be loaded ({type(err).__name__}: {_first_line(err)}); save them "
                 f"again with CLIPTokenizer.save_pretrained, or remove tokenizer.json and vocab.json to use OpenAI's "
                 f"tokenizer bundled with tvr-bench"
             ) from None
