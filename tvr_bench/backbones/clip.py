@@ -6,6 +6,11 @@
   with OpenAI's tokenizer built from the bundled BPE vocabulary;
 * a local directory holding a `save_pretrained` CLIP model (and tokenizer);
 * a hub name such as `openai/clip-vit-base-patch32` (needs network or a filled HF cache).
+
+Extension point for methods that change the visual encoder (TS2-Net's token shift): `wrap_visual_blocks`
+replaces a sub-module (`self_attn`, `mlp`, `layer_norm1`, `layer_norm2`) of chosen vision encoder layers by a
+wrapper that calls the original module (no copy of the transformer; its weights stay the ones loaded), e.g. a
+`VisualBlockWrapper` subclass that transforms the sub-module's input. `encode_patches` keeps every patch token.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -219,6 +224,37 @@ def load_clip(name: str) -> tuple[CLIPModel, CLIPTokenizer]:
     return model, _check_tokenizer(tokenizer, repr(name), int(model.config.text_config.vocab_size))
 
 
+#: Sub-modules of a CLIP vision encoder layer that `CLIPBackbone.wrap_visual_blocks` can wrap
+#: (layer: x + self_attn(layer_norm1(x)), then + mlp(layer_norm2(x))).
+VISUAL_BLOCK_PARTS = ("self_attn", "mlp", "layer_norm1", "layer_norm2")
+
+
+class VisualBlockWrapper(nn.Module):
+    """Wraps one sub-module of a vision encoder layer: transforms its input hidden states, then calls it.
+
+    The original module is kept as `inner` (its parameters are trained as before, under `....<part>.inner.*`).
+    Subclasses override `transform`; the base class is the identity wrapper (outputs unchanged).
+    """
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def transform(self, hidden: Tensor) -> Tensor:
+        """The wrapped module's input hidden states [N, L, W] as it will see them (identity here)."""
+        return hidden
+
+    def forward(self, *args, **kwargs):
+        """Call the wrapped module on the transformed hidden states (keyword `hidden_states` or first argument)."""
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = self.transform(kwargs["hidden_states"])
+        elif args:
+            args = (self.transform(args[0]), *args[1:])
+        else:
+            raise TypeError(f"{type(self).__name__}: no hidden states in the call")
+        return self.inner(*args, **kwargs)
+
+
 class CLIPBackbone(nn.Module):
     """CLIP text and image encoders returning the features every method builds on."""
 
@@ -234,6 +270,7 @@ class CLIPBackbone(nn.Module):
         self.clip.train()
         self.clip.config.use_cache = False
         self._precomputed_text: dict[str, Tensor] | None = None
+        self._wrapped_visual_blocks: set[int] = set()
         if gradient_checkpointing:
             self.clip.gradient_checkpointing_enable()
         self._apply_freeze(freeze)
@@ -315,6 +352,8 @@ class CLIPBackbone(nn.Module):
         if pixels.ndim != 4:
             raise ValueError("patch tokens need pixels [N, 3, H, W]; cached features hold class-token embeddings only")
         vm = self.clip.vision_model
+        if output_attentions and len(vm.encoder.layers) - 1 in self._wrapped_visual_blocks:
+            raise ValueError("the last visual block is wrapped (wrap_visual_blocks): its class-token attention is not available")
         tokens = vm.embeddings(pixels)  # [N, 1 + P, W], position embeddings included
         if keep_index is not None:
             idx = (keep_index + 1).unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
@@ -333,6 +372,43 @@ class CLIPBackbone(nn.Module):
         if attentions is not None:
             out["cls_attention"] = attentions
         return out
+
+    # ------------------------------------------------------------------ visual blocks
+    @property
+    def wrapped_visual_blocks(self) -> tuple[int, ...]:
+        """Indices (0-based) of the vision encoder layers that `wrap_visual_blocks` changed."""
+        return tuple(sorted(self._wrapped_visual_blocks))
+
+    def wrap_visual_blocks(
+        self, layers: Iterable[int], wrap: Callable[[nn.Module], nn.Module], part: str = "self_attn"
+    ) -> list[nn.Module]:
+        """Replace sub-module `part` of the chosen vision encoder layers by `wrap(original)`; return the wrappers.
+
+        `layers` are 0-based indices (negative ones count from the last layer); `part` is one of
+        VISUAL_BLOCK_PARTS. The wrapper must call the original module (see `VisualBlockWrapper`): the layer
+        then computes x + wrapper(layer_norm1(x)) for `self_attn`. Wrap after loading weights: the wrapped
+        parameters' names gain the wrapper's prefix (e.g. `self_attn.inner.q_proj.weight`).
+        """
+        if part not in VISUAL_BLOCK_PARTS:
+            raise ValueError(f"cannot wrap {part!r} of a visual block; choose one of {VISUAL_BLOCK_PARTS}")
+        blocks = self.clip.vision_model.encoder.layers
+        chosen: list[int] = []
+        for layer in layers:
+            index = int(layer) + len(blocks) if int(layer) < 0 else int(layer)
+            if not 0 <= index < len(blocks):
+                raise ValueError(f"visual block {layer} does not exist: the vision tower of {self.name!r} has {len(blocks)} layers")
+            if index in chosen:
+                raise ValueError(f"visual block {layer} is listed twice")
+            chosen.append(index)
+        wrappers = []
+        for index in chosen:
+            wrapper = wrap(getattr(blocks[index], part))
+            if not isinstance(wrapper, nn.Module):
+                raise TypeError(f"wrap must return an nn.Module, got {type(wrapper).__name__}")
+            setattr(blocks[index], part, wrapper)
+            self._wrapped_visual_blocks.add(index)
+            wrappers.append(wrapper)
+        return wrappers
 
     # ------------------------------------------------------------------ freezing
     def _apply_freeze(self, freeze: str) -> None:
