@@ -400,14 +400,13 @@ class CLIPBackbone(nn.Module):
             if index in chosen:
                 raise ValueError(f"visual block {layer} is listed twice")
             chosen.append(index)
-        wrappers = []
-        for index in chosen:
-            wrapper = wrap(getattr(blocks[index], part))
+        wrappers = [wrap(getattr(blocks[index], part)) for index in chosen]
+        for wrapper in wrappers:
             if not isinstance(wrapper, nn.Module):
                 raise TypeError(f"wrap must return an nn.Module, got {type(wrapper).__name__}")
+        for index, wrapper in zip(chosen, wrappers):  # all or nothing: installed once every wrapper is built
             setattr(blocks[index], part, wrapper)
             self._wrapped_visual_blocks.add(index)
-            wrappers.append(wrapper)
         return wrappers
 
     # ------------------------------------------------------------------ freezing

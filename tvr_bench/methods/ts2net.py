@@ -82,6 +82,7 @@ class TS2Net(RetrievalModule):
         perturbed_samples: int = PERTURBED_SAMPLES,
         perturbed_sigma: float = PERTURBED_SIGMA,
         temporal_layers: int = 4,
+        temporal_heads: int | None = None,
         eval_selection: str = "hard",
         mask_layout: str = "per_frame",
         noise_seed: int = 0,
@@ -104,7 +105,7 @@ class TS2Net(RetrievalModule):
             list(shift_layers), lambda inner: TokenShift(inner, shift_div), part="self_attn"
         )
         self.token_scorer = TokenScorer(self.backbone.embed_dim)
-        self.temporal = temporal_for_backbone(self.backbone, temporal_layers)
+        self.temporal = temporal_for_backbone(self.backbone, temporal_layers, temporal_heads)
         self._eval_keys: list[str] | None = None
 
     @property
