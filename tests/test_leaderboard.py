@@ -120,7 +120,7 @@ def test_aggregate_mean_std_over_seeds():
 
 def test_expected_files_cover_every_method_and_keep_provenance():
     expected = load_expected(EXPECTED)
-    assert {p.stem for p in EXPECTED.glob("*.yaml")} == {"clip4clip", "xpool", "drl", "tmass", "mascot"}
+    assert {p.stem for p in EXPECTED.glob("*.yaml")} == {"clip4clip", "xpool", "drl", "tmass", "mascot", "ts2net"}
     [c4c] = [e for e in paper_entries(expected, "clip4clip", "MSR-VTT", "ViT-B/32") if e["label"] == "paper"]
     assert c4c["metrics"]["t2v/R@1"] == 43.1 and c4c["provenance"]["t2v/R@1"] == "[I#104]"
     assert c4c["provenance"]["t2v/R@5"] == "[P?]"  # unverified numbers stay marked

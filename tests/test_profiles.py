@@ -20,8 +20,8 @@ from tests.test_recipes import (
     lookup,
 )
 
-#: The references' seeds (argparse defaults the README commands keep); MASCOT: CLIP4Clip's, assumed.
-REFERENCE_SEEDS = {"clip4clip": 42, "clip4clip_seqtransf": 42, "drl": 0, "xpool": 24, "tmass": 24, "mascot": 42}
+#: The references' seeds (argparse defaults the README commands keep); MASCOT: CLIP4Clip's, assumed; TS2-Net: main_task_retrieval.py L45.
+REFERENCE_SEEDS = {"clip4clip": 42, "clip4clip_seqtransf": 42, "drl": 0, "xpool": 24, "tmass": 24, "mascot": 42, "ts2net": 42}
 #: Methods whose reference evaluates 10 times per epoch and keeps the best 5-evaluation window.
 WINDOWED = {"xpool", "tmass"}
 
