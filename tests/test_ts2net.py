@@ -444,3 +444,16 @@ def test_token_shift_changes_the_video_features():
     f = pixels.shape[1]
     assert (after[1] - tokens[1]).abs().max() > 1e-4  # video 0, frame 1
     assert torch.equal(after[f:], tokens[f:])  # other videos untouched
+
+
+def test_perf_scorer_variants_give_the_same_matrix():
+    """`make perf`'s TS2-Net section: the evaluator path (forced into many blocks here), the one-shot math and the
+    reference's op sequence score the same matrix."""
+    from tvr_bench.perf.ts2net_scorer import VARIANTS, run_variant
+
+    results = {v: run_variant(v, n=40, frames=6, d=16, budget_mb=0.002, seed=0, threads=None) for v in VARIANTS}
+    ref = results["one_shot"]["sim"]
+    assert ref.shape == (40, 40) and ref.diagonal().mean() > ref.mean()  # paired items score higher
+    for variant, res in results.items():
+        torch.testing.assert_close(res["sim"], ref, atol=1e-6, rtol=0, msg=variant)
+        assert res["seconds"] > 0 and res["peak_extra_mib"] >= 0

@@ -8,7 +8,7 @@ Sections (all in one run, on one machine; see docs/scaling.md for the figures an
 * **eval**: for every method's scorer at N x N (default 1000; D 512, 12 frames, 32 words for DRL, M 20 for
   T-MASS), time and peak memory of the blocked scorer vs the one-shot scorer of the same math, and the
   max |difference|; each scorer runs in its own fresh process (peak RSS growth over its inputs).
-  X-Pool / T-MASS come from `tvr_bench.perf.eval_scorers`, DRL from `tvr_bench.perf.drl_scorer`.
+  X-Pool / T-MASS come from `tvr_bench.perf.eval_scorers`, DRL from `tvr_bench.perf.drl_scorer`, TS2-Net from `tvr_bench.perf.ts2net_scorer`.
 * **metrics**: `tvr_bench.metrics.retrieval_metrics` vs torchmetrics' retrieval metrics on one matrix.
 * **train**: steps/s of the Lightning module (Trainer.fit) vs a plain PyTorch loop over the same model
   and the same in-memory batches, interleaved step by step (median of the paired step-time ratios).
@@ -465,6 +465,10 @@ def bench_eval(sizes: PerfSizes, methods: list[str]) -> dict[str, Any]:
             from tvr_bench.perf.eval_scorers import bench_tmass
 
             raw, key = bench_tmass(n=n, d=512, frames=12, trials=20, repeats=sizes.tmass_repeats, fast_repeats=max(reps, 3)), "fast"
+        elif name == "ts2net":
+            from tvr_bench.perf.ts2net_scorer import bench_ts2net
+
+            raw, key = bench_ts2net(n=n, frames=12, d=512, repeats=max(reps, 1)), "blocked"
         elif name == "drl":
             from tvr_bench.perf.drl_scorer import bench_drl
 
@@ -483,7 +487,8 @@ def bench_eval(sizes: PerfSizes, methods: list[str]) -> dict[str, Any]:
                    "and time are equal by construction (one block = the one-shot call; memory and speed targets n/a). xpool/tmass: `fast` folded scorer under a "
                    "512 MiB budget (cache-sized steps) vs the reference math materialising [N, N, D]; drl: length-sorted blocked WTI "
                    "in cache-sized 2 MiB chunks (WTI_CHUNK_BYTES, chosen from the work) under the module's 1 GiB default budget "
-                   "vs one [N, L, N, F] tensor and vs the reference's 32 x 32 loop. peak = RSS growth over the inputs, each "
+                   "vs one [N, L, N, F] tensor and vs the reference's 32 x 32 loop; ts2net: the module's scorer through the "
+                   "evaluator (cache-sized chunks) vs [N, N, F] at once (tvr_bench/perf/ts2net_scorer.py). peak = RSS growth over the inputs, each "
                    "variant in a fresh process. product_seconds: one [1000, 512] x [512, 12000] float32 product, timed in "
                    "every scorer process before and after its scorer (median).")
     products = [r["product_seconds"] for r in out["raw"].values() if r.get("product_seconds")]
@@ -787,7 +792,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                           f"{_fmt(drl['reference_loop']['seconds'] / drl['blocked']['seconds'], 1)}× the blocked scorer"
                           f"{' (estimated from its first ' + str(drl['reference_loop']['rows_run']) + ' texts)' if drl['reference_loop'].get('rows_run') else ''}."]  # fmt: skip
         lines += ["", "CLIP4Clip (meanP, seqTransf) and MASCOT score by one cosine per pair: blocking changes nothing "
-                      "there (the [N, N] matrix is the whole cost); the memory and speed targets apply to X-Pool, T-MASS, DRL.", ""]  # fmt: skip
+                      "there (the [N, N] matrix is the whole cost); the memory and speed targets apply to X-Pool, T-MASS, DRL, TS2-Net.", ""]  # fmt: skip
         lines += _floor_lines(e)
     if "metrics" in sec:
         x = sec["metrics"]
@@ -846,7 +851,7 @@ def _bench_precision(result: dict[str, Any], quick: bool) -> dict[str, Any]:
     return bench_precision(quick, per_core, source)
 
 
-EVAL_METHODS = ("clip4clip", "mascot", "xpool", "tmass", "drl")
+EVAL_METHODS = ("clip4clip", "mascot", "xpool", "tmass", "drl", "ts2net")
 
 
 def perf_main(argv: list[str]) -> int:
