@@ -126,6 +126,9 @@ def test_expected_files_cover_every_method_and_keep_provenance():
     assert c4c["provenance"]["t2v/R@5"] == "[P?]"  # unverified numbers stay marked
     assert paper_entries(expected, "tmass", "msrvtt", "ViT-B/32")[0]["metrics"]["t2v/R@1"] == 50.2
     assert paper_entries(expected, "xpool", "msrvtt_7k", "ViT-B/32")[0]["provenance"]["t2v/R@1"] == "[R]"
+    ts2 = paper_entries(expected, "ts2net", "MSR-VTT", "ViT-B/32")  # the plain number first, the DSL one labelled
+    assert [e["label"] for e in ts2] == ["paper", "inverted softmax (DSL, transductive)"]
+    assert ts2[0]["metrics"]["t2v/R@1"] == 47.0 and ts2[0]["provenance"]["t2v/R@1"] == "[R]"
     assert paper_entries(expected, "clip4clip", "synthetic", "tiny") == []
     assert not [e for e in expected if e["method"] == "mascot"]  # no numbers could be verified
     for e in expected:
