@@ -46,8 +46,8 @@ FRAME_SOFTMAX_SCALE = 4.0
 PADDED_WEIGHT = -1.0e18
 #: Per-chunk temporaries of the blocked scorer on CPU (cache-sized steps; see tvr_bench/functional/steps.py).
 TS2NET_CHUNK_BYTES = 4 * 2**20
-#: Live [texts, videos, frames] float arrays in `frame_weighted_similarity` (cosines, weights, their product).
-PAIR_ARRAYS = 3
+#: Live [texts, videos, frames] float arrays when scoring without gradients (cosines and weights).
+PAIR_ARRAYS = 2
 
 
 # ------------------------------------------------------------------------------------------- token shift
@@ -202,40 +202,50 @@ def frame_weighted_similarity(text: Tensor, frames: Tensor, frame_mask: Tensor,
     (`get_frame_selectedcls_similarity`, modeling.py L575-607, whose per-frame softmax over a single text token is
     the identity; `get_frame_similarity`, L546-573, is the same formula). Inputs need not be normalised.
     """
-    n_text, n_video = text.shape[0], frames.shape[0]
+    return _weighted_cosines(F.normalize(text, dim=-1), F.normalize(frames, dim=-1), frame_mask.bool(), scale)
+
+
+def _weighted_cosines(t: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """`frame_weighted_similarity` of unit-norm texts [T, D] and frames [V, F, D] with a boolean mask [V, F]."""
+    n_text, n_video = t.shape[0], v.shape[0]
     if n_text == 0 or n_video == 0:
-        return text.new_zeros(n_text, n_video)
-    t = F.normalize(text, dim=-1)
-    v = F.normalize(frames, dim=-1)
-    mask = frame_mask.bool()
+        return t.new_zeros(n_text, n_video)
     cos = (t @ v.reshape(-1, v.shape[-1]).t()).view(n_text, n_video, -1)  # [T, V, F]
     weight = cos * mask
-    if cos.requires_grad:  # out-of-place: autograd keeps what it needs
+    if cos.requires_grad:  # the reference's op sequence, out-of-place: autograd keeps what it needs
         weight = (weight / weight.norm(dim=-1, keepdim=True)).masked_fill(~mask, PADDED_WEIGHT) * scale
         return (weight.softmax(dim=-1) * cos).sum(-1)
-    weight = weight.div_(weight.norm(dim=-1, keepdim=True)).masked_fill_(~mask, PADDED_WEIGHT).mul_(scale)
-    return weight.softmax(dim=-1).mul_(cos).sum(-1)
+    # the same softmax in fewer passes over [T, V, F]: |scale * w| <= scale, so exp needs no max shift, and
+    # exp(0) * m = 0 at padded frames plays the reference's -1e18 fill
+    weight.mul_((scale / weight.norm(dim=-1, keepdim=True))).exp_().mul_(mask)
+    return torch.linalg.vecdot(weight, cos).div_(weight.sum(-1))
 
 
 def frame_weighted_similarity_blocked(text: Tensor, frames: Tensor, frame_mask: Tensor, max_bytes: int = 256 * 2**20,
                                       chunk_bytes: int | None = None, scale: float = FRAME_SOFTMAX_SCALE) -> Tensor:  # fmt: skip
-    """`frame_weighted_similarity` in text chunks whose temporaries stay under min(`max_bytes`, `chunk_bytes`)
-    (default: cache-sized TS2NET_CHUNK_BYTES on CPU, `max_bytes` on accelerators); same scores, float32."""
+    """`frame_weighted_similarity` in chunks whose temporaries stay under min(`max_bytes`, `chunk_bytes`) (default:
+    cache-sized TS2NET_CHUNK_BYTES on CPU, `max_bytes` on accelerators); same scores, float32.
+
+    A chunk is every text against as many videos as fit (one [T, D] x [D, F * bv] product), or a text slice against
+    one video when a single video's column does not fit. Texts are normalised once, each video chunk when it is
+    used (no normalised copy of all frames).
+    """
     n_text, n_video, n_frames = text.shape[0], frames.shape[0], frames.shape[1]
     step = step_bytes(text.device, TS2NET_CHUNK_BYTES, max_bytes, chunk_bytes)
     kind = text.device.type if text.device.type in ("cpu", "cuda", "xpu", "mps") else "cpu"
     with torch.autocast(device_type=kind, enabled=False):
         t = F.normalize(text.float(), dim=-1)
-        v = F.normalize(frames.float(), dim=-1)
+        mask = frame_mask.bool()
         out = t.new_empty(n_text, n_video)
+        if n_text == 0 or n_video == 0:
+            return out
         pairs = max(1, step // pair_bytes(n_frames))
-        cols = min(n_video, pairs)  # all videos per chunk when a text row fits, else video chunks too
-        rows = max(1, pairs // max(1, cols))
-        for i in range(0, n_text, rows):
-            for j in range(0, n_video, cols):
-                out[i : i + rows, j : j + cols] = frame_weighted_similarity(
-                    t[i : i + rows], v[j : j + cols], frame_mask[j : j + cols], scale
-                )
+        cols = max(1, min(n_video, pairs // n_text))
+        rows = n_text if cols > 1 or pairs >= n_text else pairs
+        for j in range(0, n_video, cols):
+            vj, mj = F.normalize(frames[j : j + cols].float(), dim=-1), mask[j : j + cols]
+            for i in range(0, n_text, rows):
+                out[i : i + rows, j : j + cols] = _weighted_cosines(t[i : i + rows], vj, mj, scale)
     return out
 
 
