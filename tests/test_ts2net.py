@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import load_parity, parity_atol, parity_dir
-from tvr_bench.functional.losses import symmetric_infonce
 from tvr_bench.functional.temporal import temporal_state_from_reference
 from tvr_bench.functional.ts2net import (
     class_positions,
