@@ -73,7 +73,7 @@ def canonical_backbone(name: str | None) -> str:
 #: the `protocol` values a result has when its JSON predates the block (or an input was not exposed)
 PROTOCOL_DEFAULTS: dict[str, Any] = {"profile": "default", "features": "end-to-end"}
 #: protocol fields that make runs different leaderboard rows (besides method, dataset, backbone)
-VARIANT_FIELDS = ("profile", "features", "pairing", "eps_mode")
+VARIANT_FIELDS = ("profile", "features", "pairing", "eps_mode", "grouping")
 RANKS_SUFFIX = ".ranks.npz"
 
 
@@ -110,7 +110,7 @@ def identity_differences(ia: dict[str, Any], ib: dict[str, Any]) -> list[str]:
 
 
 def variant_label(protocol: dict[str, Any]) -> str:
-    """Label of a protocol variant (`""` for the default): non-default profile and features, T-MASS pairing."""
+    """Label of a protocol variant (`""` for the default): non-default profile and features, T-MASS pairing, EMCL grouping."""
     proto = {**PROTOCOL_DEFAULTS, **protocol}
     parts = []
     for name in VARIANT_FIELDS:

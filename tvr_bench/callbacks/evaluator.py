@@ -60,17 +60,62 @@ def full_precision(device: torch.device | str) -> torch.autocast:
     return torch.autocast(device_type=kind if kind in ("cpu", "cuda", "xpu", "mps") else "cpu", enabled=False)
 
 
+def eval_block_sizes(method: Any) -> tuple[int, int] | None:
+    """(texts, videos) per evaluation block of a method whose reference scores the items of a block together
+    (its `eval_block_sizes()` hook, e.g. EMCL's test-time EM); None for pairwise scores."""
+    hook = getattr(method, "eval_block_sizes", None)
+    sizes = hook() if callable(hook) else None
+    if sizes is None:
+        return None
+    bt, bv = (int(s) for s in sizes)
+    if bt < 1 or bv < 1:
+        raise ValueError(f"{type(method).__name__}.eval_block_sizes() must give positive sizes, got {sizes}")
+    return bt, bv
+
+
+def block_rows(n_text: int, block: int, rank: int = 0, world: int = 1) -> Tensor:
+    """Text rows of the evaluation blocks `rank`, `rank + world`, ... (blocks of `block` consecutive rows)."""
+    starts = range(rank * block, n_text, world * block)
+    return torch.cat([torch.arange(s, min(s + block, n_text)) for s in starts] or [torch.empty(0, dtype=torch.long)])
+
+
 @torch.no_grad()
 def blocked_similarity(
     method: Any, text: Features, video: Features, budget_mb: float, rows: Tensor | None = None
 ) -> Tensor:
     """Score `text` (or only its `rows`) against every video in blocks under `budget_mb`.
 
+    A method with `eval_block_sizes()` = (bt, bv) is scored as its reference evaluation loop does: texts and
+    videos cut into consecutive blocks of bt and bv items in evaluation order (the last ones smaller), one
+    `similarity` call per (text block, video block); the rows asked for are taken from their whole blocks, so a
+    score never depends on which rows were asked. The memory budget does not split such a block.
     Scores are computed from float32 features with autocast off (safe under `precision: bf16-mixed`).
     """
     text, video = float32_features(text), float32_features(video)
     with full_precision(next(iter(video.values())).device):
+        sizes = eval_block_sizes(method)
+        if sizes is not None:
+            return _grouped_similarity(method, text, video, sizes, rows)
         return _blocked_similarity(method, text, video, budget_mb, rows)
+
+
+def _grouped_similarity(method: Any, text: Features, video: Features, sizes: tuple[int, int], rows: Tensor | None) -> Tensor:
+    bt, bv = sizes
+    n_text = text[next(iter(text))].shape[0]
+    n_video = video[next(iter(video))].shape[0]
+    rows = torch.arange(n_text) if rows is None else rows.cpu().long()
+    out = torch.empty(len(rows), n_video, dtype=torch.float32)
+    if len(rows) == 0 or n_video == 0:
+        return out
+    block_of = rows // bt
+    for b in torch.unique(block_of).tolist():
+        start = b * bt
+        t_block = slice_features(text, start, min(start + bt, n_text))
+        scores = torch.cat([method.similarity(t_block, slice_features(video, j, j + bv)).float().cpu()
+                            for j in range(0, n_video, bv)], dim=1)  # fmt: skip
+        wanted = (block_of == b).nonzero().squeeze(1)
+        out[wanted] = scores[rows[wanted] - start]
+    return out
 
 
 def _blocked_similarity(method: Any, text: Features, video: Features, budget_mb: float, rows: Tensor | None) -> Tensor:
@@ -165,6 +210,8 @@ class RetrievalEvaluator(L.Callback):
         self.last_metrics: dict[str, float] = {}
         self.last_eval_seconds: float = 0.0
         self.last_counts: dict[str, int] = {}
+        #: (texts, videos) per evaluation block of the last evaluation when the method's scores mix a block's items
+        self.last_eval_blocks: tuple[int, int] | None = None
         #: after a test: per-query ranks, keys and top-k retrieved videos (see `per_query_results`)
         self.last_per_query: dict[str, Any] | None = None
         self.top_k = 5
@@ -252,7 +299,8 @@ class RetrievalEvaluator(L.Callback):
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rank = dist.get_rank() if world > 1 else 0
         n_text = text[next(iter(text))].shape[0]
-        rows = torch.arange(rank, n_text, world)
+        sizes = eval_block_sizes(pl_module)  # block-mixing scores: each rank takes whole reference blocks
+        rows = torch.arange(rank, n_text, world) if sizes is None else block_rows(n_text, sizes[0], rank, world)
         device = pl_module.device
         text_d = {k: v.to(device) for k, v in text.items()}
         video_d = {k: v.to(device) for k, v in video.items()}
@@ -277,6 +325,7 @@ class RetrievalEvaluator(L.Callback):
         if callable(prepare):  # set-level features (T-MASS reference pairing), after every batch is assembled
             text, video = prepare(text, video, t2v)
         sim = self.score(pl_module, text, video)
+        self.last_eval_blocks = eval_block_sizes(pl_module)
         if self.save_scores and stage == "test" and trainer.is_global_zero:
             payload = {"sim": sim, "text_to_video": t2v, "video_keys": video_keys, "caption_keys": caption_keys}
             torch.save(payload, self.save_scores)

@@ -403,7 +403,7 @@ class LeaderboardWriter(L.Callback):
 
     def protocol(self, trainer: Any, pl_module: Any, evaluator: Any) -> dict[str, Any]:
         """The result's `protocol` block (docs/INTERFACES.md point 3): test vs protocol size, profile, model
-        selection, T-MASS pairing, features and optimizer."""
+        selection, T-MASS pairing, EMCL grouping and evaluation blocks, features and optimizer."""
         datamodule = getattr(trainer, "datamodule", None)
         hparams = getattr(pl_module, "hparams", {}) or {}
         test_split = getattr(datamodule, "test_split", "test")
@@ -425,7 +425,8 @@ class LeaderboardWriter(L.Callback):
         features = "frozen-clip" if getattr(datamodule, "features_dir", None) else "end-to-end"
         defaults = _init_defaults(type(pl_module))
         labelled = {"profile": self.profile, "features": features}
-        labelled.update({k: get(k) for k in ("pairing", "eps_mode") if get(k) is not None and get(k) != defaults.get(k)})
+        labelled.update({k: get(k) for k in ("pairing", "eps_mode", "grouping") if get(k) is not None and get(k) != defaults.get(k)})
+        blocks = getattr(evaluator, "last_eval_blocks", None)  # items scored together (EMCL `grouping: reference`)
         return {
             "test_split": test_split,
             "test_videos": test_videos,
@@ -436,6 +437,8 @@ class LeaderboardWriter(L.Callback):
             "selection": selection,
             "pairing": get("pairing"),
             "eps_mode": get("eps_mode"),
+            "grouping": get("grouping"),
+            "eval_blocks": list(blocks) if blocks else None,
             "features": features,
             "optimizer": get("optimizer") or "adamw",
             # the row label and file-name part: non-default profile/features, and pairing/eps_mode when they
