@@ -120,7 +120,7 @@ def test_aggregate_mean_std_over_seeds():
 
 def test_expected_files_cover_every_method_and_keep_provenance():
     expected = load_expected(EXPECTED)
-    assert {p.stem for p in EXPECTED.glob("*.yaml")} == {"clip4clip", "xpool", "drl", "tmass", "mascot", "ts2net"}
+    assert {p.stem for p in EXPECTED.glob("*.yaml")} == {"clip4clip", "xpool", "drl", "tmass", "mascot", "ts2net", "emcl"}
     [c4c] = [e for e in paper_entries(expected, "clip4clip", "MSR-VTT", "ViT-B/32") if e["label"] == "paper"]
     assert c4c["metrics"]["t2v/R@1"] == 43.1 and c4c["provenance"]["t2v/R@1"] == "[I#104]"
     assert c4c["provenance"]["t2v/R@5"] == "[P?]"  # unverified numbers stay marked
@@ -131,6 +131,8 @@ def test_expected_files_cover_every_method_and_keep_provenance():
     assert ts2[0]["metrics"]["t2v/R@1"] == 47.0 and ts2[0]["provenance"]["t2v/R@1"] == "[R]"
     assert paper_entries(expected, "clip4clip", "synthetic", "tiny") == []
     assert not [e for e in expected if e["method"] == "mascot"]  # no numbers could be verified
+    [emcl] = [e for e in paper_entries(expected, "emcl", "msrvtt", "ViT-B/32") if e["label"] == "paper"]
+    assert emcl["metrics"] == {"t2v/R@1": 46.8} and emcl["provenance"]["t2v/R@1"] == "[R]"  # only what could be checked
     for e in expected:
         assert e["metrics"] and set(e["provenance"]) == set(e["metrics"])
         assert all(t.startswith("[") and t.endswith("]") for t in e["provenance"].values())

@@ -20,10 +20,13 @@ from tests.test_recipes import (
     lookup,
 )
 
-#: The references' seeds (argparse defaults the README commands keep); MASCOT: CLIP4Clip's, assumed; TS2-Net: main_task_retrieval.py L45.
-REFERENCE_SEEDS = {"clip4clip": 42, "clip4clip_seqtransf": 42, "drl": 0, "xpool": 24, "tmass": 24, "mascot": 42, "ts2net": 42}
+#: The references' seeds (argparse defaults the README commands keep); MASCOT: CLIP4Clip's, assumed; TS2-Net: main_task_retrieval.py L45;
+#: EMCL: main_retrieval.py L41.
+REFERENCE_SEEDS = {"clip4clip": 42, "clip4clip_seqtransf": 42, "drl": 0, "xpool": 24, "tmass": 24, "mascot": 42, "ts2net": 42, "emcl": 0}
 #: Methods whose reference evaluates 10 times per epoch and keeps the best 5-evaluation window.
 WINDOWED = {"xpool", "tmass"}
+#: Methods whose reference evaluates every N training steps (across epochs) instead of once per epoch.
+STEP_INTERVAL = {"emcl": 150}
 
 
 def paper_stack(method: str, dataset: str) -> list[str]:
@@ -73,6 +76,12 @@ def test_paper_profile_composes_and_sets_the_reference_protocol(method: str):
             assert cbs["WindowedMetric"] == {"monitor": "val/t2v/R@1", "window": 5, "name": None}
             assert cbs["SelectionCheckpoint"]["monitor"] == "val/t2v/R@1_window5"
             assert cbs["SelectionCheckpoint"]["ties"] == "first"
+        elif method in STEP_INTERVAL:
+            assert config["trainer"]["val_check_interval"] == STEP_INTERVAL[method], dataset
+            assert config["trainer"]["check_val_every_n_epoch"] is None, dataset
+            assert "WindowedMetric" not in cbs
+            assert cbs["SelectionCheckpoint"]["monitor"] == "val/t2v/R@1"
+            assert cbs["SelectionCheckpoint"]["ties"] == "last"
         else:
             assert config["trainer"].get("val_check_interval") in (None, 1.0), dataset
             assert "WindowedMetric" not in cbs
@@ -81,6 +90,8 @@ def test_paper_profile_composes_and_sets_the_reference_protocol(method: str):
         assert cbs["SelectionCheckpoint"]["mode"] == "max" and cbs["SelectionCheckpoint"]["save_top_k"] == 1
         if method == "tmass":
             assert (model["pairing"], model["eps_mode"]) == ("reference", "pair"), dataset
+        if method == "emcl":
+            assert model["grouping"] == "reference", dataset
         # the data protocol is the method's DATA_PROTOCOL, filled by the CLI because no layer sets it
         model_cls = getattr(importlib.import_module(config["model"]["class_path"].rsplit(".", 1)[0]), config["model"]["class_path"].rsplit(".", 1)[1])
         init = dict(data)
