@@ -25,7 +25,7 @@ import yaml
 
 from tests.data_fixtures import tiny_root  # noqa: F401 - pytest fixture
 from tvr_bench.data.shards import INDEX_FILE, MANIFEST_FILE, SHARD_PATTERN, ShardFile, iter_shard, parse_sample, read_index, write_json_atomic
-from tvr_bench.recipes import method_recipes
+from tvr_bench.recipes import method_class, method_recipes
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -205,6 +205,20 @@ def test_ddp_two_processes_equal_one_process(recipe: str, odd_root: Path, quiet_
     diff = float((s1["sim"] - s2["sim"]).abs().max())
     assert diff <= 1e-5, f"{recipe}: score matrices differ by up to {diff:.2e}"
     assert two["metrics"] == one["metrics"], f"{recipe}: 1 process {one['metrics']} != 2 processes {two['metrics']}"
+    # the method's other scoring (every SCORING_OPTIONS key at its last listed value: the references' scorings,
+    # including block-mixing ones whose evaluator gives each rank whole blocks)
+    options = {k: v[-1] for k, v in getattr(method_class(recipe), "SCORING_OPTIONS", {}).items() if len(v) > 1}
+    if options:
+        extra = [a for k, v in options.items() for a in (f"--model.init_args.{k}", str(v))]
+        one = cli_test_result(recipe, odd_root, quiet_config, ckpt, tmp_path / "one-alt", *extra,
+                              "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--data.init_args.num_workers", "1")
+        two = cli_test_result(recipe, odd_root, quiet_config, ckpt, tmp_path / "two-alt", *extra,
+                              "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                              "--data.init_args.num_workers", "2")
+        diff = float((one["scores"]["sim"] - two["scores"]["sim"]).abs().max())
+        assert diff <= 1e-5, f"{recipe} {options}: score matrices differ by up to {diff:.2e}"
+        assert two["metrics"] == one["metrics"], f"{recipe} {options}: 1 process {one['metrics']} != 2 processes {two['metrics']}"
+        assert one["protocol"].get("eval_blocks") == two["protocol"].get("eval_blocks")
 
 
 @pytest.mark.slow
@@ -298,6 +312,46 @@ def test_blocked_similarity_rank_shares_rebuild_the_full_matrix() -> None:
                 rows = torch.arange(rank, 37, world)
                 rebuilt[rows] = blocked_similarity(Scorer(), text, video, budget_mb, rows)
             assert torch.allclose(rebuilt, full, rtol=0, atol=1e-6)
+
+
+def test_block_mixing_scores_rank_shares_rebuild_the_reference_block_loop() -> None:
+    """A method whose scores mix the items of an evaluation block (`eval_block_sizes`): the evaluator scores whole
+    blocks of consecutive items, whatever rows are asked, and the ranks' whole-block shares rebuild the matrix."""
+    from tvr_bench.callbacks.evaluator import block_rows, blocked_similarity
+
+    class BlockScorer:
+        calls: list[tuple[int, int]] = []
+
+        def eval_block_sizes(self) -> tuple[int, int]:
+            return 4, 3
+
+        def similarity(self, t: dict, v: dict) -> torch.Tensor:
+            self.calls.append((len(t["index"]), len(v["index"])))
+            return t["e"] @ v["e"].T + t["e"].sum() - 2 * v["e"].sum()  # every score depends on its whole block
+
+        def pair_cost_bytes(self, t: dict, v: dict) -> int:
+            raise AssertionError("blocks are the reference's, not sized by memory")
+
+    g = torch.Generator().manual_seed(0)
+    text = {"e": torch.randn(11, 5, generator=g), "index": torch.arange(11)}
+    video = {"e": torch.randn(7, 5, generator=g), "index": torch.arange(7)}
+    loop = torch.empty(11, 7)
+    for i in range(0, 11, 4):
+        for j in range(0, 7, 3):
+            loop[i : i + 4, j : j + 3] = BlockScorer().similarity({k: x[i : i + 4] for k, x in text.items()},
+                                                                   {k: x[j : j + 3] for k, x in video.items()})  # fmt: skip
+    BlockScorer.calls = []
+    assert torch.allclose(blocked_similarity(BlockScorer(), text, video, 1e-9), loop, rtol=0, atol=1e-6)
+    assert sorted(set(BlockScorer.calls)) == [(3, 1), (3, 3), (4, 1), (4, 3)]
+    strided = torch.arange(1, 11, 2)  # rows that cut through blocks: still taken from their whole blocks
+    assert torch.allclose(blocked_similarity(BlockScorer(), text, video, 100.0, strided), loop[strided], rtol=0, atol=1e-6)
+    for world in (2, 3, 5):
+        rebuilt = torch.full_like(loop, float("nan"))
+        for rank in range(world):
+            rows = block_rows(11, 4, rank, world)
+            assert all(int(r) // 4 % world == rank for r in rows)
+            rebuilt[rows] = blocked_similarity(BlockScorer(), text, video, 100.0, rows)
+        assert torch.allclose(rebuilt, loop, rtol=0, atol=1e-6)
 
 
 def _free_port() -> int:

@@ -97,3 +97,16 @@ def test_precision_section_summary_and_report_with_cuda(monkeypatch: pytest.Monk
     assert sec["h100_feed"]["workers"] == 5  # 250 clips/s at 50 per core
     text = "\n".join(pb.render(sec))
     assert "Fake GPU" in text and "**2.29×**" in text and "4 loader workers" in text and "(data section, 1 worker)" in text
+
+
+def test_emcl_scorers_equal_their_one_shot_math() -> None:
+    """`make perf`'s EMCL variants: the evaluator's 32 x 32 blocks equal every block batched at once (ragged last
+    blocks included), and the pairwise scorer under a tiny budget equals all pairs batched."""
+    from tvr_bench.perf.eval_scorers import run_emcl_variant
+
+    args = dict(frames=4, d=32, bases=8, repeats=1, budget_mb=0.05, seed=0, threads=None)
+    sims = {v: run_emcl_variant(v, 40 if not v.startswith("pair") else 7, **args)["sim"]
+            for v in ("blocked", "one_shot", "pair_blocked", "pair_one_shot")}  # fmt: skip
+    assert sims["blocked"].shape == (40, 40) and sims["pair_blocked"].shape == (7, 7)
+    assert float((sims["blocked"] - sims["one_shot"]).abs().max()) <= 1e-5
+    assert float((sims["pair_blocked"] - sims["pair_one_shot"]).abs().max()) <= 1e-5

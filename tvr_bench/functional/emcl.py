@@ -184,27 +184,31 @@ def emcl_block_grid_scores(
 
     Texts and videos are cut into consecutive blocks of `block` = (texts, videos), the last ones smaller, as
     `torch.split` in the reference loop; ragged blocks are padded with zero rows, which change no column sum,
-    no basis and no norm of the EM. Materialises [T, V, D]."""
+    no basis and no norm of the EM. Materialises [T, V, D] twice (the pooled videos, then their blocks)."""
     bt, bv = block
     t, v, d = text.shape[0], frames.shape[0], text.shape[1]
     gt, gv = -(-t // bt), -(-v // bv)
     with torch.no_grad(), _no_autocast(text):
         pooled = pool_videos(text.float(), frames.float(), frame_mask, temperature)
-        grid = torch.zeros(gt * bt, gv * bv, d)
-        grid[:t, :v] = pooled
-        texts = torch.zeros(gt * bt, d)
-        texts[:t] = text.float()
-        # rows of block (a, b): its bt·bv pooled videos (text-major), then its bt texts
-        blocks = grid.view(gt, bt, gv, bv, d).permute(0, 2, 1, 3, 4).reshape(gt, gv, bt * bv, d)
-        x = torch.cat([blocks, texts.view(gt, 1, bt, d).expand(gt, gv, bt, d)], dim=2).reshape(gt * gv, -1, d)
+        # rows of block (a, b): its bt·bv pooled videos (text-major), then its bt texts; zero rows pad ragged blocks
+        x = torch.zeros(gt, gv, bt * bv + bt, d)
+        for a in range(gt):
+            ta = min(bt, t - a * bt)
+            for b in range(gv):
+                vb = min(bv, v - b * bv)
+                rows = x[a, b, : bt * bv].view(bt, bv, d)
+                rows[:ta, :vb] = pooled[a * bt : a * bt + ta, b * bv : b * bv + vb]
+            x[a, :, bt * bv : bt * bv + ta] = text[a * bt : a * bt + ta].float()
+        del pooled
+        x = x.view(gt * gv, -1, d)
         mu = bases.float().reshape(1, 1, -1).expand(x.shape[0], x.shape[1], -1)
         for _ in range(steps):
             z = torch.softmax(torch.bmm(x.transpose(1, 2), mu) / lamd, dim=2)
             z = z / (EM_EPS + z.sum(dim=1, keepdim=True))
             mu = torch.bmm(x, z)
             mu = mu / (EM_EPS + mu.norm(dim=1, keepdim=True))
-        out = x + beta * torch.bmm(mu, z.transpose(1, 2))
-        out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-30)  # padded rows stay 0
+        out = x.baddbmm_(mu, z.transpose(1, 2), alpha=beta)  # x + beta · mu zᵀ, in place
+        out.div_(out.norm(dim=-1, keepdim=True).clamp_min(1e-30))  # padded rows stay 0
         vid = out[:, : bt * bv].reshape(gt * gv, bt, bv, d)
         txt = out[:, bt * bv :]
         scores = torch.einsum("gad,gabd->gab", txt, vid).view(gt, gv, bt, bv).permute(0, 2, 1, 3).reshape(gt * bt, gv * bv)

@@ -1,4 +1,4 @@
-"""X-Pool and T-MASS evaluation scorers: our exact blocked scorers vs the one-shot reference math.
+"""X-Pool, T-MASS and EMCL evaluation scorers: our exact blocked scorers vs the one-shot reference math.
 
 Both methods pool the frames of every video conditioned on every text, so the one-shot reference math
 materialises [n_text, n_video, D] tensors (the reference code does the same on CPU, perf anchor a/b):
@@ -7,6 +7,10 @@ materialises [n_text, n_video, D] tensors (the reference code does the same on C
   Gram matrices, T-MASS trials as batched matmuls; text chunks);
 * `one_shot`: `xpool_similarity_reference` / `tmass_similarity_reference`, every pooled vector (and for
   T-MASS every radius and sample) in memory at once.
+
+EMCL (`bench_emcl`): its reference grouping through the evaluator (`blocked_similarity` with the 32 x 32 blocks
+of `eval_block_sizes`) vs `emcl_block_grid_scores` (every block batched at once), and its pairwise grouping
+(blocked under the budget) vs all pairs batched at once, at a size where that one-shot fits in memory.
 
 Each variant runs in a fresh process (spawn) so its peak resident memory (the VmHWM high-water mark of
 `tvr_bench.perf.memory`, reset after the inputs are built; tracemalloc does not see torch's allocator)
@@ -157,6 +161,104 @@ def bench_tmass(
     `fast_repeats` times the (cheap) fast scorer more often than the minutes-long one-shot math: its median
     is then less exposed to a moment of load on a shared machine."""
     return _bench("tmass", n, n_text, n_video, frames, d, heads, trials, repeats, budget_mb, seed, threads, variants, fast_repeats)
+
+
+# ------------------------------------------------------------------------------------------------ EMCL
+class EMCLScorer:
+    """EMCL's scorer as the evaluator sees it (the module's `similarity` / `eval_block_sizes` / `pair_cost_bytes`)
+    on given features, without a backbone."""
+
+    def __init__(self, bases: Tensor, grouping: str, block: int = 32, budget_mb: float = 512.0) -> None:
+        self.bases, self.grouping, self.block, self.budget = bases, grouping, block, int(budget_mb * 2**20)
+
+    def eval_block_sizes(self) -> tuple[int, int] | None:
+        """(block, block) for the reference grouping, None for pairwise scores."""
+        return (self.block, self.block) if self.grouping == "reference" else None
+
+    def similarity(self, text: dict[str, Tensor], video: dict[str, Tensor]) -> Tensor:
+        """EM over the given block (reference) or over every pair alone (pair)."""
+        from tvr_bench.functional.emcl import emcl_block_scores, emcl_pair_scores
+
+        t, f, m = text["embeds"], video["frames"], video["frame_mask"]
+        if self.grouping == "reference":
+            return emcl_block_scores(t, f, m, self.bases)[0]
+        return emcl_pair_scores(t, f, m, self.bases, max_bytes=self.budget)
+
+    def pair_cost_bytes(self, text: dict[str, Tensor], video: dict[str, Tensor]) -> int:
+        """Bytes per pair of the pairwise EM."""
+        from tvr_bench.functional.emcl import pair_bytes
+
+        return pair_bytes(video["frames"].shape[2], self.bases.shape[-1], video["frames"].shape[1])
+
+
+def run_emcl_variant(variant: str, n: int, frames: int, d: int, bases: int, repeats: int, budget_mb: float, seed: int,
+                     threads: int | None) -> dict[str, Any]:  # fmt: skip
+    """Time one EMCL scorer (1 warm-up + `repeats` runs) at n x n in this process: `blocked` / `one_shot` = the
+    reference's 32 x 32 grouping through the evaluator / every block batched at once; `pair_blocked` /
+    `pair_one_shot` = EM on each pair alone through the evaluator / all pairs batched at once."""
+    from tvr_bench.callbacks.evaluator import blocked_similarity
+    from tvr_bench.functional.emcl import REFERENCE_BLOCK, em_pairs, emcl_block_grid_scores, init_bases, pool_videos
+
+    if threads:
+        torch.set_num_threads(threads)
+    x = make_inputs(n, n, frames, d, 1, 1, seed)
+    mask = torch.ones(n, frames, dtype=torch.bool)
+    c = init_bases(bases, torch.Generator().manual_seed(seed))
+    text, video = {"embeds": x["text"], "index": torch.arange(n)}, {"frames": x["frames"], "frame_mask": mask, "index": torch.arange(n)}
+
+    def pair_one_shot() -> Tensor:
+        pooled = pool_videos(x["text"], x["frames"], mask)
+        return em_pairs(pooled.reshape(n * n, d), x["text"][:, None].expand(n, n, d).reshape(-1, d), c).view(n, n)
+
+    fns = {
+        "blocked": lambda: blocked_similarity(EMCLScorer(c, "reference"), text, video, budget_mb),
+        "one_shot": lambda: emcl_block_grid_scores(x["text"], x["frames"], mask, c, (REFERENCE_BLOCK, REFERENCE_BLOCK)),
+        "pair_blocked": lambda: blocked_similarity(EMCLScorer(c, "pair", budget_mb=budget_mb), text, video, budget_mb),
+        "pair_one_shot": pair_one_shot,
+    }
+    fn = fns[variant]
+    base = reset_peak_rss()
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            sim = fn()
+            if i:
+                times.append(time.perf_counter() - start)
+    peak = _peak_rss_bytes()
+    return {"seconds": statistics.median(times), "seconds_all": [round(t, 3) for t in times], "peak_rss_mib": peak / 2**20,
+            "peak_extra_mib": max(0, peak - base) / 2**20, "threads": torch.get_num_threads(), "sim": sim}  # fmt: skip
+
+
+def bench_emcl(
+    n: int = 1000, pair_n: int = 64, d: int = 512, frames: int = 12, bases: int = 32, repeats: int = 1,
+    budget_mb: float = 512.0, seed: int = 0, threads: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """EMCL's evaluation scorers vs their one-shot math, each variant in a fresh process: the reference grouping
+    (32 x 32 blocks through the evaluator vs all blocks batched, [n, n, D] twice in memory) at n x n, and the
+    pairwise grouping (blocked under `budget_mb` vs all pairs batched: [pairs, D, K] temporaries) at pair_n x pair_n,
+    where the one-shot still fits in memory (at n = 1000 it would need 3 x 64 GiB)."""
+    out: dict[str, Any] = {
+        "method": "emcl", "n_text": n, "n_video": n, "pair_n": pair_n, "frames": frames, "d": d, "bases": bases,
+        "budget_mb": budget_mb, "repeats": repeats,
+        "note": "median of `repeats` after 1 warm-up; each variant in its own process; peak_extra_mib = RSS growth over "
+                "the inputs. blocked/one_shot: reference grouping at n x n; pair_blocked/pair_one_shot: pairwise at pair_n x pair_n",
+    }  # fmt: skip
+    sims: dict[str, Tensor] = {}
+    for variant in ("blocked", "one_shot", "pair_blocked", "pair_one_shot"):
+        size = pair_n if variant.startswith("pair") else n
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as ex:
+            res = ex.submit(run_emcl_variant, variant, size, frames, d, bases, repeats, budget_mb, seed, threads).result()
+        sims[variant] = res.pop("sim")
+        out[variant] = res
+    out["max_abs_diff"] = float((sims["blocked"] - sims["one_shot"]).abs().max())
+    out["speedup_blocked_vs_one_shot"] = out["one_shot"]["seconds"] / out["blocked"]["seconds"]
+    out["memory_ratio_blocked_vs_one_shot"] = out["blocked"]["peak_extra_mib"] / max(1e-9, out["one_shot"]["peak_extra_mib"])
+    out["pair_max_abs_diff"] = float((sims["pair_blocked"] - sims["pair_one_shot"]).abs().max())
+    out["pair_speedup_blocked_vs_one_shot"] = out["pair_one_shot"]["seconds"] / out["pair_blocked"]["seconds"]
+    out["pair_memory_ratio"] = out["pair_blocked"]["peak_extra_mib"] / max(1e-9, out["pair_one_shot"]["peak_extra_mib"])
+    out["pair_seconds_per_million_pairs"] = out["pair_blocked"]["seconds"] / (pair_n * pair_n) * 1e6
+    return out
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Sections (all in one run, on one machine; see docs/scaling.md for the figures an
 * **eval**: for every method's scorer at N x N (default 1000; D 512, 12 frames, 32 words for DRL, M 20 for
   T-MASS), time and peak memory of the blocked scorer vs the one-shot scorer of the same math, and the
   max |difference|; each scorer runs in its own fresh process (peak RSS growth over its inputs).
-  X-Pool / T-MASS come from `tvr_bench.perf.eval_scorers`, DRL from `tvr_bench.perf.drl_scorer`, TS2-Net from `tvr_bench.perf.ts2net_scorer`.
+  X-Pool / T-MASS / EMCL come from `tvr_bench.perf.eval_scorers`, DRL from `tvr_bench.perf.drl_scorer`, TS2-Net from `tvr_bench.perf.ts2net_scorer`.
 * **metrics**: `tvr_bench.metrics.retrieval_metrics` vs torchmetrics' retrieval metrics on one matrix.
 * **train**: steps/s of the Lightning module (Trainer.fit) vs a plain PyTorch loop over the same model
   and the same in-memory batches, interleaved step by step (median of the paired step-time ratios).
@@ -434,6 +434,10 @@ def _eval_summary(name: str, raw: dict[str, Any], blocked_key: str, blocking_app
         out["blocked_in_products"] = raw.get("fast_in_products")
         out["speedup_in_own_products"] = raw.get("speedup_in_own_products")
         out["targets_met"]["fast_vs_one_shot"] = speed >= TARGETS["eval_fast_vs_one_shot"]
+    if name == "emcl":  # the pairwise grouping at pair_n x pair_n (its one-shot does not fit at n x n)
+        out.update({k: raw.get(k) for k in ("pair_n", "pair_max_abs_diff", "pair_speedup_blocked_vs_one_shot", "pair_memory_ratio",
+                                            "pair_seconds_per_million_pairs")})  # fmt: skip
+        out["targets_met"]["pair_equal"] = raw["pair_max_abs_diff"] <= TARGETS["eval_max_abs_diff"]
     if name == "drl":
         out["work_macs"] = raw.get("work_macs")
         out["work_floor_seconds"] = raw.get("work_floor_seconds")
@@ -469,6 +473,10 @@ def bench_eval(sizes: PerfSizes, methods: list[str]) -> dict[str, Any]:
             from tvr_bench.perf.ts2net_scorer import bench_ts2net
 
             raw, key = bench_ts2net(n=n, frames=12, d=512, repeats=max(reps, 1)), "blocked"
+        elif name == "emcl":
+            from tvr_bench.perf.eval_scorers import bench_emcl
+
+            raw, key = bench_emcl(n=n, d=512, frames=12, repeats=1), "blocked"
         elif name == "drl":
             from tvr_bench.perf.drl_scorer import bench_drl
 
@@ -488,7 +496,8 @@ def bench_eval(sizes: PerfSizes, methods: list[str]) -> dict[str, Any]:
                    "512 MiB budget (cache-sized steps) vs the reference math materialising [N, N, D]; drl: length-sorted blocked WTI "
                    "in cache-sized 2 MiB chunks (WTI_CHUNK_BYTES, chosen from the work) under the module's 1 GiB default budget "
                    "vs one [N, L, N, F] tensor and vs the reference's 32 x 32 loop; ts2net: the module's scorer through the "
-                   "evaluator (cache-sized chunks) vs [N, N, F] at once (tvr_bench/perf/ts2net_scorer.py). peak = RSS growth over the inputs, each "
+                   "evaluator (cache-sized chunks) vs [N, N, F] at once (tvr_bench/perf/ts2net_scorer.py); emcl: its reference "
+                   "32 x 32 blocks through the evaluator vs every block batched ([N, N, D] twice). peak = RSS growth over the inputs, each "
                    "variant in a fresh process. product_seconds: one [1000, 512] x [512, 12000] float32 product, timed in "
                    "every scorer process before and after its scorer (median).")
     products = [r["product_seconds"] for r in out["raw"].values() if r.get("product_seconds")]
@@ -791,6 +800,13 @@ def render_markdown(result: dict[str, Any]) -> str:
                           f"{_fmt(drl['reference_loop']['seconds'], 2)} s = "
                           f"{_fmt(drl['reference_loop']['seconds'] / drl['blocked']['seconds'], 1)}× the blocked scorer"
                           f"{' (estimated from its first ' + str(drl['reference_loop']['rows_run']) + ' texts)' if drl['reference_loop'].get('rows_run') else ''}."]  # fmt: skip
+        em = e["summary"].get("emcl")
+        if em:
+            lines += ["", f"EMCL: the row is its reference grouping (EM over each 32 × 32 block, through the evaluator, vs every block "
+                          f"batched at once). Pairwise grouping (EM on each pair alone) at {em['pair_n']} × {em['pair_n']}: "
+                          f"{_fmt(em['pair_speedup_blocked_vs_one_shot'])}× the all-pairs one-shot at {_fmt(em['pair_memory_ratio'], 3)} of its "
+                          f"memory, max |diff| {em['pair_max_abs_diff']:.1e} ({_mark(em['targets_met']['pair_equal'])}); "
+                          f"{_fmt(em['pair_seconds_per_million_pairs'], 1)} s per million pairs."]  # fmt: skip
         lines += ["", "CLIP4Clip (meanP, seqTransf) and MASCOT score by one cosine per pair: blocking changes nothing "
                       "there (the [N, N] matrix is the whole cost); the memory and speed targets apply to X-Pool, T-MASS, DRL, TS2-Net.", ""]  # fmt: skip
         lines += _floor_lines(e)
@@ -851,7 +867,7 @@ def _bench_precision(result: dict[str, Any], quick: bool) -> dict[str, Any]:
     return bench_precision(quick, per_core, source)
 
 
-EVAL_METHODS = ("clip4clip", "mascot", "xpool", "tmass", "drl", "ts2net")
+EVAL_METHODS = ("clip4clip", "mascot", "xpool", "tmass", "drl", "ts2net", "emcl")
 
 
 def perf_main(argv: list[str]) -> int:
