@@ -207,14 +207,19 @@ def test_ddp_two_processes_equal_one_process(recipe: str, odd_root: Path, quiet_
     assert two["metrics"] == one["metrics"], f"{recipe}: 1 process {one['metrics']} != 2 processes {two['metrics']}"
     # the method's other scoring (every SCORING_OPTIONS key at its last listed value: the references' scorings,
     # including block-mixing ones whose evaluator gives each rank whole blocks)
+    # (`test --ckpt_path` takes the model's init args from the checkpoint, so they go into a copy of it)
     options = {k: v[-1] for k, v in getattr(method_class(recipe), "SCORING_OPTIONS", {}).items() if len(v) > 1}
     if options:
-        extra = [a for k, v in options.items() for a in (f"--model.init_args.{k}", str(v))]
-        one = cli_test_result(recipe, odd_root, quiet_config, ckpt, tmp_path / "one-alt", *extra,
+        payload = torch.load(ckpt, weights_only=True)
+        payload["hyper_parameters"].update(options)
+        alt = tmp_path / f"{recipe}-alt.ckpt"
+        torch.save(payload, alt)
+        one = cli_test_result(recipe, odd_root, quiet_config, alt, tmp_path / "one-alt",
                               "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--data.init_args.num_workers", "1")
-        two = cli_test_result(recipe, odd_root, quiet_config, ckpt, tmp_path / "two-alt", *extra,
+        two = cli_test_result(recipe, odd_root, quiet_config, alt, tmp_path / "two-alt",
                               "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
                               "--data.init_args.num_workers", "2")
+        assert {k: one["protocol"].get(k, v) for k, v in options.items()} == options  # the options did apply
         diff = float((one["scores"]["sim"] - two["scores"]["sim"]).abs().max())
         assert diff <= 1e-5, f"{recipe} {options}: score matrices differ by up to {diff:.2e}"
         assert two["metrics"] == one["metrics"], f"{recipe} {options}: 1 process {one['metrics']} != 2 processes {two['metrics']}"

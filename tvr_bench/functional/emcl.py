@@ -125,10 +125,16 @@ def em_pairs(video: Tensor, text: Tensor, bases: Tensor, steps: int = EM_STEPS, 
         p, t = video.float(), text.float()
         c = bases.to(p).reshape(1, 1, -1)
         mu_p = mu_t = c.expand(p.shape[0], 1, -1)  # [P, 1, K]: both rows start at the running bases
-        for _ in range(steps):
-            logits = p[:, :, None] * mu_p + t[:, :, None] * mu_t  # [P, D, K] = Xᵀ mu
-            z = torch.softmax(logits / lamd, dim=2)
-            z = z / (EM_EPS + z.sum(dim=1, keepdim=True))
+        for i in range(steps):
+            if i == 0:  # both rows of mu equal the running bases: Xᵀ mu = (p + t) cᵀ
+                logits = (p + t)[:, :, None] * c
+            else:
+                logits = torch.addcmul(p[:, :, None] * mu_p, t[:, :, None], mu_t)  # [P, D, K] = Xᵀ mu
+            if lamd != 1.0:  # x / 1 is x: skipping it changes no bit
+                logits.div_(lamd)
+            z = torch.softmax(logits, dim=2)
+            del logits
+            z.div_(EM_EPS + z.sum(dim=1, keepdim=True))
             mu_p = torch.bmm(p[:, None, :], z)  # [P, 1, K]
             mu_t = torch.bmm(t[:, None, :], z)
             norm = EM_EPS + torch.sqrt(mu_p * mu_p + mu_t * mu_t)
