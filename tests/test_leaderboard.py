@@ -234,8 +234,8 @@ def test_writer_records_a_self_describing_result(tmp_path):
     assert "| ★ | toymethod | toyset | tiny | 4 | 8 | sel=last, opt=adamw | 12 videos | this run | 3 | 40.0 |" in md
     assert result["protocol"] == {
         "test_split": "test", "test_videos": 12, "protocol_videos": None, "complete": True, "test_set": "",
-        "profile": "default", "selection": "last", "pairing": None, "eps_mode": None, "features": "end-to-end",
-        "optimizer": "adamw", "variant": ""}
+        "profile": "default", "selection": "last", "pairing": None, "eps_mode": None, "grouping": None,
+        "eval_blocks": None, "features": "end-to-end", "optimizer": "adamw", "variant": ""}
     assert "## With dual softmax at inference (DSL)" in md
     assert (runs / "leaderboard.csv").is_file() and (runs / "leaderboard.png").is_file()
 
