@@ -831,3 +831,33 @@ def test_fuzzed_shards_give_samples_or_a_shard_error(tiny_root: Path, tmp_path: 
             assert str(shard) in case["message"], case
     kinds = {(c["kind"], c["result"]) for c in outcomes}
     assert {("truncate", "ShardError"), ("flip", "ShardError"), ("flip", "ok"), ("burst", "ShardError")} <= kinds
+
+
+# ------------------------------------------------------------------------- rescoring a checkpoint
+def test_command_line_model_args_names_only_model_init_args() -> None:
+    """The model arguments a command line sets, in both flag forms; other flags and nested keys are not."""
+    from tvr_bench.cli import command_line_model_args
+
+    argv = ["test", "--config", "x.yaml", "--model.init_args.pairing", "reference", "--model.eps_mode=pair",
+            "--model.init_args.a.b", "1", "--model.class_path", "X", "--data.init_args.root", "r", "--ckpt_path", "c"]
+    assert command_line_model_args(argv) == ["pairing", "eps_mode"]
+
+
+@pytest.mark.slow
+def test_test_with_ckpt_path_keeps_the_scoring_option_given_on_the_command_line(
+    tiny_root: Path, cli_env: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`tvr-bench test --ckpt_path X --model.init_args.pairing reference` scores with the reference pairing
+    (Lightning alone would put back the checkpoint's `query`); without the flag the checkpoint's value holds."""
+    configs = ["recipes/base.yaml", "recipes/methods/tmass.yaml", "recipes/data/synthetic.yaml"]
+    tiny = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--model.init_args.trials", "2"]
+    code, _, err = _run_cli(["fit", *_synthetic_cli(tiny_root, cli_env, *tiny, configs=configs)], capsys)
+    assert code == 0, err[-2000:]
+    (ckpt,) = sorted((cli_env / "run").rglob("*.ckpt"))
+    for extra, pairing in (([], "query"), (["--model.init_args.pairing", "reference"], "reference")):
+        argv = ["test", *_synthetic_cli(tiny_root, cli_env, "--ckpt_path", str(ckpt), *extra, configs=configs)]
+        code, _, err = _run_cli(argv, capsys)
+        assert code == 0, err[-2000:]
+        (result,) = [json.loads(p.read_text()) for p in (cli_env / "runs" / "results").glob("tmass*.json")
+                     if json.loads(p.read_text())["protocol"].get("pairing") == pairing]
+        assert result["hparams"]["pairing"] == pairing and result["hparams"]["trials"] == 2

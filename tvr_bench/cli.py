@@ -104,6 +104,19 @@ def fill_data_protocol(init: Any, data_cls: type | None, model_cls: type | None)
     return filled
 
 
+def command_line_model_args(argv: list[str]) -> list[str]:
+    """Model init-arg names set by `--model.init_args.NAME` (or `--model.NAME`) flags in `argv`."""
+    names = []
+    for token in argv:
+        if not token.startswith("--model."):
+            continue
+        key = token[len("--model."):].split("=", 1)[0]
+        key = key[len("init_args."):] if key.startswith("init_args.") else key
+        if key and "." not in key and key not in ("class_path", "init_args", "help"):
+            names.append(key)
+    return names
+
+
 def _is_local(root: str) -> bool:
     """Whether a shard root is a local directory path (not an URL or a ``pipe:`` command)."""
     return "://" not in root and not root.startswith("pipe:")
@@ -175,6 +188,27 @@ class TVRBenchCLI(LightningCLI):
         """Force the shared RetrievalEvaluator (`evaluator:`) and LeaderboardWriter (`leaderboard:`) callbacks."""
         parser.add_lightning_class_args(RetrievalEvaluator, "evaluator")
         parser.add_lightning_class_args(LeaderboardWriter, "leaderboard")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, remembering the model arguments given on the command line (`_parse_ckpt_path` keeps them)."""
+        argv = list(sys.argv[1:] if args is None else args) if args is None or isinstance(args, (list, tuple)) else []
+        self.command_line_model_args = command_line_model_args(argv)
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """With `--ckpt_path`, Lightning replaces the model's init args by the checkpoint's hyper-parameters,
+        command-line flags included. Keep that for the recipes' values, but give back the model arguments
+        written on the command line: `tvr-bench test --ckpt_path X --model.init_args.pairing reference`
+        rescores a checkpoint with another scoring option instead of silently using the saved one."""
+        subcommand = self.config.get("subcommand")
+        model = self.config.get(subcommand, {}).get("model") if subcommand else None
+        init = getattr(model, "init_args", None)
+        given = {k: init.get(k) for k in getattr(self, "command_line_model_args", ()) if init is not None and k in init}
+        super()._parse_ckpt_path()
+        if given:
+            after = self.config[subcommand]["model"]["init_args"]
+            for key, value in given.items():
+                after[key] = value
 
     def before_instantiate_classes(self) -> None:
         """Fill the data protocol the method asks for (frame sampling, training stream, augmentation) where
