@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 
+from tvr_bench.data.offsets import SampleReader, SplitOffsets, cache_remote_split, default_cache_dir, load_offsets
+from tvr_bench.data.order import LAST_BATCH, batch_sizes
 from tvr_bench.data.streams import (
     TRAIN_STREAMS,
     SlotPlan,
     SplitShards,
     StreamLoader,
     StreamState,
+    TrainOrderSource,
     eval_batches_on_rank,
     eval_pipeline,
+    is_remote,
     load_split,
     make_loader,
-    train_pipeline,
 )
 from tvr_bench.data.transforms import AUGMENTS, normalize_batch
 
@@ -29,23 +34,29 @@ class RetrievalDataModule(L.LightningDataModule):
     also be an ``http(s)://`` / ``gs://`` URL prefix or a ``pipe:`` command with ``{}`` for the relative path
     (object storage, streamed by WebDataset; see docs/scaling.md).
 
-    Training yields shuffled (frames, one caption) batches of distinct videos, the same number on every
-    rank: ``train_stream: pairs`` uses every (video, caption) pair once per epoch (epoch = pairs / batch;
-    CLIP4Clip / DRL / X-Pool / T-MASS code), ``videos`` every video once with one random caption per visit
-    (epoch = videos / batch). ``augment: clip_train`` adds X-Pool's random resized crop + flip (the same
-    for every frame of a clip); eval always centre-crops. val/test yield every video once with all its
-    captions, exactly once across ranks and workers.
+    Training yields (frames, one caption) batches of distinct videos in one global order per epoch (a uniform
+    random permutation seeded by ``seed`` and the epoch; :mod:`tvr_bench.data.order`), each global batch
+    (``batch_size`` x processes) split across the ranks, so any number of processes and workers trains on the
+    same batches: ``train_stream: pairs`` uses every (video, caption) pair once per epoch (CLIP4Clip / DRL /
+    X-Pool / T-MASS code), ``videos`` every video once with one random caption per visit. ``last_batch``
+    drops (``drop``, the default) or keeps (``keep``) the incomplete last global batch of an epoch, as the
+    method's reference does (the CLI fills it from the method's ``DATA_PROTOCOL``). ``augment: clip_train``
+    adds X-Pool's random resized crop + flip (the same for every frame of a clip, seeded per sample); eval
+    always centre-crops. val/test yield every video once with all its captions, exactly once across ranks
+    and workers.
 
     Frames leave the loaders as uint8 ``[B, F, 3, S, S]``; :meth:`on_after_batch_transfer` normalises them
     on the device (CLIP mean/std, padded frames zero); code iterating the loaders without a Trainer calls
     :func:`tvr_bench.data.transforms.normalize_batch`.
 
     ``train_captions`` is the deprecated name of ``train_stream`` (``random`` = ``videos``, ``all`` =
-    ``pairs``), read only when ``train_stream`` is unset; both unset: ``videos``. ``shuffle_buffer`` is
-    the number of undecoded videos each worker's pool holds, ``shuffle_buffer_mb`` the JPEG bytes the
-    pools of one rank may hold together (split over its workers; always room for one batch).
-    ``persistent_workers`` keeps the val/test workers alive between evaluations (the training stream's
-    workers restart each epoch, as its shuffles derive from the epoch).
+    ``pairs``), read only when ``train_stream`` is unset; both unset: ``videos``. Training reads samples by
+    their byte offsets (``{split}/offsets.json``, written by ``prepare``, built on first use for older shards);
+    a remote ``root`` is copied once into ``cache_dir`` (default ``$TVR_BENCH_CACHE`` or
+    ``~/.cache/tvr-bench/shards``) for training. ``shuffle_buffer`` and ``shuffle_buffer_mb`` are deprecated
+    and ignored (the former pools of undecoded videos are gone). ``prefetch_factor`` is the DataLoader's
+    batches in flight per worker. ``persistent_workers`` keeps the val/test workers alive between
+    evaluations (the training workers restart each epoch, as the order derives from the epoch).
     """
 
     def __init__(
@@ -61,6 +72,7 @@ class RetrievalDataModule(L.LightningDataModule):
         train_stream: Literal["pairs", "videos"] | None = None,
         augment: Literal["none", "clip_train"] | None = None,
         train_captions: Literal["random", "all"] | None = None,
+        last_batch: Literal["drop", "keep"] | None = None,
         train_split: str = "train",
         val_split: str | None = "val",
         test_split: str = "test",
@@ -69,6 +81,8 @@ class RetrievalDataModule(L.LightningDataModule):
         shuffle_buffer_mb: float = 1024.0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        cache_dir: str | None = None,
+        prefetch_factor: int = 2,
     ) -> None:
         """Configure the streams; nothing is read until setup or a dataloader is asked for."""
         super().__init__()
@@ -85,12 +99,19 @@ class RetrievalDataModule(L.LightningDataModule):
             raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
         if num_frames < 1 or image_size < 1 or batch_size < 1 or eval_batch_size < 1:
             raise ValueError("num_frames, image_size, batch_size and eval_batch_size must be positive")
-        if shuffle_buffer < 1 or shuffle_buffer_mb <= 0:
-            raise ValueError(f"shuffle_buffer and shuffle_buffer_mb must be positive, got {shuffle_buffer}, {shuffle_buffer_mb}")
+        last_batch = last_batch or "drop"  # type: ignore[assignment]
+        if last_batch not in LAST_BATCH:
+            raise ValueError(f"last_batch must be one of {', '.join(LAST_BATCH)}, got {last_batch!r}")
+        if prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor must be positive, got {prefetch_factor}")
+        if (shuffle_buffer, shuffle_buffer_mb) != (1000, 1024.0):
+            warnings.warn("shuffle_buffer and shuffle_buffer_mb are deprecated and ignored: the training order is one "
+                          "global permutation read by offset, with no pool of undecoded videos", stacklevel=2)  # fmt: skip
         self.save_hyperparameters()
-        self.hparams.update(train_stream=train_stream, augment=augment)
+        self.hparams.update(train_stream=train_stream, augment=augment, last_batch=last_batch)
         self.train_stream: str = train_stream
         self.augment: str = augment
+        self.last_batch: str = last_batch
         self.root = root
         self.dataset = dataset
         self.num_frames = num_frames
@@ -108,7 +129,10 @@ class RetrievalDataModule(L.LightningDataModule):
         self.shuffle_buffer_mb = shuffle_buffer_mb
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
+        self.cache_dir = cache_dir
+        self.prefetch_factor = prefetch_factor
         self._splits: dict[str, SplitShards] = {}
+        self._offsets: dict[str, SplitOffsets] = {}
         self._train_loader: StreamLoader | None = None
         self._train_resume: dict[str, int] | None = None
 
@@ -171,44 +195,63 @@ class RetrievalDataModule(L.LightningDataModule):
         return None if self.trainer is None else int(self.trainer.current_epoch)
 
     def train_batches_per_epoch(self) -> int:
-        """Batches every rank yields per training epoch: pairs / (world_size * batch_size), at least 1."""
+        """Global batches (= batches every rank yields) per training epoch: pairs (or videos) over the global batch
+        ``batch_size x world_size``, plus the incomplete last one with ``last_batch: keep``."""
         shards = self.split_shards(self.train_split)
         expand = self.train_stream == "pairs" and self.caption_mode == "each"
-        pairs = shards.num_captions if expand else shards.num_samples
+        units = shards.num_captions if expand else shards.num_samples
         _, world = self._dist()
-        return max(1, pairs // (world * self.batch_size))
+        batches = len(batch_sizes(units, self.batch_size * world, world, self.last_batch))
+        if batches == 0:
+            what = "pairs" if expand else "videos"
+            raise ValueError(f"the {self.train_split!r} split of {self.root} has {units} {what}, fewer than one global batch "
+                             f"of {self.batch_size} x {world} process(es): lower batch_size")  # fmt: skip
+        return batches
 
-    def pool_bytes_per_worker(self) -> int:
-        """JPEG bytes one worker's training pool may hold: ``shuffle_buffer_mb`` of the rank over its workers."""
-        return int(self.shuffle_buffer_mb * 2**20 / max(1, self.num_workers))
+    def split_offsets(self, split: str) -> SplitOffsets:
+        """Byte offsets of every sample of ``split`` (``offsets.json``; built on first use for shards prepared before
+        it existed). A remote root's split is first copied into ``cache_dir`` (sha256 checked)."""
+        if split not in self._offsets:
+            shards = self.split_shards(split)
+            if is_remote(self.root):
+                cache = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+                local = cache_remote_split(shards.urls, shards.index, split, str(self.root), cache)
+                self._offsets[split] = load_offsets(local, shards.index)
+            else:
+                self._offsets[split] = load_offsets(Path(str(shards.directory)), shards.index)
+        return self._offsets[split]
 
     # ----------------------------------------------------------- dataloaders
     def train_dataloader(self) -> StreamLoader:
-        """Endless shuffled stream cut to :meth:`train_batches_per_epoch` batches per epoch."""
+        """This rank's share of every global batch of the epoch's order, :meth:`train_batches_per_epoch` per epoch."""
         rank, world = self._dist()
+        num_batches = self.train_batches_per_epoch()
         state = StreamState()
         plan = SlotPlan(rank=rank, world_size=world, seed=self.seed, state=state)
-        pipeline = train_pipeline(
-            self.split_shards(self.train_split),
+        source = TrainOrderSource(
+            SampleReader(self.split_offsets(self.train_split)),
             plan,
+            batch_size=self.batch_size,
             num_frames=self.num_frames,
             image_size=self.image_size,
-            batch_size=self.batch_size,
             caption_mode=self.caption_mode,
             train_stream=self.train_stream,
             augment=self.augment,
-            pool_videos=self.shuffle_buffer,
-            pool_bytes=self.pool_bytes_per_worker(),
+            last_batch=self.last_batch,
         )
+        assert source.num_batches == num_batches, (source.num_batches, num_batches)
         loader = make_loader(
-            pipeline,
+            source,
             num_workers=self.num_workers,
-            num_batches=self.train_batches_per_epoch(),
+            num_batches=num_batches,
             state=state,
             epoch_fn=self._epoch,
-            endless=True,
+            epoch_seeded=True,
             pin_memory=self.pin_memory,
             warn_short=rank == 0,
+            global_batch=source.global_batch,
+            on_pass=source.order,
+            prefetch_factor=self.prefetch_factor,
         )
         if self._train_resume is not None:
             loader.load_state_dict(self._train_resume)
@@ -264,7 +307,7 @@ class RetrievalDataModule(L.LightningDataModule):
         # stream's workers restart each epoch: they derive their shuffles from it).
         return make_loader(
             pipeline, num_workers=self.num_workers, num_batches=batches, state=state, pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers, warn_short=rank == 0,
+            persistent_workers=self.persistent_workers, warn_short=rank == 0, prefetch_factor=self.prefetch_factor,
         )  # fmt: skip
 
     def val_dataloader(self) -> Any:

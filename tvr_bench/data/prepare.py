@@ -3,7 +3,8 @@
 Input is an iterable of :class:`VideoRecord` (one per video, or several that are merged by id).
 Videos are decoded with PyAV in ``workers`` processes, ``num_frames`` frames are chosen by a sampling
 policy (``tvr_bench.data.frames``), resized to ``short_side`` and stored as JPEG. Videos that are
-missing or cannot be decoded are listed with the reason in ``{out}/manifest.json``.
+missing or cannot be decoded are listed with the reason in ``{out}/manifest.json``. Every split gets
+``index.json`` and ``offsets.json`` (each sample's byte range in its shard: random access for training).
 
 Resume: after every finished shard, ``{out}/prepare_progress.json`` records the shard (file, sha256,
 video ids, failures). ``resume=True`` keeps those shards, skips their videos, deletes anything else
@@ -35,6 +36,7 @@ from rich.progress import (
 )
 
 from tvr_bench.data.frames import POLICIES, sample_indices
+from tvr_bench.data.offsets import OFFSETS_FILE, write_offsets
 from tvr_bench.data.shards import (
     FORMAT_VERSION,
     INDEX_FILE,
@@ -227,7 +229,7 @@ def _load_state(out: Path, config: PrepareConfig, resume: bool, overwrite: bool)
     progress = out / PROGRESS_FILE
     existing = progress.exists() or (out / MANIFEST_FILE).exists() or any(out.glob("*/shard-*.tar"))
     if overwrite:
-        for path in [*out.glob("*/shard-*.tar*"), *out.glob(f"*/{INDEX_FILE}"), out / MANIFEST_FILE, progress]:
+        for path in [*out.glob("*/shard-*.tar*"), *out.glob(f"*/{INDEX_FILE}"), *out.glob(f"*/{OFFSETS_FILE}"), out / MANIFEST_FILE, progress]:
             path.unlink(missing_ok=True)
         return _fresh_state(config)
     if not existing:
@@ -362,19 +364,18 @@ def _write_outputs(out: Path, config: PrepareConfig, state: dict[str, Any], spli
             "num_shards": len(shards),
             "num_failed": len(split_failures),
         }
-        write_json_atomic(
-            out / split / INDEX_FILE,
-            {
-                "format_version": FORMAT_VERSION,
-                "dataset": config.dataset,
-                "split": split,
-                "num_frames": config.num_frames,
-                "sampling": config.sampling,
-                "short_side": config.short_side,
-                **{k: counts[k] for k in ("num_samples", "num_captions", "num_shards")},
-                "shards": shards,
-            },
-        )
+        index = {
+            "format_version": FORMAT_VERSION,
+            "dataset": config.dataset,
+            "split": split,
+            "num_frames": config.num_frames,
+            "sampling": config.sampling,
+            "short_side": config.short_side,
+            **{k: counts[k] for k in ("num_samples", "num_captions", "num_shards")},
+            "shards": shards,
+        }
+        write_json_atomic(out / split / INDEX_FILE, index)
+        write_offsets(out / split, index)  # every sample's byte range: random access for the training order
         summary[split] = counts
         failures.extend(split_failures)
     write_json_atomic(

@@ -1,23 +1,19 @@
-"""WebDataset pipelines over prepared shards: training streams, exact evaluation splits, collation.
+"""Training and evaluation batches over prepared shards: the training order, exact evaluation splits, collation.
 
-Training: in every pass (round) over the split, the samples of the shards, taken in a fresh seeded
-shard order, are cut into one contiguous block per (rank, worker) slot (sizes differ by at most one
-video, like evaluation); each slot reads its block, keeps the undecoded videos in a pool and builds
-every batch from distinct videos of the pool (:func:`_mix`): ``train_stream: pairs`` yields every
-(video, caption) pair of the block once, picked at random among the pool's remaining pairs
-(a video's captions are spread over many batches, never two in one); ``train_stream: videos`` yields
-every video once with one caption drawn per visit. A round ends when its pool is drained (fewer
-videos left than a batch); the next round's videos join the leftover. The loader stops after a fixed
-number of batches, identical on every rank, computed from index.json totals.
+Training (:class:`TrainOrderSource`): every epoch follows one global order (:mod:`tvr_bench.data.order`): a
+uniform random permutation of the (video, caption) pairs seeded by (seed, epoch), arranged into global batches
+of distinct videos. Every rank takes its contiguous share of each global batch and every DataLoader worker
+the batches the DataLoader asks it for in turn, reading each sample by its byte offset
+(:mod:`tvr_bench.data.offsets`); so W processes with any number of workers train on exactly the batches one
+process with the same global batch sees. Augmentation seeds and the caption of a ``videos`` visit are drawn
+per position of the order, not per worker or rank.
 
 Frames travel as uint8 (``[B, F, 3, S, S]``), decoded straight into one batch buffer; the DataModule
 normalises them on the device (``on_after_batch_transfer``, :func:`tvr_bench.data.transforms.normalize_batch`).
 
-Resume: the training loader is stateful (Lightning stores its ``state_dict`` in checkpoints): a run
-resumed mid-epoch skips the batches of that epoch it already trained on, so it sees exactly the batches
-the uninterrupted run would have seen. Whole batches per worker are dropped before decoding; fewer than
-``num_workers`` batches are decoded and discarded. Every random draw (caption, batch, augmentation) is
-made before the skip, from the (seed, epoch, slot) generators.
+Resume: the training loader is stateful (Lightning stores its ``state_dict`` in checkpoints): a run resumed
+mid-epoch starts at the first global batch it had not trained on (no batch is read or decoded to get
+there), on any number of ranks with the same global batch.
 
 Evaluation: the samples of a split, in shard order, are cut into ``world_size * num_workers``
 contiguous blocks (sizes differ by at most one); a slot opens only the shards overlapping its block
@@ -28,11 +24,10 @@ all ranks and workers, for any number of shards.
 from __future__ import annotations
 
 import math
-import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -40,6 +35,8 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from tvr_bench.data.frames import stored_frame_plan
+from tvr_bench.data.offsets import SampleReader
+from tvr_bench.data.order import EpochOrder, batch_sizes, epoch_order, rank_slice, worker_batches
 from tvr_bench.data.shards import ShardError, parse_sample, read_index
 from tvr_bench.data.transforms import decode_clip_into
 
@@ -141,14 +138,11 @@ class StreamState:
     url: str | None = None
     last_key: str | None = None
     shard_seq: int = 0
-    skip_batches: int = 0  # training: batches every worker drops (undecoded) at the start of this pass
-    take: tuple[int, int] | None = None  # training: [first, last) sample of the current shard in this slot's block
-    round: int = 0  # training: the pass over the split the current shard belongs to
+    skip_batches: int = 0  # training: the global batch a resumed pass starts at (set by the loader)
 
-    def open_shard(self, url: str, take: tuple[int, int] | None = None, round: int = 0) -> None:
+    def open_shard(self, url: str) -> None:
         """Called by a source when it hands out a shard (the same url may come again later)."""
         self.url, self.last_key = url, None
-        self.take, self.round = take, round
         self.shard_seq += 1
 
 
@@ -161,16 +155,15 @@ class SlotPlan:
     seed: int = 0
     state: StreamState = field(default_factory=StreamState)
 
+    def worker(self) -> tuple[int, int]:
+        """(DataLoader worker, number of workers) of this process; (0, 1) in the main process."""
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
     def slot(self) -> tuple[int, int]:
         """(slot, number of slots) over ranks x workers."""
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, workers = self.worker()
         return self.rank * workers + worker, self.world_size * workers
-
-    def rng(self, purpose: str) -> random.Random:
-        """A generator seeded by (seed, epoch, slot, purpose): reproducible and distinct per slot."""
-        slot, _ = self.slot()
-        return random.Random(f"{self.seed}:{self.state.epoch}:{slot}:{purpose}")
 
 
 def block_range(total: int, slot: int, slots: int) -> tuple[int, int]:
@@ -192,53 +185,6 @@ class EvalShardSource(IterableDataset):
             if start < hi and start + count > lo:
                 self.plan.state.open_shard(url)
                 yield {"url": url}
-
-
-class TrainShardSource(IterableDataset):
-    """Endless shard stream: in round r, the shards in a (seed, epoch, r) order, this slot's contiguous block
-    of their samples (:func:`block_range`); the source notes which samples of each shard belong to it."""
-
-    def __init__(self, shards: SplitShards, plan: SlotPlan) -> None:
-        super().__init__()
-        self.shards, self.plan = shards, plan
-
-    def __iter__(self) -> Iterator[dict[str, str]]:
-        slot, slots = self.plan.slot()
-        n, total = len(self.shards.urls), self.shards.num_samples
-        if total >= slots:
-            lo, hi = block_range(total, slot, slots)
-        else:  # fewer videos than slots: every slot reads one
-            lo, hi = slot % total, slot % total + 1
-        rounds = 0
-        while True:
-            order = random.Random(f"{self.plan.seed}:{self.plan.state.epoch}:shards:{rounds}").sample(range(n), n)
-            start = 0
-            for i in order:
-                count = self.shards.counts[i]
-                first, last = max(lo - start, 0), min(hi - start, count)
-                if first < last:
-                    self.plan.state.open_shard(self.shards.urls[i], take=(first, last), round=rounds)
-                    yield {"url": self.shards.urls[i]}
-                start += count
-            rounds += 1
-
-
-def _take_block(src: Iterable[dict[str, Any]], plan: SlotPlan) -> Iterator[dict[str, Any]]:
-    """Training: keep the samples of the current shard that lie in this slot's block (before any decoding),
-    tagged with their round."""
-    state = plan.state
-    seq, i = None, 0
-    for sample in src:
-        if state.shard_seq != seq:
-            seq, i = state.shard_seq, 0
-        first, last = state.take or (0, 1 << 62)
-        i += 1
-        if first <= i - 1 < last:
-            sample["__round__"] = state.round
-            yield sample
-
-
-take_block = wds.pipelinefilter(_take_block)
 
 
 def _guard(src: Iterable[dict[str, Any]], plan: SlotPlan, expected: dict[str, int]) -> Iterator[dict[str, Any]]:
@@ -308,108 +254,19 @@ select_block = wds.pipelinefilter(_select_block)
 def _parse(src: Iterable[dict[str, Any]], caption_mode: str) -> Iterator[dict[str, Any]]:
     """Validate raw samples and keep key, shard, captions and the JPEG bytes."""
     for sample in src:
-        round_ = sample.pop("__round__", 0)  # training: set by take_block, not a shard member
-        meta, frames = parse_sample(sample)
-        captions = list(meta["captions"])
-        if caption_mode == "paragraph":
-            captions = [" ".join(captions)]
-        yield {"key": sample["__key__"], "url": sample["__url__"], "captions": captions, "jpegs": frames,
-               "round": round_}
+        yield _parsed(sample, caption_mode)
+
+
+def _parsed(sample: dict[str, Any], caption_mode: str) -> dict[str, Any]:
+    """One validated raw sample: key, shard, captions (joined into one in ``paragraph`` mode) and JPEG bytes."""
+    meta, frames = parse_sample(sample)
+    captions = list(meta["captions"])
+    if caption_mode == "paragraph":
+        captions = [" ".join(captions)]
+    return {"key": sample["__key__"], "url": sample["__url__"], "captions": captions, "jpegs": frames}
 
 
 parse = wds.pipelinefilter(_parse)
-
-
-def _mix(
-    src: Iterable[dict[str, Any]],
-    plan: SlotPlan,
-    stream: str,
-    batch_size: int,
-    pool_videos: int,
-    pool_bytes: int,
-    augment: bool,
-) -> Iterator[dict[str, Any]]:
-    """Training items, ``batch_size`` consecutive items = one batch of distinct videos.
-
-    Undecoded videos wait in a pool of at most ``pool_videos`` videos and ``pool_bytes`` JPEG bytes (but
-    always room for one batch). ``pairs``: a video enters with all its captions in a random order; a batch
-    takes ``batch_size`` distinct videos of the pool with probability proportional to their remaining
-    captions (the pool's pairs drawn at random, no video twice) and one caption of each; a video leaves
-    when its captions are used up. ``videos``: one random caption per video and visit. Videos of the next
-    round wait until this round's pool has fewer videos than a batch, so a round's pairs are all used.
-    Augmentation seeds are drawn here, before resume skips, so a resumed run crops the same way.
-    """
-    rng = plan.rng("mix")
-    choice = np.random.default_rng(rng.getrandbits(64))
-    cap = max(batch_size, pool_videos)
-    pool: list[tuple[dict[str, Any], list[str], int]] = []
-    held, pending, current = 0, None, None
-    exhausted = False
-    it = iter(src)
-
-    def enter(item: dict[str, Any]) -> None:
-        nonlocal held
-        captions = list(item["captions"])
-        if stream == "videos":
-            captions = [captions[rng.randrange(len(captions))]]
-        else:
-            rng.shuffle(captions)
-        size = sum(len(j) for j in item["jpegs"])
-        pool.append((item, captions, size))
-        held += size
-
-    while True:
-        while not exhausted and pending is None and len(pool) < cap and (held < pool_bytes or len(pool) < batch_size):
-            try:
-                item = next(it)
-            except StopIteration:
-                exhausted = True
-                break
-            if current is None:
-                current = item["round"]
-            if item["round"] != current:
-                pending = item
-                break
-            enter(item)
-        if len(pool) < batch_size and pending is not None:
-            current, item, pending = pending["round"], pending, None  # the round is drained: the next one joins
-            enter(item)
-            continue
-        if len(pool) < batch_size:  # a finite source ran dry: hand out the rest (the batcher drops a partial batch)
-            for item, captions, _ in pool:
-                for caption in captions:
-                    yield {"key": item["key"], "url": item["url"], "jpegs": item["jpegs"], "caption": caption, "aug": None}
-            return
-        weights = np.fromiter((len(c) for _, c, _ in pool), dtype=np.float64, count=len(pool))
-        picked = choice.choice(len(pool), size=batch_size, replace=False, p=weights / weights.sum())
-        for j in picked.tolist():
-            item, captions, _ = pool[j]
-            yield {
-                "key": item["key"],
-                "url": item["url"],
-                "jpegs": item["jpegs"],
-                "caption": captions.pop(),
-                "aug": rng.getrandbits(63) if augment else None,
-            }
-        if any(not c for _, c, _ in pool):
-            held -= sum(size for _, c, size in pool if not c)
-            pool = [entry for entry in pool if entry[1]]
-
-
-mix = wds.pipelinefilter(_mix)
-
-
-def _skip_batches(src: Iterable[dict[str, Any]], plan: SlotPlan, batch_size: int) -> Iterator[dict[str, Any]]:
-    """Resume: drop the items of this worker's first ``state.skip_batches`` batches before decoding."""
-    todo = plan.state.skip_batches * batch_size
-    for item in src:
-        if todo > 0:
-            todo -= 1
-            continue
-        yield item
-
-
-skip_batches = wds.pipelinefilter(_skip_batches)
 
 
 def decode_clip(jpegs: list[bytes], num_frames: int, image_size: int, key: str = "?") -> tuple[torch.Tensor, torch.Tensor]:
@@ -512,33 +369,76 @@ def _tar_samples() -> Any:
     return wds.tarfile_to_samples(handler=wds.reraise_exception)
 
 
-def train_pipeline(
-    shards: SplitShards,
-    plan: SlotPlan,
-    *,
-    num_frames: int,
-    image_size: int,
-    batch_size: int,
-    caption_mode: str,
-    train_stream: str = "pairs",
-    augment: str = "none",
-    pool_videos: int = 1000,
-    pool_bytes: int = 1 << 40,
-) -> wds.DataPipeline:
-    """Endless pipeline of training batches for one rank (split further across workers); see :func:`_mix`."""
-    if train_stream not in TRAIN_STREAMS:
-        raise ValueError(f"train_stream must be one of {', '.join(TRAIN_STREAMS)}, got {train_stream!r}")
-    expected = dict(zip(shards.urls, shards.counts))
-    return wds.DataPipeline(
-        TrainShardSource(shards, plan),
-        _tar_samples(),
-        guard(plan, expected),
-        take_block(plan),
-        parse(caption_mode),
-        mix(plan, train_stream, batch_size, pool_videos, pool_bytes, augment == "clip_train"),
-        skip_batches(plan, batch_size),
-        decode_batches(batch_size, num_frames, image_size, True, False),
-    )
+class TrainOrderSource(IterableDataset):
+    """Training batches of one rank in the epoch's global order (:func:`tvr_bench.data.order.epoch_order`).
+
+    The order is a function of (seed, epoch, global batch, caption counts) only; rank r takes its contiguous
+    share of every global batch, DataLoader worker w of n the global batches ``start + w``, ``start + w + n``,
+    ... (the DataLoader asks its workers in turn, so the batches come out in order), each sample read by its
+    byte offset (:class:`tvr_bench.data.offsets.SampleReader`) and decoded straight into the batch buffer.
+    """
+
+    def __init__(
+        self,
+        reader: SampleReader,
+        plan: SlotPlan,
+        *,
+        batch_size: int,
+        num_frames: int,
+        image_size: int,
+        caption_mode: str,
+        train_stream: str = "pairs",
+        augment: str = "none",
+        last_batch: str = "drop",
+    ) -> None:
+        super().__init__()
+        if train_stream not in TRAIN_STREAMS:
+            raise ValueError(f"train_stream must be one of {', '.join(TRAIN_STREAMS)}, got {train_stream!r}")
+        self.reader, self.plan = reader, plan
+        self.batch_size, self.num_frames, self.image_size = batch_size, num_frames, image_size
+        self.caption_mode, self.train_stream, self.last_batch = caption_mode, train_stream, last_batch
+        self.augment = augment == "clip_train"
+        self.global_batch = batch_size * plan.world_size
+        raw = reader.offsets.captions
+        self.captions = raw if caption_mode == "each" else np.ones_like(raw)
+        self._order: tuple[int, EpochOrder] | None = None
+
+    @property
+    def num_batches(self) -> int:
+        """Global batches per epoch (= batches every rank yields)."""
+        units = int(self.captions.sum()) if self.train_stream == "pairs" else len(self.captions)
+        return len(batch_sizes(units, self.global_batch, self.plan.world_size, self.last_batch))
+
+    def order(self, epoch: int) -> EpochOrder:
+        """The epoch's global order (computed once per process and epoch; forked workers inherit it)."""
+        if self._order is None or self._order[0] != epoch:
+            order = epoch_order(self.captions, seed=self.plan.seed, epoch=epoch, global_batch=self.global_batch,
+                                world_size=self.plan.world_size, stream=self.train_stream, last_batch=self.last_batch)  # fmt: skip
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        state = self.plan.state
+        order = self.order(state.epoch)
+        worker, workers = self.plan.worker()
+        for j in worker_batches(order.num_batches, state.skip_batches, worker, workers):
+            part = rank_slice(order.batch(j), self.plan.rank, self.plan.world_size)
+            items = [self._item(order, i) for i in range(part.start, part.stop)]
+            yield _decode_group(items, self.num_frames, self.image_size, True)
+
+    def _item(self, order: EpochOrder, i: int) -> dict[str, Any]:
+        """Item ``i`` of the order: the sample read by offset and validated, its caption and augmentation seed."""
+        video = int(order.video[i])
+        sample = self.reader.raw(video)
+        meta, frames = parse_sample(sample)
+        captions = list(meta["captions"])
+        if len(captions) != int(self.reader.offsets.captions[video]):
+            raise ShardError(f"{sample['__url__']}: sample {sample['__key__']!r} holds {len(captions)} captions, its "
+                             f"offsets.json entry {int(self.reader.offsets.captions[video])}: delete offsets.json to "
+                             f"rebuild it, or re-run `tvr-bench prepare`")  # fmt: skip
+        caption = " ".join(captions) if self.caption_mode == "paragraph" else captions[int(order.caption[i])]
+        return {"key": sample["__key__"], "url": sample["__url__"], "jpegs": frames, "caption": caption,
+                "aug": int(order.aug[i]) if self.augment else None}  # fmt: skip
 
 
 def eval_pipeline(
@@ -577,12 +477,13 @@ class StreamLoader:
 
     When a pass starts (its first batch is asked for) it stores the epoch (from ``epoch_fn``, else its
     own pass counter) in the shared stream state, so that workers started for that pass derive their
-    seeds from it.
+    order from it, and calls ``on_pass(epoch)`` (the training source computes the epoch's order there, once,
+    before the workers are forked).
 
     It is stateful in Lightning's sense (``state_dict`` / ``load_state_dict``, saved in checkpoints):
-    after ``load_state_dict`` the next pass over the same epoch skips the batches handed out before the
-    checkpoint. A worker's whole batches are dropped undecoded; the remaining ``< num_workers`` batches
-    are decoded and discarded, which keeps the DataLoader's round-robin order over workers.
+    after ``load_state_dict`` the next pass over the same epoch starts at the first batch not handed out
+    before the checkpoint (the workers start there: nothing is read or decoded to skip). The position is
+    one of global batches: it holds on any number of ranks with the same global batch.
     """
 
     def __init__(
@@ -593,10 +494,14 @@ class StreamLoader:
         epoch_fn: Any = None,
         num_workers: int = 0,
         warn_short: bool = True,
+        global_batch: int | None = None,
+        on_pass: Callable[[int], Any] | None = None,
     ) -> None:
         self.loader, self.num_batches, self.state, self.epoch_fn = loader, num_batches, state, epoch_fn
         self.num_workers = num_workers
         self.warn_short = warn_short
+        self.global_batch = global_batch
+        self.on_pass = on_pass
         self._passes = 0
         self._consumed = 0
         self._resume: dict[str, int] | None = None
@@ -614,11 +519,13 @@ class StreamLoader:
         if not resume or resume.get("epoch") != self.state.epoch:
             return 0
         done = int(resume.get("batches", 0))
-        if resume.get("num_batches") != self.num_batches:
+        saved_global = resume.get("global_batch")
+        if resume.get("num_batches") != self.num_batches or (saved_global is not None and saved_global != self.global_batch):
             warnings.warn(
                 f"cannot restore the data position of epoch {self.state.epoch}: the checkpoint's loader had "
-                f"{resume.get('num_batches')} batches per epoch, this one {self.num_batches} (batch size or number of "
-                f"processes changed); the rest of the epoch is drawn from its start",
+                f"{resume.get('num_batches')} batches per epoch (global batch {saved_global}), this one "
+                f"{self.num_batches} (global batch {self.global_batch}): the global batch (batch size x processes) "
+                f"or the data changed; the rest of the epoch is drawn from its start",
                 stacklevel=3,
             )
             return 0
@@ -634,31 +541,16 @@ class StreamLoader:
         epoch = self.epoch_fn() if self.epoch_fn is not None else None
         self.state.epoch = pass_number if epoch is None else int(epoch)
         skip = self._resume_skip()
-        self._consumed = 0
-        if not skip:
-            for batch in self.loader:
-                self._consumed += 1
-                self._check(batch)
-                yield batch
-            return
-        workers = max(1, self.num_workers)
-        self.state.skip_batches = skip // workers  # read by every worker's skip stage when the pass starts
-        iterator = iter(self.loader)
-        try:
-            for _ in range(skip - self.state.skip_batches * workers):
-                next(iterator)
-            first = next(iterator, None)
-        finally:
-            self.state.skip_batches = 0
+        if self.on_pass is not None:
+            self.on_pass(self.state.epoch)
+        self.state.skip_batches = skip  # read by the training source when its workers start
         self._consumed = skip
-        # the inner epoch length counts only the batches the workers did not drop: stop at num_batches
-        batch = first
-        while batch is not None and self._consumed < self.num_batches:
+        for batch in self.loader:
+            if self._consumed >= self.num_batches:
+                break
             self._consumed += 1
             self._check(batch)
             yield batch
-            if self._consumed < self.num_batches:
-                batch = next(iterator, None)
 
     def _check(self, batch: dict[str, Any]) -> None:
         """Warn about padded short clips once per process (the main one: not once per worker and epoch)."""
@@ -671,12 +563,17 @@ class StreamLoader:
             warnings.warn(message, stacklevel=4)
 
     def state_dict(self) -> dict[str, int]:
-        """Where the current pass stands: epoch, batches handed out, batches per epoch (plain ints)."""
-        return {"epoch": int(self.state.epoch), "batches": int(self._consumed), "num_batches": int(self.num_batches)}
+        """Where the current pass stands: epoch, batches handed out, batches per epoch and (training) the global
+        batch they were cut with (plain ints)."""
+        out = {"epoch": int(self.state.epoch), "batches": int(self._consumed), "num_batches": int(self.num_batches)}
+        if self.global_batch is not None:
+            out["global_batch"] = int(self.global_batch)
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume: the next pass, when it is the same epoch, continues after the batches already seen."""
-        self._resume = {k: int(v) for k, v in state_dict.items() if k in ("epoch", "batches", "num_batches")}
+        keys = ("epoch", "batches", "num_batches", "global_batch")
+        self._resume = {k: int(v) for k, v in state_dict.items() if k in keys}
 
 
 #: glibc ``mallopt`` parameter number of M_MMAP_THRESHOLD (malloc.h).
@@ -700,37 +597,41 @@ def fixed_mmap_threshold(worker_id: int = 0, threshold: int = 128 * 1024) -> Non
 
 
 def make_loader(
-    pipeline: wds.DataPipeline,
+    dataset: Any,
     *,
     num_workers: int,
     num_batches: int,
     state: StreamState,
     epoch_fn: Any = None,
-    endless: bool = False,
+    epoch_seeded: bool = False,
     pin_memory: bool = False,
     persistent_workers: bool = False,
     warn_short: bool = True,
+    global_batch: int | None = None,
+    on_pass: Callable[[int], Any] | None = None,
+    prefetch_factor: int | None = None,
 ) -> StreamLoader:
-    """Wrap a batch pipeline in a WebLoader (batching already done in the workers).
+    """Wrap a batch pipeline or source in a WebLoader (batching already done in the workers).
 
     The DataLoader draws its worker base seed from its own generator, not from torch's global RNG, so
     creating an iterator (each epoch, each evaluation) leaves the model's random stream untouched: a
     resumed run continues the same dropout / sampling draws as an uninterrupted one.
     `persistent_workers` keeps the workers between passes: only for streams that do not change with the epoch
-    (the workers keep the copy of the stream state they were started with).
+    (the workers keep the copy of the stream state they were started with); `epoch_seeded` streams refuse it.
     """
-    if persistent_workers and endless:
+    if persistent_workers and epoch_seeded:
         raise ValueError("persistent workers would replay the first epoch's shuffle: the training stream restarts them")
     generator = torch.Generator().manual_seed(0)
+    extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}
     loader = wds.WebLoader(
-        pipeline,
+        dataset,
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
         generator=generator,
         worker_init_fn=fixed_mmap_threshold if num_workers > 0 else None,
+        **extra,
     )
-    if endless:
-        loader = loader.with_epoch(num_batches)
-    return StreamLoader(loader, num_batches, state, epoch_fn, num_workers=num_workers, warn_short=warn_short)
+    return StreamLoader(loader, num_batches, state, epoch_fn, num_workers=num_workers, warn_short=warn_short,
+                        global_batch=global_batch, on_pass=on_pass)  # fmt: skip
