@@ -96,7 +96,7 @@ def frame_bytes(root: Path, split: str) -> dict[str, list[bytes]]:
 
 def datamodule(dataset: str, root: Path, **kw: Any) -> BenchmarkDataModule:
     """The benchmark's DataModule over ``root``, small and in-process for tests."""
-    args: dict[str, Any] = dict(root=str(root), image_size=32, batch_size=2, eval_batch_size=3, num_workers=0, shuffle_buffer=8)
+    args: dict[str, Any] = dict(root=str(root), image_size=32, batch_size=2, eval_batch_size=3, num_workers=0)
     args.update(kw)
     return datamodules()[dataset](**args)
 

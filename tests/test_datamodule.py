@@ -17,7 +17,7 @@ from tvr_bench.data.transforms import CLIP_MEAN, CLIP_STD, normalize_batch
 
 
 def _dm(root: Path, **kw: object) -> RetrievalDataModule:
-    args = dict(root=str(root), dataset="synthetic", num_frames=12, image_size=64, batch_size=8, eval_batch_size=5, num_workers=0, shuffle_buffer=64)
+    args = dict(root=str(root), dataset="synthetic", num_frames=12, image_size=64, batch_size=8, eval_batch_size=5, num_workers=0)
     args.update(kw)
     return RetrievalDataModule(**args)  # type: ignore[arg-type]
 
@@ -213,4 +213,4 @@ def test_persistent_workers_refused_for_the_epoch_seeded_training_stream() -> No
     from tvr_bench.data.streams import StreamState, make_loader
 
     with pytest.raises(ValueError, match="first epoch's shuffle"):
-        make_loader([], num_workers=2, num_batches=1, state=StreamState(), endless=True, persistent_workers=True)  # type: ignore[arg-type]
+        make_loader([], num_workers=2, num_batches=1, state=StreamState(), epoch_seeded=True, persistent_workers=True)  # type: ignore[arg-type]

@@ -146,7 +146,7 @@ def _rewrite_shard(split_dir: Path, edit: Any) -> str:
 
 def _dm(root: Path, **kw: Any) -> RetrievalDataModule:
     args: dict[str, Any] = dict(root=str(root), dataset="synthetic", num_frames=12, image_size=64, batch_size=8,
-                                eval_batch_size=5, num_workers=0, shuffle_buffer=64)
+                                eval_batch_size=5, num_workers=0)
     args.update(kw)
     return RetrievalDataModule(**args)
 
@@ -554,7 +554,7 @@ def _fit(method: type, root: Path, ckpt_dir: Path, *, stop: int | None = None, c
     final weights and the batches trained on (None metrics when cut). A run cut at ``stop`` writes
     ``last.ckpt`` every 3 steps (the others write none: checkpoint files cost more than the steps)."""
     L.seed_everything(seed, verbose=False)
-    dm = SyntheticDataModule(size="tiny", root=str(root), batch_size=8, num_workers=workers, shuffle_buffer=64,
+    dm = SyntheticDataModule(size="tiny", root=str(root), batch_size=8, num_workers=workers,
                              num_frames=model_kw.pop("frames", 4), seed=0)
     model = method(backbone="tiny", lr=5e-4, backbone_lr=5e-4, **model_kw)
     evaluator, keys = RetrievalEvaluator(print_table=False), BatchKeys()
@@ -593,7 +593,7 @@ def test_training_killed_mid_epoch_resumes_exactly(tiny_root: Path, tmp_path: Pa
     full = _fit(CLIP4Clip, tiny_root, tmp_path / "full", frames=2)
     _fit(CLIP4Clip, tiny_root, tmp_path / "cut", stop=11, frames=2)
     last = torch.load(tmp_path / "cut" / "last.ckpt", weights_only=True)
-    assert last["global_step"] == 9 and last["SyntheticDataModule"]["train_stream"] == {"epoch": 1, "batches": 3, "num_batches": 6}
+    assert last["global_step"] == 9 and last["SyntheticDataModule"]["train_stream"] == {"epoch": 1, "batches": 3, "num_batches": 6, "global_batch": 8}
     assert set(last[RNG_STATE_KEY]) == {"cpu"}
     resumed = _fit(CLIP4Clip, tiny_root, tmp_path / "resumed", ckpt_path=tmp_path / "cut" / "last.ckpt", frames=2)
     _assert_same_run(full, resumed, 9)
@@ -617,8 +617,9 @@ def test_xpool_resume_with_dropout_workers_and_epoch_end(tiny_root: Path, tmp_pa
 
 @pytest.mark.parametrize(("skip", "workers"), [(3, 0), (3, 2)])
 def test_train_stream_skips_exactly_the_batches_already_seen(tiny_root: Path, skip: int, workers: int) -> None:
-    """After load_state_dict the same epoch continues with batch `skip` (with 2 workers: one batch per worker
-    dropped undecoded, one decoded and discarded)."""
+    """After load_state_dict the same epoch continues with batch `skip` (with 2 workers too: each worker starts at
+    its first batch after the skip); a state of the former stream (no global batch) with the same epoch length is
+    taken as it is."""
     def batches(state: dict[str, int] | None) -> list[tuple[str, ...]]:
         dm = _dm(tiny_root, num_frames=2, image_size=32, num_workers=workers, seed=3)
         dm.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=1)
@@ -626,11 +627,12 @@ def test_train_stream_skips_exactly_the_batches_already_seen(tiny_root: Path, sk
             dm.load_state_dict({"train_stream": state})
         loader = dm.train_dataloader()
         out = [tuple(b["video_key"]) for b in loader]
-        assert loader.state_dict() == {"epoch": 1, "batches": len(loader), "num_batches": len(loader)}
+        assert loader.state_dict() == {"epoch": 1, "batches": len(loader), "num_batches": len(loader), "global_batch": 8}
         return out
 
     full = batches(None)
     assert len(full) == 6
+    assert batches({"epoch": 1, "batches": skip, "num_batches": 6, "global_batch": 8}) == full[skip:]
     assert batches({"epoch": 1, "batches": skip, "num_batches": 6}) == full[skip:]
     assert batches({"epoch": 0, "batches": skip, "num_batches": 6}) == full  # another epoch: nothing skipped
     with pytest.warns(UserWarning, match="cannot restore the data position"):
@@ -712,7 +714,7 @@ def test_nan_loss_stops_the_cli_with_exit_code_4(tiny_root: Path, cli_env: Path,
     code, _, err = _run_cli(["fit", *_synthetic_cli(tiny_root, cli_env), "--data.init_args.num_frames", "2",
                              "--model.class_path", "tests.test_reliability.NaNLossCLIP4Clip"], capsys)
     assert code == EXIT_NONFINITE, err[-2000:]
-    dm = _dm(tiny_root, num_frames=2, shuffle_buffer=1000)
+    dm = _dm(tiny_root, num_frames=2)
     dm.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=0)
     first = next(iter(dm.train_dataloader()))["video_key"]
     assert "error: non-finite training loss nan at step 0; samples in the batch: " + ", ".join(first) in err
