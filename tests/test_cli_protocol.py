@@ -190,7 +190,7 @@ def test_xpool_msrvtt_reads_segment_middle_shards(tmp_path: Path, monkeypatch: p
     saver = next(c for c in cli.trainer.callbacks if isinstance(c, RunConfigCallback))
     assert saver.config.data.init_args.sampling == "segment_middle"  # what <run dir>/config.yaml will hold
     accepted = inspect.signature(MSRVTTDataModule.__init__).parameters
-    for key in ("train_stream", "augment"):  # filled once the DataModules accept them
+    for key in ("train_stream", "augment", "last_batch"):  # filled once the DataModules accept them
         if key in accepted:
             assert cli.config.data.init_args[key] == type(cli.model).DATA_PROTOCOL[key]
             assert getattr(dm, key) == type(cli.model).DATA_PROTOCOL[key]
@@ -261,5 +261,5 @@ def test_bench_xpool_msrvtt_end_to_end_on_segment_middle_shards(tmp_path: Path, 
     assert main(["bench", *recipes("xpool", "msrvtt"), *small]) == 0
     saved = yaml.safe_load(next((tmp_path / "runs" / "x").rglob("config.yaml")).read_text())
     protocol = model_class("xpool").DATA_PROTOCOL
-    for key in ("sampling", "train_stream", "augment"):
+    for key in ("sampling", "train_stream", "augment", "last_batch"):
         assert saved["data"]["init_args"][key] == protocol[key]

@@ -96,7 +96,7 @@ def test_paper_profile_composes_and_sets_the_reference_protocol(method: str):
         model_cls = getattr(importlib.import_module(config["model"]["class_path"].rsplit(".", 1)[0]), config["model"]["class_path"].rsplit(".", 1)[1])
         init = dict(data)
         fill_data_protocol(init, data_cls, model_cls)
-        for key in ("sampling", "train_stream", "augment"):
+        for key in ("sampling", "train_stream", "augment", "last_batch"):
             if key in init:
                 assert init[key] == model_cls.DATA_PROTOCOL[key], (dataset, key)
         # the profile keeps every sourced recipe value (recipes/reference_settings.yaml)

@@ -73,7 +73,7 @@ def cli_description() -> str:
 
 
 #: Data init args a method's ``DATA_PROTOCOL`` fills when the data config leaves them unset.
-PROTOCOL_KEYS: tuple[str, ...] = ("sampling", "train_stream", "augment")
+PROTOCOL_KEYS: tuple[str, ...] = ("sampling", "train_stream", "augment", "last_batch")
 
 
 def _import_class(class_path: str) -> type | None:
@@ -87,7 +87,7 @@ def _import_class(class_path: str) -> type | None:
 
 
 def fill_data_protocol(init: Any, data_cls: type | None, model_cls: type | None) -> dict[str, str]:
-    """Set each unset (None or absent) ``sampling``/``train_stream``/``augment`` data init arg that the
+    """Set each unset (None or absent) ``sampling``/``train_stream``/``augment``/``last_batch`` data init arg that the
     data class accepts from the model class's ``DATA_PROTOCOL``; explicit values win. Returns what was set."""
     protocol = getattr(model_cls, "DATA_PROTOCOL", None) or {}
     if data_cls is None or not protocol:

@@ -54,13 +54,15 @@ class RetrievalModule(L.LightningModule):
     `REFERENCE_OPTIMIZER` with the reference's groups and schedule; see `configure_optimizers`).
 
     ``DATA_PROTOCOL`` is the data side of the method's reference protocol: frame ``sampling`` of the
-    shards, the training ``train_stream`` (``pairs``: every (video, caption) pair once per epoch, globally
-    shuffled; ``videos``: every video once per epoch with one random caption) and train-time ``augment``
-    (``none`` | ``clip_train``). The CLI fills any of these the data config leaves unset; sources are in
-    the method cards (docs/methods/).
+    shards, the training ``train_stream`` (``pairs``: every (video, caption) pair once per epoch in one
+    uniform random order; ``videos``: every video once per epoch with one random caption), train-time
+    ``augment`` (``none`` | ``clip_train``) and ``last_batch`` (``drop`` | ``keep``: the incomplete last
+    batch of an epoch, as the reference's ``DataLoader`` treats it). The CLI fills any of these the data
+    config leaves unset; sources are in the method cards (docs/methods/).
     """
 
-    DATA_PROTOCOL: ClassVar[dict[str, str]] = {"sampling": "fps1_uniform", "train_stream": "pairs", "augment": "none"}
+    #: CLIP4Clip's (and DRL's, MASCOT's): ``drop_last=True`` in CLIP4Clip `dataloaders/data_dataloaders.py` L32.
+    DATA_PROTOCOL: ClassVar[dict[str, str]] = {"sampling": "fps1_uniform", "train_stream": "pairs", "augment": "none", "last_batch": "drop"}
     #: Update rule of the method's reference code, used with `optimizer: reference` (one of
     #: tvr_bench.optim.REFERENCE_OPTIMIZERS; None: the method has no reference optimiser).
     REFERENCE_OPTIMIZER: ClassVar[str | None] = None

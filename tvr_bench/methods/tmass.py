@@ -34,7 +34,7 @@ class TMASS(RetrievalModule):
     two differ on negatives even with one caption per video (docs/methods/tmass.md, 'Scoring protocol').
     """
 
-    DATA_PROTOCOL = {"sampling": "segment_middle", "train_stream": "pairs", "augment": "clip_train"}  # docs/methods/tmass.md, 'Reproducing the paper'
+    DATA_PROTOCOL = {"sampling": "segment_middle", "train_stream": "pairs", "augment": "clip_train", "last_batch": "keep"}  # docs/methods/tmass.md, 'Reproducing the paper'
     REFERENCE_OPTIMIZER = "legacy_adamw"  # `optimizer: reference`: T-MASS modules/optimization.py AdamW (docs/methods/tmass.md, Optimiser)
 
     def __init__(

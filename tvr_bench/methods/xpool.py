@@ -25,7 +25,7 @@ class XPool(RetrievalModule):
     exact folded scorer (`fast_eval`); the reference math (materialising z) is used in training mode.
     """
 
-    DATA_PROTOCOL = {"sampling": "segment_middle", "train_stream": "pairs", "augment": "clip_train"}  # docs/methods/xpool.md, 'Reproducing the paper'
+    DATA_PROTOCOL = {"sampling": "segment_middle", "train_stream": "pairs", "augment": "clip_train", "last_batch": "keep"}  # docs/methods/xpool.md, 'Reproducing the paper'
     REFERENCE_OPTIMIZER = "legacy_adamw"  # `optimizer: reference`: X-Pool modules/optimization.py AdamW (docs/methods/xpool.md, Optimiser)
 
     def __init__(

@@ -271,6 +271,7 @@ class BenchmarkDataModule(RetrievalDataModule):
         train_stream: Literal["pairs", "videos"] | None = None,
         augment: Literal["none", "clip_train"] | None = None,
         train_captions: Literal["random", "all"] | None = None,
+        last_batch: Literal["drop", "keep"] | None = None,
         train_split: str | None = None,
         val_split: str | None = AUTO,
         test_split: str | None = None,
@@ -280,6 +281,8 @@ class BenchmarkDataModule(RetrievalDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         name: str | None = None,
+        cache_dir: str | None = None,
+        prefetch_factor: int = 2,
     ) -> None:
         """``None``/``"auto"`` arguments take the benchmark's defaults; ``val_split=None`` disables validation;
         ``name`` labels the dataset in results (only the user's own data, not an ``OFFICIAL`` benchmark)."""
@@ -304,6 +307,7 @@ class BenchmarkDataModule(RetrievalDataModule):
             train_stream=train_stream,
             augment=augment,
             train_captions=train_captions or self.TRAIN_CAPTIONS,  # type: ignore[arg-type]  # read when train_stream is unset
+            last_batch=last_batch,
             train_split=train_split or self.TRAIN_SPLIT,
             val_split=self.VAL_SPLIT if val_split == AUTO else val_split,
             test_split=test_split or self.TEST_SPLIT,
@@ -312,6 +316,8 @@ class BenchmarkDataModule(RetrievalDataModule):
             shuffle_buffer_mb=shuffle_buffer_mb,
             pin_memory=pin_memory,
             persistent_workers=persistent_workers,
+            cache_dir=cache_dir,
+            prefetch_factor=prefetch_factor,
         )
         self.sampling = sampling
         self.name = name or self.NAME
@@ -325,6 +331,7 @@ class BenchmarkDataModule(RetrievalDataModule):
             train_stream=self.train_stream,
             augment=self.augment,
             train_captions=self.train_captions,
+            last_batch=self.last_batch,
             train_split=self.train_split,
             val_split=self.val_split,
             test_split=self.test_split,
