@@ -68,6 +68,30 @@ class GlobalBatchProbe(L.Callback):
         path.write_text(json.dumps(payload, indent=1), encoding="utf-8")
 
 
+class TrainRecorder(L.Callback):
+    """Records every training batch this rank trains on (video keys and captions, per step) and saves the final
+    parameters: `<out_dir>/batches_rank<k>.json` and `<out_dir>/weights_rank<k>.pt` (tests/test_ddp.py compares a
+    2-process fit with a 1-process fit at the same global batch)."""
+
+    def __init__(self, out_dir: str) -> None:
+        super().__init__()
+        self.out_dir = out_dir
+        self.steps: list[dict[str, Any]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        """Remember the batch's keys and captions."""
+        self.steps.append({"epoch": trainer.current_epoch, "batch_idx": batch_idx, "keys": list(batch["video_key"]),
+                           "captions": list(batch["captions"])})  # fmt: skip
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write this rank's batches and parameters."""
+        out = Path(self.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        rank = trainer.global_rank
+        (out / f"batches_rank{rank}.json").write_text(json.dumps({"world_size": trainer.world_size, "steps": self.steps}))
+        torch.save({k: v.detach().cpu() for k, v in pl_module.state_dict().items()}, out / f"weights_rank{rank}.pt")
+
+
 # ---------------------------------------------------------------------- gradient probe (script)
 REPO = Path(__file__).resolve().parents[1]
 #: Global batch of the gradient probe: 8 pairs of 4 frames at the tiny backbone's 64 px.

@@ -262,6 +262,61 @@ def test_ddp_training_loss_sees_the_gathered_global_batch(odd_root: Path, quiet_
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
 
 
+def _fit_recorded(root: Path, quiet: Path, out: Path, devices: int, workers: int) -> tuple[list[list[tuple[str, str]]], dict]:
+    """`tvr-bench fit` of CLIP4Clip for 36 steps at global batch 8 (pairs: 30 batches an epoch, so an epoch boundary
+    is crossed) on `devices` gloo processes; the global batches trained on, step by step, and rank 0's weights."""
+    probe = out / "recorder.yaml"
+    out.mkdir(parents=True)
+    probe.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "tests.ddp_probe.TrainRecorder", "init_args": {"out_dir": str(out / "rec")}}
+    ]}}))
+    run_tvr(
+        [
+            "fit", *recipe_args("clip4clip", root, quiet),
+            "--config", str(probe),
+            "--data.init_args.train_stream", "pairs",
+            "--data.init_args.num_frames", "4",
+            "--data.init_args.num_workers", str(workers),
+            "--data.init_args.batch_size", str(8 // devices),
+            "--trainer.accelerator", "cpu",
+            "--trainer.devices", str(devices),
+            *(["--trainer.strategy", "ddp"] if devices > 1 else []),
+            "--trainer.max_steps", "36",
+            "--trainer.limit_val_batches", "0",
+            "--trainer.default_root_dir", str(out / "fit"),
+            "--leaderboard.runs_dir", str(out / "fit"),
+        ],
+        cwd=out,
+    )
+    ranks = [json.loads((out / "rec" / f"batches_rank{r}.json").read_text()) for r in range(devices)]
+    assert [r["world_size"] for r in ranks] == [devices] * devices
+    steps = [[p for rank in ranks for p in zip(rank["steps"][i]["keys"], rank["steps"][i]["captions"])]
+             for i in range(len(ranks[0]["steps"]))]  # fmt: skip
+    return steps, torch.load(out / "rec" / "weights_rank0.pt", weights_only=True)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_train_on_the_batches_and_weights_of_one(odd_root: Path, quiet_config: Path, tmp_path: Path) -> None:
+    """Issue 23: 36 CLIP4Clip steps at global batch 8 on 1 process (0 workers) and on 2 gloo processes x 4 (2 workers
+    each): the very same global batches at every step (the ranks' shares concatenated) and the same parameters
+    within 1e-5 (relative, per tensor) at the end."""
+    one_steps, one_w = _fit_recorded(odd_root, quiet_config, tmp_path / "one", 1, 0)
+    two_steps, two_w = _fit_recorded(odd_root, quiet_config, tmp_path / "two", 2, 2)
+    assert len(one_steps) == len(two_steps) == 36 and all(len(s) == 8 for s in one_steps)
+    assert two_steps == one_steps
+    assert len({k for k, _ in one_steps[0]}) == 8  # distinct videos
+    assert one_w.keys() == two_w.keys()
+    floats = [n for n in one_w if one_w[n].is_floating_point()]
+    rel = {n: float((two_w[n] - one_w[n]).norm() / one_w[n].norm().clamp_min(1e-30)) for n in floats}
+    overall = float(sum((two_w[n] - one_w[n]).norm() ** 2 for n in floats) ** 0.5 / sum(one_w[n].norm() ** 2 for n in floats) ** 0.5)
+    # attention key biases: their gradient is 0 in exact arithmetic (a softmax ignores a per-row constant), so AdamW
+    # turns float noise into steps of about lr: they hold noise in any two runs, 1 vs 2 processes or not
+    noise = [n for n in floats if n.endswith("k_proj.bias")]
+    worst = sorted(((rel[n], n) for n in floats if n not in noise), reverse=True)[:3]
+    assert overall <= 1e-5 and worst[0][0] <= 1e-5, f"relative differences: all {overall:.2e}; worst tensors {worst}"
+    assert all(float(one_w[n].abs().max()) <= 36 * 5e-4 for n in noise)  # at most one lr-sized step per step
+
+
 def test_gather_features_flattens_ranks_and_keeps_gradients() -> None:
     """gather_features with a fake 2-rank all_gather: [world*B, ...] rows, gradients reach local features."""
     from tvr_bench.methods.base import RetrievalModule

@@ -47,7 +47,12 @@ TARGETS = {
     "data_vs_per_item_decoder": 20.0,  # at least 20x the per-item mp4 decoder
     "data_vs_jpeg_ceiling": 0.8,  # at least 0.8 of the bare JPEG-decode ceiling (issue 15 item 1; was 0.5)
     "data_2_vs_1_worker": 1.7,  # 2 workers at least 1.7x the 1-worker rate (issue 15 item 1)
-    "data_memory_gib_per_rank": 2.0,  # training DataModule with 8 workers under 2 GiB per rank (issue 12 item 7)
+    "data_memory_gib_per_rank": 2.0,  # training DataModule with 8 workers under 2 GiB per rank at 12 frames (issues 12, 23)
+    "data_memory_gib_per_rank_64_frames": 3.0,  # ... and under 3 GiB at 64 frames (issue 23)
+    "train_order_first_decile_vs_uniform": 0.9,  # train-order section (issue 23): videos seen in the first 10 % of batches
+    "train_order_spread": 0.95,  # within-batch spread of video ids (uniform = 1)
+    "train_order_abs_correlation": 0.1,  # |r| of consecutive batches' mean video id
+    "train_order_distinct_per_128": 127,  # distinct videos in every batch of 128
     "eval_max_abs_diff": 1e-5,
     "eval_memory_ratio": 1 / 8,  # blocked peak memory at most 1/8 of the one-shot peak
     "eval_speed_ratio": 1.0,  # blocked no slower than one-shot
@@ -342,11 +347,13 @@ def _bench_data_memory(work: Path, sizes: PerfSizes) -> dict[str, Any]:
 def _data_memory_markdown(m: dict[str, Any]) -> list[str]:
     """Markdown lines of the data-memory section."""
     lines = ["## Data memory (training DataModule, 8 workers, per rank)", "",
-             "| frames | batch | peak PSS GiB | summed RSS GiB | pool cap MiB/worker | uint8 batch MiB | target ≤ 2 GiB |",
+             "| frames | batch | peak PSS GiB | summed RSS GiB | uint8 batch MiB | batches in flight | target |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in m["runs"].items():
+        target = m.get("targets_gib", {}).get(name, TARGETS["data_memory_gib_per_rank"])
         lines.append(f"| {r['frames']} | {r['batch_size']} | {_fmt(r['peak_pss_gib'])} | {_fmt(r['peak_rss_sum_gib'])} | "
-                     f"{_fmt(r['pool_cap_mib_per_worker'], 0)} | {_fmt(r['uint8_batch_mib'], 0)} | {_mark(m['targets_met'][name])} |")  # fmt: skip
+                     f"{_fmt(r['uint8_batch_mib'], 0)} | ≤ {r.get('batches_in_flight_max', '?')} | ≤ {_fmt(target, 0)} GiB "
+                     f"{_mark(m['targets_met'][name])} |")  # fmt: skip
     return lines + ["", m["note"], ""]
 
 
@@ -842,10 +849,14 @@ def render_markdown(result: dict[str, Any]) -> str:
         from tvr_bench.perf.precision_bench import render as render_precision
 
         lines += render_precision(sec["precision"])
+    if "train-order" in sec:
+        from tvr_bench.perf.train_order_bench import render as render_train_order
+
+        lines += render_train_order(sec["train-order"])
     return "\n".join(lines)
 
 
-SECTIONS = ("data", "data-memory", "eval", "metrics", "train", "features", "intervals", "precision")
+SECTIONS = ("data", "data-memory", "eval", "metrics", "train", "features", "intervals", "precision", "train-order")
 
 
 def _bench_features(work: Path, quick: bool, accelerator: str) -> dict[str, Any]:
@@ -914,6 +925,7 @@ def perf_main(argv: list[str]) -> int:
         "features": lambda: _bench_features(Path(args.work_dir), args.quick, args.accelerator),
         "intervals": lambda: __import__("tvr_bench.perf.intervals_bench", fromlist=["x"]).bench_intervals(args.quick),
         "precision": lambda: _bench_precision(result, args.quick),
+        "train-order": lambda: __import__("tvr_bench.perf.train_order_bench", fromlist=["x"]).bench_train_order(Path(args.work_dir), args.quick),
     }
     for name in sections:
         t0 = time.perf_counter()
