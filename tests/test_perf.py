@@ -110,3 +110,24 @@ def test_emcl_scorers_equal_their_one_shot_math() -> None:
     assert sims["blocked"].shape == (40, 40) and sims["pair_blocked"].shape == (7, 7)
     assert float((sims["blocked"] - sims["one_shot"]).abs().max()) <= 1e-5
     assert float((sims["pair_blocked"] - sims["pair_one_shot"]).abs().max()) <= 1e-5
+
+
+def test_train_order_section_rows_on_known_orders(tmp_path: Path) -> None:
+    """The section's statistics on known orders (a sequential stream, a uniform permutation), then the section
+    end to end at 150 videos x 20 captions: the loader meets every target that is not statistical at this size."""
+    import numpy as np
+
+    from tvr_bench.perf.train_order_bench import bench_train_order, order_statistics, render, uniform_epoch
+
+    sequential = [np.stack([np.arange(j * 128, (j + 1) * 128) // 20, np.arange(j * 128, (j + 1) * 128) % 20], axis=1) for j in range(70)]
+    seq = order_statistics(sequential, 448)
+    assert seq["consecutive_mean_corr"] > 0.99 and seq["spread"] < 0.1 and seq["pairs_never_seen"] == 0
+    assert seq["min_distinct_per_batch"] == 7 and seq["batch_last_video_first_seen"] == 70
+    uniform = order_statistics(uniform_epoch(448), 448)
+    assert 0.97 < uniform["spread"] < 1.02 and uniform["pairs_never_seen"] == 448 * 20 % 128
+    section = bench_train_order(tmp_path, videos=150, configs=(("0 workers", 0, 1), ("2 ranks x 2 workers", 2, 2)))
+    for name in ("0 workers", "2 ranks x 2 workers"):
+        s, met = section["runs"][name], section["targets_met"][name]
+        assert met["pairs_once"] and met["distinct"] and s["batches"] == 3000 // 128
+    lines = render(section)
+    assert lines[0].startswith("## Training order (150 videos") and any("pairs never seen" in line for line in lines)
