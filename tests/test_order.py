@@ -13,6 +13,7 @@ from tvr_bench.data.order import (
     distinct_video_batches,
     epoch_order,
     epoch_rng,
+    rank_batches,
     rank_slice,
     worker_batches,
 )
@@ -26,16 +27,17 @@ def _check(order, captions: np.ndarray) -> list[int]:  # noqa: ANN001 - EpochOrd
     return [order.batch(j).stop - order.batch(j).start - len(set(order.video[order.batch(j)].tolist())) for j in range(order.num_batches)]
 
 
-def test_batch_sizes_drop_keep_and_rank_multiples() -> None:
-    assert batch_sizes(1000, 128, 1, "drop") == [128] * 7
-    assert batch_sizes(1000, 128, 1, "keep") == [128] * 7 + [104]
-    assert batch_sizes(1001, 128, 4, "keep") == [128] * 7 + [104]  # 105 rounded down to a multiple of the 4 ranks
-    assert batch_sizes(1026, 128, 4, "keep") == [128] * 8  # 2 left: nothing every rank can share
-    assert batch_sizes(100, 128, 1, "drop") == []
+def test_batch_sizes_drop_keep_and_rank_shares() -> None:
+    assert batch_sizes(1000, 128, "drop") == [128] * 7
+    assert batch_sizes(1000, 128, "keep") == [128] * 7 + [104]
+    assert batch_sizes(100, 128, "drop") == [] and batch_sizes(100, 128, "keep") == [100]
+    assert rank_batches([128] * 7 + [105], 4) == 8  # 4 ranks train on 26 items each of the last batch
+    assert rank_batches([128] * 8 + [2], 4) == 8  # 2 left: nothing every rank can share
+    assert rank_batches([], 2) == 0
     with pytest.raises(ValueError, match="multiple"):
-        batch_sizes(100, 10, 4, "drop")
+        rank_batches([10, 10, 5], 4)
     with pytest.raises(ValueError, match="last_batch"):
-        batch_sizes(100, 10, 1, "pad")
+        batch_sizes(100, 10, "pad")
 
 
 @pytest.mark.parametrize("last", ["drop", "keep"])
@@ -57,26 +59,25 @@ def test_msrvtt_sized_order_every_pair_once_in_distinct_batches(last: str) -> No
 
 
 def test_uneven_caption_counts_and_the_feasibility_limit() -> None:
-    """Random caption counts (1-29, some videos with 30-200), random batch sizes, 1/2/4 ranks: whenever batches of
+    """Random caption counts (1-29, some videos with 30-200), random batch sizes, drop or keep: whenever batches of
     distinct videos exist (every video at most once per batch is possible), every batch has them."""
     rng = np.random.default_rng(1)
     checked = 0
     for trial in range(150):
-        videos, world = int(rng.integers(5, 300)), int(rng.choice([1, 2, 4]))
-        batch = max(world, int(rng.integers(2, 48)) // world * world)
+        videos, batch = int(rng.integers(5, 300)), int(rng.integers(2, 48))
         captions = rng.integers(1, 30, size=videos)
         if rng.random() < 0.3:
             captions[rng.integers(videos)] = rng.integers(30, 200)
         last = str(rng.choice(["drop", "keep"]))
-        if not batch_sizes(int(captions.sum()), batch, world, last):
+        if not batch_sizes(int(captions.sum()), batch, last):
             continue
-        order = epoch_order(captions, seed=trial, epoch=0, global_batch=batch, world_size=world, last_batch=last)
+        order = epoch_order(captions, seed=trial, epoch=0, global_batch=batch, last_batch=last)
         repeats = _check(order, captions)
         kept = np.bincount(order.video, minlength=videos)
         sizes = np.diff(order.starts)
         feasible = kept.max() <= len(sizes) and (kept == len(sizes)).sum() <= sizes[-1] and (kept > 0).sum() >= sizes.max()
         if feasible:
-            assert max(repeats) == 0, (trial, videos, batch, world, last)
+            assert max(repeats) == 0, (trial, videos, batch, last)
             checked += 1
     assert checked > 100
 

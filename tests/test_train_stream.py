@@ -73,7 +73,7 @@ def test_pairs_epoch_is_one_global_order_on_any_ranks_and_workers(many_captions_
     assert all(len({k for k, _ in b}) == len(b) for b in batches)  # distinct videos in every batch
     counts = Counter(p for b in batches for p in b)
     assert max(counts.values()) == 1  # no pair twice
-    order = epoch_order(np.full(VIDEOS, CAPTIONS), seed=0, epoch=0, global_batch=GLOBAL, world_size=world, last_batch=last)
+    order = epoch_order(np.full(VIDEOS, CAPTIONS), seed=0, epoch=0, global_batch=GLOBAL, last_batch=last)
     expected = [[(f"v{v:04d}", _caption_text(f"v{v:04d}", c)) for v, c in zip(order.video[order.batch(j)], order.caption[order.batch(j)])]
                 for j in range(order.num_batches)]  # fmt: skip
     assert batches == expected

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import lightning as L
 
 from tvr_bench.data.offsets import SampleReader, SplitOffsets, cache_remote_split, default_cache_dir, load_offsets
-from tvr_bench.data.order import LAST_BATCH, batch_sizes
+from tvr_bench.data.order import LAST_BATCH, batch_sizes, rank_batches
 from tvr_bench.data.streams import (
     TRAIN_STREAMS,
     SlotPlan,
@@ -201,7 +201,7 @@ class RetrievalDataModule(L.LightningDataModule):
         expand = self.train_stream == "pairs" and self.caption_mode == "each"
         units = shards.num_captions if expand else shards.num_samples
         _, world = self._dist()
-        batches = len(batch_sizes(units, self.batch_size * world, world, self.last_batch))
+        batches = rank_batches(batch_sizes(units, self.batch_size * world, self.last_batch), world)
         if batches == 0:
             what = "pairs" if expand else "videos"
             raise ValueError(f"the {self.train_split!r} split of {self.root} has {units} {what}, fewer than one global batch "

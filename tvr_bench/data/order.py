@@ -1,9 +1,10 @@
 """The training order of one epoch: a uniform random permutation of the (video, caption) pairs, in global
 batches of distinct videos, the same whatever the number of ranks and workers (data_cards/FORMAT.md).
 
-Pure functions of the caption counts, the seed and the epoch: every rank and worker computes the same order
-and takes its share of each global batch (:func:`rank_slice`), so W processes train on the very batches one
-process with the same global batch sees.
+Pure functions of the caption counts, the seed, the epoch and the global batch (never of the number of ranks or
+workers): every rank and worker computes the same order and takes its share of each global batch
+(:func:`rank_slice`), so W processes train on the very batches one process with the same global batch sees
+(with a kept last batch, W ranks train on its first ``size - size % W`` items).
 
 ``pairs``: the pairs of the epoch are shuffled uniformly (seeded by seed and epoch), the incomplete last
 global batch is cut off (``last_batch: drop``: the last pairs of the permutation, as a ``DataLoader`` with
@@ -51,19 +52,27 @@ class EpochOrder:
         return slice(int(self.starts[j]), int(self.starts[j + 1]))
 
 
-def batch_sizes(items: int, global_batch: int, world_size: int, last_batch: str) -> list[int]:
-    """Global batch sizes of an epoch of ``items``: full batches, plus with ``keep`` the remainder rounded down
-    to a multiple of ``world_size`` (every rank gets an equal share: the features are all-gathered)."""
+def batch_sizes(items: int, global_batch: int, last_batch: str) -> list[int]:
+    """Global batch sizes of an epoch of ``items``: full batches, plus the remainder with ``keep``. They do not
+    depend on the number of ranks (see :func:`rank_batches` for what W ranks can train on)."""
     if last_batch not in LAST_BATCH:
         raise ValueError(f"last_batch must be one of {', '.join(LAST_BATCH)}, got {last_batch!r}")
-    if global_batch < 1 or world_size < 1 or global_batch % world_size:
-        raise ValueError(f"the global batch {global_batch} must be a positive multiple of the {world_size} ranks")
+    if global_batch < 1:
+        raise ValueError(f"the global batch must be positive, got {global_batch}")
     sizes = [global_batch] * (items // global_batch)
     rest = items - len(sizes) * global_batch
-    rest -= rest % world_size
     if last_batch == "keep" and rest > 0:
         sizes.append(rest)
     return sizes
+
+
+def rank_batches(sizes: list[int], world_size: int) -> int:
+    """Batches every one of ``world_size`` ranks trains on: each rank takes an equal share of a global batch (the
+    features are all-gathered), so a kept last batch smaller than the number of ranks is left out, and one that
+    is not a multiple of it loses its last ``size % world_size`` items (:func:`rank_slice`)."""
+    if any(size % world_size for size in sizes[:-1]):
+        raise ValueError(f"the global batch {sizes[0]} must be a multiple of the {world_size} ranks")
+    return len(sizes) - (bool(sizes) and sizes[-1] < world_size)
 
 
 def distinct_video_batches(video: np.ndarray, sizes: list[int]) -> np.ndarray:
@@ -167,7 +176,6 @@ def epoch_order(
     seed: int,
     epoch: int,
     global_batch: int,
-    world_size: int = 1,
     stream: str = "pairs",
     last_batch: str = "drop",
 ) -> EpochOrder:
@@ -177,12 +185,12 @@ def epoch_order(
         owner = np.repeat(np.arange(len(captions), dtype=np.int64), captions)
         index = np.arange(len(owner), dtype=np.int64) - np.repeat(np.cumsum(captions) - captions, captions)
         perm = epoch_rng(seed, epoch, "pairs").permutation(len(owner))
-        sizes = batch_sizes(len(owner), global_batch, world_size, last_batch)
+        sizes = batch_sizes(len(owner), global_batch, last_batch)
         arranged = perm[distinct_video_batches(owner[perm], sizes)]
         video, caption = owner[arranged], index[arranged]
     elif stream == "videos":
         video = epoch_rng(seed, epoch, "videos").permutation(len(captions)).astype(np.int64)
-        sizes = batch_sizes(len(video), global_batch, world_size, last_batch)
+        sizes = batch_sizes(len(video), global_batch, last_batch)
         video = video[: sum(sizes)]
         draws = epoch_rng(seed, epoch, "captions").random(len(captions))
         caption = np.minimum((draws * captions).astype(np.int64), captions - 1)[video]  # one caption per visit
@@ -194,7 +202,8 @@ def epoch_order(
 
 
 def rank_slice(batch: slice, rank: int, world_size: int) -> slice:
-    """Rank ``rank``'s contiguous share of a global batch (every share equal: sizes are multiples of the world)."""
+    """Rank ``rank``'s contiguous share of a global batch: ``size // world_size`` items (a kept last batch that is
+    not a multiple of the ranks leaves its last ``size % world_size`` items out)."""
     size = (batch.stop - batch.start) // world_size
     return slice(batch.start + rank * size, batch.start + (rank + 1) * size)
 

@@ -36,7 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from tvr_bench.data.frames import stored_frame_plan
 from tvr_bench.data.offsets import SampleReader
-from tvr_bench.data.order import EpochOrder, batch_sizes, epoch_order, rank_slice, worker_batches
+from tvr_bench.data.order import EpochOrder, batch_sizes, epoch_order, rank_batches, rank_slice, worker_batches
 from tvr_bench.data.shards import ShardError, parse_sample, read_index
 from tvr_bench.data.transforms import decode_clip_into
 
@@ -407,13 +407,13 @@ class TrainOrderSource(IterableDataset):
     def num_batches(self) -> int:
         """Global batches per epoch (= batches every rank yields)."""
         units = int(self.captions.sum()) if self.train_stream == "pairs" else len(self.captions)
-        return len(batch_sizes(units, self.global_batch, self.plan.world_size, self.last_batch))
+        return rank_batches(batch_sizes(units, self.global_batch, self.last_batch), self.plan.world_size)
 
     def order(self, epoch: int) -> EpochOrder:
         """The epoch's global order (computed once per process and epoch; forked workers inherit it)."""
         if self._order is None or self._order[0] != epoch:
             order = epoch_order(self.captions, seed=self.plan.seed, epoch=epoch, global_batch=self.global_batch,
-                                world_size=self.plan.world_size, stream=self.train_stream, last_batch=self.last_batch)  # fmt: skip
+                                stream=self.train_stream, last_batch=self.last_batch)  # fmt: skip
             self._order = (epoch, order)
         return self._order[1]
 
@@ -421,7 +421,7 @@ class TrainOrderSource(IterableDataset):
         state = self.plan.state
         order = self.order(state.epoch)
         worker, workers = self.plan.worker()
-        for j in worker_batches(order.num_batches, state.skip_batches, worker, workers):
+        for j in worker_batches(self.num_batches, state.skip_batches, worker, workers):
             part = rank_slice(order.batch(j), self.plan.rank, self.plan.world_size)
             items = [self._item(order, i) for i in range(part.start, part.stop)]
             yield _decode_group(items, self.num_frames, self.image_size, True)
