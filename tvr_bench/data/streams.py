@@ -584,9 +584,10 @@ def fixed_mmap_threshold(worker_id: int = 0, threshold: int = 128 * 1024) -> Non
     """DataLoader worker init: pin glibc's mmap threshold at 128 KiB (Linux; a no-op elsewhere).
 
     By default glibc raises the threshold each time a large mmapped block is freed, after which decoded
-    frames and batch buffers come from the heap, interleave with the pool's long-lived JPEG bytes and leave
-    holes that are never returned to the OS: measured, a worker's resident memory grew to about 3x its
-    pool's bytes. With the threshold pinned, every block above 128 KiB is its own mapping, freed on release.
+    frames and batch buffers come from the heap, interleave with longer-lived allocations and leave holes
+    that are never returned to the OS (measured with the former pools of JPEG bytes: a worker's resident
+    memory grew to about 3x its pool's bytes). With the threshold pinned, every block above 128 KiB is its
+    own mapping, freed on release.
     """
     try:
         import ctypes

@@ -279,6 +279,16 @@ def bench_data(work: Path, sizes: PerfSizes) -> dict[str, Any]:
         assert n == len(jpegs), f"the DataModule yielded {n} clips, the split holds {len(jpegs)}"
         return n / (time.perf_counter() - t0)
 
+    def train_loader() -> float:
+        """The training loader (0 workers) over the same samples: global order, reads by offset (issue 23)."""
+        dm = RetrievalDataModule(root=str(root), dataset="perf", num_frames=12, image_size=224, batch_size=16,
+                                 num_workers=0, train_split="test", val_split=None, train_stream="videos",
+                                 last_batch="keep")  # fmt: skip
+        t0 = time.perf_counter()
+        n = sum(len(batch["video_key"]) for batch in dm.train_dataloader())
+        assert n == len(jpegs), f"the training loader yielded {n} clips, the split holds {len(jpegs)}"
+        return n / (time.perf_counter() - t0)
+
     def per_item(seek: bool) -> float:
         t0 = time.perf_counter()
         for path in clips:
@@ -294,7 +304,7 @@ def bench_data(work: Path, sizes: PerfSizes) -> dict[str, Any]:
         return len(jpegs) / (time.perf_counter() - t0)
 
     names = ("per_item_decoder", "per_item_sequential", "jpeg_ceiling", "datamodule_0_workers", "datamodule_1_worker",
-             "datamodule_2_workers")  # fmt: skip
+             "datamodule_2_workers", "datamodule_train_0_workers")  # fmt: skip
     runs: dict[str, list[float]] = {k: [] for k in names}
     for _ in range(sizes.data_rounds):
         runs["per_item_decoder"].append(per_item(seek=True))
@@ -303,6 +313,7 @@ def bench_data(work: Path, sizes: PerfSizes) -> dict[str, Any]:
         runs["datamodule_0_workers"].append(datamodule(0))
         runs["datamodule_1_worker"].append(datamodule(1))
         runs["datamodule_2_workers"].append(datamodule(2))
+        runs["datamodule_train_0_workers"].append(train_loader())
     rate = {k: _median(v) for k, v in runs.items()}
     dm0, dm1, dm2 = rate["datamodule_0_workers"], rate["datamodule_1_worker"], rate["datamodule_2_workers"]
     ratios = {
@@ -312,6 +323,7 @@ def bench_data(work: Path, sizes: PerfSizes) -> dict[str, Any]:
         "datamodule_2w_vs_per_item": dm2 / rate["per_item_decoder"],
         "datamodule_2w_vs_ceiling": dm2 / rate["jpeg_ceiling"],
         "datamodule_2w_vs_1w": dm2 / dm1,
+        "datamodule_train_vs_ceiling": rate["datamodule_train_0_workers"] / rate["jpeg_ceiling"],
     }
     return {
         "clips_per_s": rate,
@@ -332,7 +344,9 @@ def bench_data(work: Path, sizes: PerfSizes) -> dict[str, Any]:
                 "reference). datamodule: RetrievalDataModule test loader over shards of the same clips (12 JPEGs "
                 "at short side 224, fps1_uniform, q95; each clip stored `copies` times), batches of 16 uint8 "
                 "[12,3,224,224] clips (normalised on the device by on_after_batch_transfer, not timed here), incl. tar "
-                "reading and worker start-up; 0, 1 and 2 workers. jpeg_ceiling: PIL decode of the "
+                "reading and worker start-up; 0, 1 and 2 workers. datamodule_train_0_workers: the training loader "
+                "over the same split (videos stream, the epoch's order computed, each sample read by its byte "
+                "offset). jpeg_ceiling: PIL decode of the "
                 "same stored JPEGs from memory (no crop, no normalisation).",
     }  # fmt: skip
 
@@ -775,6 +789,8 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{_fmt(c['datamodule_1_worker'] / c['per_item_decoder'], 1) if 'datamodule_1_worker' in c else '–'}× |",
             f"| shard DataModule, 2 workers | {_fmt(c['datamodule_2_workers'])} | {_fmt(r['datamodule_2w_vs_per_item'], 1)}×; "
             f"**{_fmt(r.get('datamodule_2w_vs_1w'))}×** the 1-worker rate |",
+            f"| training loader, 0 workers (global order, reads by offset) | {_fmt(c.get('datamodule_train_0_workers'))} | "
+            f"{_fmt(r.get('datamodule_train_vs_ceiling'))} of the ceiling |",
             f"| bare JPEG-decode ceiling (same frames, from memory) | {_fmt(c['jpeg_ceiling'])} | "
             f"{_fmt(c['jpeg_ceiling'] / c['per_item_decoder'], 1)}×; DataModule (0 workers) = **{_fmt(r['datamodule_vs_ceiling'])}** of it |",
             "",
