@@ -29,7 +29,7 @@ def test_measure_loader_memory_on_prepared_shards(tiny_root: Path) -> None:  # n
     run = measure_loader_memory(str(tiny_root), 4, 2, 4, 3, dataset="synthetic", image_size=64)
     assert run["batches"] == 3 and run["workers"] == 2
     assert run["peak_pss_gib"] >= run["baseline_pss_gib"] > 0 and run["peak_rss_sum_gib"] > 0
-    assert run["pool_cap_mib_per_worker"] == 512.0  # 1 GiB per rank over 2 workers
+    assert run["prefetch_factor"] == 2 and run["batches_in_flight_max"] == 5  # 2 per worker + the one handed out
 
 
 def test_data_sections_markdown() -> None:
@@ -39,11 +39,12 @@ def test_data_sections_markdown() -> None:
             "ratios": {"datamodule_vs_per_item": 85.0, "datamodule_vs_per_item_sequential": 21.0, "datamodule_vs_ceiling": 0.85,
                        "datamodule_2w_vs_per_item": 150.0, "datamodule_2w_vs_ceiling": 1.5, "datamodule_2w_vs_1w": 1.875},
             "targets_met": {"vs_per_item_decoder": True, "vs_jpeg_ceiling": True, "2_vs_1_worker": True}}  # fmt: skip
-    run = {"frames": 64, "batch_size": 16, "peak_pss_gib": 3.4, "peak_rss_sum_gib": 5.7, "pool_cap_mib_per_worker": 128.0, "uint8_batch_mib": 147.0}
-    memory = {"runs": {"64_frames": run}, "targets_met": {"64_frames": False}, "note": "how"}
+    run = {"frames": 64, "batch_size": 16, "peak_pss_gib": 3.4, "peak_rss_sum_gib": 5.7, "uint8_batch_mib": 147.0, "batches_in_flight_max": 17}
+    memory = {"runs": {"64_frames": run}, "targets_met": {"64_frames": False}, "targets_gib": {"64_frames": 3.0}, "note": "how"}
     result = {"machine": {"cpu": "x", "cpu_count": 2, "torch": "t", "torch_threads": 1}, "command": "perf", "load_start": [1.0],
               "load_end": [1.0], "seconds": 1.0, "quick": True, "sections": {"data": data, "data-memory": memory}}  # fmt: skip
     md = render_markdown(result)
     assert "| shard DataModule, 1 worker | 80.00 |" in md and "**1.88×** the 1-worker rate" in md
     assert f"≥ {TARGETS['data_vs_jpeg_ceiling']} of the ceiling ✓" in md
-    assert "## Data memory" in md and "| 64 | 16 | 3.40 | 5.70 | 128 | 147 | ✗ |" in md
+    assert "## Data memory" in md and "| 64 | 16 | 3.40 | 5.70 | 147 | ≤ 17 | ≤ 3 GiB ✗ |" in md
+    assert "| training loader, 0 workers (global order, reads by offset) | n/a |" in md  # a result from before the row
