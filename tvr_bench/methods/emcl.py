@@ -41,7 +41,7 @@ class EMCL(RetrievalModule):
     #: the reference's data protocol: 1 fps then a uniform subset (`--video_framerate 1`, dataloader_retrieval.py
     #: L259-272), every (video, caption) pair per epoch (dataloader_msrvtt_retrieval.py L40-46); its RandAugment of
     #: training frames is not reproduced (docs/methods/emcl.md, "Deviations")
-    DATA_PROTOCOL = {"sampling": "fps1_uniform", "train_stream": "pairs", "augment": "none"}
+    DATA_PROTOCOL = {"sampling": "fps1_uniform", "train_stream": "pairs", "augment": "none", "last_batch": "drop"}
     REFERENCE_OPTIMIZER = "bertadam"  # `optimizer: reference`: EMCL-Net tvr/models/optimization.py BertAdam (main_retrieval.py L209-212)
     #: init args that change test-time scores, with the values a scoring audit tries (the default first)
     SCORING_OPTIONS: ClassVar[dict[str, tuple[Any, ...]]] = {"grouping": GROUPINGS}

@@ -69,7 +69,7 @@ class TS2Net(RetrievalModule):
     never depends on the other videos of its batch, the batch size or the number of processes.
     """
 
-    DATA_PROTOCOL = {"sampling": "fps1_uniform", "train_stream": "pairs", "augment": "none"}  # docs/methods/ts2net.md, 'Reproducing the paper'
+    DATA_PROTOCOL = {"sampling": "fps1_uniform", "train_stream": "pairs", "augment": "none", "last_batch": "drop"}  # docs/methods/ts2net.md, 'Reproducing the paper'
     REFERENCE_OPTIMIZER = "bertadam"  # `optimizer: reference`: ts2_net modules/optimization.py BertAdam (docs/methods/ts2net.md, Optimiser)
     SCORING_OPTIONS: ClassVar[dict[str, tuple[Any, ...]]] = {"eval_selection": EVAL_SELECTIONS, "mask_layout": MASK_LAYOUTS}
 
