@@ -38,6 +38,8 @@ TOOL_COMMANDS: dict[str, str] = {
     "compare": "tvr_bench.compare:compare_main",
     "perf": "tvr_bench.perf.run:perf_main",
     "features": "tvr_bench.features.cli:features_main",
+    "index": "tvr_bench.search.cli:index_main",
+    "search": "tvr_bench.search.cli:search_main",
 }
 
 

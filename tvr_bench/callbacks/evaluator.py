@@ -214,6 +214,8 @@ class RetrievalEvaluator(L.Callback):
         self.last_eval_blocks: tuple[int, int] | None = None
         #: after a test: per-query ranks, keys and top-k retrieved videos (see `per_query_results`)
         self.last_per_query: dict[str, Any] | None = None
+        #: after a test on rank 0: the search scoring and two-stage loss (tvr_bench/search/twostage.py)
+        self.last_search: dict[str, Any] | None = None
         self.top_k = 5
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -340,6 +342,11 @@ class RetrievalEvaluator(L.Callback):
             if stage == "test" else None
         )
         self.last_intervals = None
+        self.last_search = None  # the result JSON's `search` block: what search's two stages lose on this test set
+        if stage == "test" and trainer.is_global_zero:
+            from tvr_bench.search.twostage import search_report
+
+            self.last_search = search_report(pl_module, text, video, sim, t2v)
         if self.last_per_query is not None and self.bootstrap_resamples > 0 and trainer.is_global_zero:
             self.last_intervals = query_intervals(self.last_per_query, self.bootstrap_resamples)
         if was_training:

@@ -399,6 +399,8 @@ class LeaderboardWriter(L.Callback):
             "protocol": protocol,
         }
         result.update(self.intervals(evaluator))
+        if getattr(evaluator, "last_search", None):
+            result["search"] = evaluator.last_search  # docs/search.md: search scoring, two-stage loss vs exhaustive
         return _json_safe(result)
 
     def protocol(self, trainer: Any, pl_module: Any, evaluator: Any) -> dict[str, Any]:

@@ -7,11 +7,13 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from tvr_bench.backbones.clip import CLIPBackbone
 from tvr_bench.backbones.normalization import normalize_batch
 from tvr_bench.functional.losses import MAX_LOGIT_SCALE, clamp_logit_scale_
+from tvr_bench.functional.pooling import mean_pool_normalised
 from tvr_bench.optim import REFERENCE_ADAM_ARGS, REFERENCE_OPTIMIZERS, BertAdam, LegacyAdamW, schedule_lambda
 
 Features = dict[str, Tensor]
@@ -66,6 +68,12 @@ class RetrievalModule(L.LightningModule):
     #: Update rule of the method's reference code, used with `optimizer: reference` (one of
     #: tvr_bench.optim.REFERENCE_OPTIMIZERS; None: the method has no reference optimiser).
     REFERENCE_OPTIMIZER: ClassVar[str | None] = None
+    #: How `tvr-bench search` serves the method from a vector index (docs/search.md): ``two_tower`` when
+    #: `similarity(t, v)` is exactly ``t["embeds"] @ v["embeds"].T`` with each side computed without the other
+    #: (the index holds one vector per video, searched exactly); ``rerank`` (the safe default) when a score needs
+    #: both sides together (text-conditioned pooling, token-wise matching): a first stage over mean-pooled
+    #: vectors (`search_vectors`) picks K candidates and `similarity` re-ranks them from the stored features.
+    SEARCH_SCORING: ClassVar[str] = "rerank"
 
     def __init__(
         self,
@@ -132,6 +140,41 @@ class RetrievalModule(L.LightningModule):
     def pair_cost_bytes(self, text: Features, video: Features) -> int:
         """Bytes one (text, video) pair costs inside `similarity`; sizes the evaluator's blocks."""
         return 4 * 64
+
+    def search_vectors(self, feats: Features, side: str) -> Tensor:
+        """One vector per item for the search index's vector stage ([N, D] float), from `encode_text`
+        (``side="text"``) or `encode_video` (``"video"``) features.
+
+        ``two_tower``: the ``embeds`` themselves (their inner product is the score). ``rerank``: the
+        first-stage vectors, unit length: the text's ``embeds`` (else its end token, the last real one of
+        ``tokens``) and the masked mean of the unit-length ``frames`` (else ``embeds``); a method whose
+        features follow other names overrides this."""
+        if side not in ("text", "video"):
+            raise ValueError(f"side must be 'text' or 'video', got {side!r}")
+        if self.SEARCH_SCORING == "two_tower":
+            return feats["embeds"]
+        if "embeds" in feats:
+            vectors = feats["embeds"]
+        elif side == "text" and "tokens" in feats:
+            lengths = feats["token_mask"].long().sum(-1).clamp_min(1) - 1
+            vectors = feats["tokens"][torch.arange(lengths.shape[0], device=lengths.device), lengths]
+        elif side == "video" and "frames" in feats:
+            vectors = mean_pool_normalised(feats["frames"].float(), feats["frame_mask"])
+        else:
+            raise KeyError(
+                f"{type(self).__name__} features {sorted(feats)} have no 'embeds', 'tokens' or 'frames': override "
+                f"search_vectors() to give the search index its first-stage vectors (docs/search.md)"
+            )
+        return F.normalize(vectors.float(), dim=-1)
+
+    def search_refusal(self) -> str | None:
+        """Why this configured method's scores cannot be served one query at a time from an index (None: they
+        can). A score that depends on which items are evaluated together (``eval_block_sizes``) cannot."""
+        blocks = getattr(self, "eval_block_sizes", None)
+        if callable(blocks) and blocks() is not None:
+            return (f"{self.method_name} scores depend on how items are grouped into evaluation blocks "
+                    f"(eval_block_sizes() = {blocks()}); a search scores one query against stored videos")
+        return None
 
     # ------------------------------------------------------------------ shared helpers
     def encode_frames(self, frames: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ class CLIP4Clip(RetrievalModule):
     """Cosine of the text embedding with the masked mean of normalised frame embeddings."""
 
     REFERENCE_OPTIMIZER = "bertadam"  # `optimizer: reference`: CLIP4Clip modules/optimization.py BertAdam (docs/methods/clip4clip.md, Optimiser)
+    SEARCH_SCORING = "two_tower"  # similarity = text embeds @ video embeds (meanP and seqTransf: the frame transformer sees only the video)
 
     def __init__(self, *args, head: str = "meanP", temporal_layers: int = 4, **kwargs):
         super().__init__(*args, **kwargs)

@@ -61,6 +61,7 @@ class MASCOT(RetrievalModule):
     """
 
     REFERENCE_OPTIMIZER = "bertadam"  # no MASCOT code: CLIP4Clip's BertAdam, the base it builds on (docs/methods/mascot.md, Optimiser)
+    SEARCH_SCORING = "two_tower"  # inference is CLIP4Clip meanP: similarity = text embeds @ video embeds
 
     def __init__(
         self,

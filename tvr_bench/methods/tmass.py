@@ -105,6 +105,14 @@ class TMASS(RetrievalModule):
         pos, own = own_caption_layout(text["embeds"], text_to_video, n_video, self.max_captions)
         return {**text, "caption_pos": pos}, {**video, "caption_embeds": own}
 
+    def search_refusal(self) -> str | None:
+        """`pairing='reference'` scores a candidate with its own captions: a gallery of uncaptioned videos cannot."""
+        if self.pairing == "reference":
+            return ("T-MASS pairing='reference' pools each candidate video with its own caption (the reference code's "
+                    "evaluation), which a search over uncaptioned videos does not have; index a checkpoint with "
+                    "pairing='query'")
+        return super().search_refusal()
+
     # ------------------------------------------------------------------ scores
     def eval_eps(self, text: Features, video: Features) -> Tensor:
         """Evaluation draws [T, M, D] (eps_mode 'text') or [T, V, M, D] ('pair') from the global indices."""
