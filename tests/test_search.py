@@ -357,3 +357,78 @@ def test_bad_inputs_give_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFi
     (tmp_path / "run").mkdir()
     assert main(["index", str(tmp_path / "empty"), "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "o")]) == 2
     assert "holds no .ckpt file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ costs in make perf
+def _toy_search_section() -> dict:
+    """A `search` perf section with the fields the leaderboard reads (values chosen by hand)."""
+    gallery = lambda ms, two=None, b=2137.0: {"exhaustive": {"ms": ms}, "bytes_per_video": b, "peak_rss_gib": 0.5,  # noqa: E731
+                                              **({"two_stage": {"ms": two, "k": 200, "stages_ms": {}}} if two else {})}
+    return {
+        "sizes": {"galleries": [1000, 100000], "rerank": 200},
+        "methods": {
+            "clip4clip": {"recipe": "clip4clip", "scoring": "two_tower", "galleries": {"1000": gallery(3.0), "100000": gallery(40.0)}},
+            "xpool": {"recipe": "xpool", "scoring": "rerank",
+                      "galleries": {"1000": gallery(120.0, 60.0, 26700.0),
+                                    "100000": {**gallery(9000.0, 80.0, 26700.0), "exhaustive": {"ms": 9000.0, "extrapolated_from": 20000}}}},
+        },
+        "first_stage": {"n": 1000000, "exact_single_ms": 150.0},
+        "indexing": {"methods": {"clip4clip": {"videos_per_s": 3.5}, "xpool": {"videos_per_s": 3.1}}},
+    }
+
+
+def test_leaderboard_shows_search_costs_beside_accuracy(tmp_path: Path) -> None:
+    """With `make perf`'s search section in runs/perf.json the leaderboard gains the cost columns (CSV and a Markdown
+    table beside t2v R@1), each marked with the machine; without it, nothing changes."""
+    from tests.leaderboard_toys import fake_result, write_results
+    from tvr_bench.report import build_leaderboard
+
+    runs = tmp_path / "runs"
+    write_results(runs, [fake_result("xpool", "synthetic", "tiny", 0, 12.5), fake_result("clip4clip", "synthetic", "tiny", 0, 14.0),
+                         fake_result("drl", "synthetic", "tiny", 0, 15.0)])
+    build_leaderboard(runs)
+    assert "Search cost" not in (runs / "leaderboard.md").read_text()
+    perf = {"machine": {"cpu": "Test CPU", "cpu_count": 2, "memory_gib": 24.0, "torch_threads": 2},
+            "command": "tvr-bench perf", "timestamp": "2026-12-06T00:00:00", "load_start": [1.0], "load_end": [1.2],
+            "quick": False, "sections": {"search": _toy_search_section()}}
+    (runs / "perf.json").write_text(json.dumps(perf))
+    build_leaderboard(runs)
+    md = (runs / "leaderboard.md").read_text()
+    table = md[md.index("## Search cost"):]
+    assert "ms/query 100,000 two-stage¹" in table and "ms/query 1,000,000 vector stage¹" in table
+    row = next(line for line in table.splitlines() if line.startswith("| xpool |"))
+    assert "| 12.5 |" in row and "two-stage (K = 200)" in row and "9,000*" in row and "| 80.0 |" in row
+    assert "¹ measured by `make perf`" in table and "Test CPU (2 cores, 24.0 GiB, no GPU)" in table
+    assert not any(line.startswith("| drl |") for line in table.splitlines())  # no cost measured for it
+    import csv
+
+    rows = {r["method"]: r for r in csv.DictReader((runs / "leaderboard.csv").open())}
+    assert float(rows["clip4clip"]["search/ms_large_exhaustive"]) == 40.0 and rows["clip4clip"]["search/scoring"] == "two_tower"
+    assert "Test CPU" in rows["xpool"]["search/machine"] and rows["drl"].get("search/scoring", "") == ""
+
+
+@pytest.mark.slow
+def test_perf_search_section_end_to_end(tmp_path: Path) -> None:
+    """The `search` section at toy sizes: every figure and target is there and the Markdown renders, for one two-tower
+    and one two-stage method (the full section runs in `make perf`)."""
+    from tvr_bench.perf.run import PerfSizes
+    from tvr_bench.perf.search_bench import SearchSizes, bench_search, leaderboard_costs, render
+
+    sizes = SearchSizes(galleries=(200, 600), first_stage=3000, queries=2, batch=16, batch_repeats=1, rerank=50,
+                        exhaustive_budget_s=0.2, index_rounds=1, vit_b32=False)
+    clips = PerfSizes(clips=1, clip_width=160, clip_height=120, clip_fps=10, clip_seconds=3)
+    section = bench_search(tmp_path / "work", tmp_path / "runs", methods=["clip4clip", "xpool"], sizes=sizes, clip_sizes=clips)
+    assert set(section["methods"]) == {"clip4clip", "xpool"}
+    x = section["methods"]["xpool"]["galleries"]["600"]
+    assert x["two_stage"]["ms"] > 0 and x["exhaustive"]["ms"] > 0 and x["bytes_per_video"] > 12 * 512 * 4
+    c = section["methods"]["clip4clip"]["galleries"]["600"]
+    assert c["batch_ms_per_query"] > 0 and 2048 < c["bytes_per_video"] < 2200
+    first = section["first_stage"]
+    assert first["n"] == 3000 and first["approximate"]["sweep"] and 0 <= first["approximate"]["chosen"]["recall_at_10"] <= 1
+    assert set(section["indexing"]["methods"]) == {"clip4clip", "xpool"}
+    assert section["targets_met"]["exact_1m_single"] is None  # not measured at 1M
+    assert section["targets_met"]["xpool_two_stage_r1"] is None  # no result JSON in the runs folder
+    text = "\n".join(render(section))
+    assert "## Search" in text and "| xpool | rerank |" in text
+    costs = leaderboard_costs({"machine": {"cpu": "x"}, "sections": {"search": section}})
+    assert costs["methods"]["xpool"]["ms_large_two_stage"] == x["two_stage"]["ms"]

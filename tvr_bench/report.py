@@ -737,9 +737,16 @@ def build_leaderboard(runs_dir: str | Path = "runs", expected_dir: str | Path | 
     results = load_results(runs_dir)
     expected = load_expected(expected_dir)
     aggregated = aggregate(results)
+    from tvr_bench.perf.search_bench import cost_markdown, cost_row_fields, load_leaderboard_costs
+
+    costs = load_leaderboard_costs(Path(runs_dir) / "perf.json")  # `make perf`'s search section, when it ran
+    rows = [{**row, **cost_row_fields(row["method"], costs)} for row in leaderboard_rows(aggregated, expected)]
+    cost_lines = cost_markdown([(g["method"] + (f" ({g['variant']})" if g["variant"] else ""), g["dataset"], g["backbone"],
+                                 (g["stats"].get("t2v/R@1") or {}).get("mean")) for g in aggregated], costs)
     paths = {
-        "csv": atomic_write(out / "leaderboard.csv", to_csv(leaderboard_rows(aggregated, expected))),
-        "md": atomic_write(out / "leaderboard.md", to_markdown(aggregated, expected, n_files=len(results))),
+        "csv": atomic_write(out / "leaderboard.csv", to_csv(rows)),
+        "md": atomic_write(out / "leaderboard.md", "\n".join([to_markdown(aggregated, expected, n_files=len(results)),
+                                                              *cost_lines])),
         "png": plot_leaderboard(aggregated, expected, out / "leaderboard.png"),
     }
     return {"paths": paths, "aggregated": aggregated, "expected": expected, "n_results": len(results)}

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from tvr_bench.perf.memory import peak_rss_bytes, reset_peak_rss
+from tvr_bench.perf.search_bench import TARGETS as SEARCH_TARGETS
 
 SCHEMA = "tvr-bench/perf/v1"
 
@@ -60,6 +61,7 @@ TARGETS = {
     "drl_work_ratio": 1.3,  # DRL token-wise scoring within 1.3x of its work at the same run's product rate
     "drl_memory_vs_reference_loop": 1.0,  # DRL blocked peak memory at most the reference loop's
     "train_overhead": 0.05,  # Lightning at most 5% slower per step than a plain loop
+    **SEARCH_TARGETS,  # issue 20: search costs (tvr_bench/perf/search_bench.py)
 }
 
 
@@ -869,10 +871,14 @@ def render_markdown(result: dict[str, Any]) -> str:
         from tvr_bench.perf.train_order_bench import render as render_train_order
 
         lines += render_train_order(sec["train-order"])
+    if "search" in sec:
+        from tvr_bench.perf.search_bench import render as render_search
+
+        lines += render_search(sec["search"])
     return "\n".join(lines)
 
 
-SECTIONS = ("data", "data-memory", "eval", "metrics", "train", "features", "intervals", "precision", "train-order")
+SECTIONS = ("data", "data-memory", "eval", "metrics", "train", "features", "intervals", "precision", "train-order", "search")
 
 
 def _bench_features(work: Path, quick: bool, accelerator: str) -> dict[str, Any]:
@@ -907,6 +913,7 @@ def perf_main(argv: list[str]) -> int:
     parser.add_argument("--methods", default=",".join(EVAL_METHODS), help="eval section: comma-separated methods")
     parser.add_argument("--work-dir", default="runs/perf-data", help="generated clips and shards (reused across runs)")
     parser.add_argument("--accelerator", default="auto", help="training section: Lightning accelerator (auto picks a GPU)")
+    parser.add_argument("--search-methods", default="", help="search section: comma-separated recipes (default: all built-in)")
     parser.add_argument("--drl-reference-loop", action="store_true",
                         help="eval section: also time DRL's reference-style 32 x 32 block loop (minutes at N = 1000)")
     args = parser.parse_args(argv)
@@ -942,6 +949,8 @@ def perf_main(argv: list[str]) -> int:
         "intervals": lambda: __import__("tvr_bench.perf.intervals_bench", fromlist=["x"]).bench_intervals(args.quick),
         "precision": lambda: _bench_precision(result, args.quick),
         "train-order": lambda: __import__("tvr_bench.perf.train_order_bench", fromlist=["x"]).bench_train_order(Path(args.work_dir), args.quick),
+        "search": lambda: __import__("tvr_bench.perf.search_bench", fromlist=["x"]).bench_search(
+            Path(args.work_dir), out.parent, args.quick, [m.strip() for m in args.search_methods.split(",") if m.strip()] or None),
     }
     for name in sections:
         t0 = time.perf_counter()

@@ -30,7 +30,8 @@ def index_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-jpeg", action="store_true", help="feed the decoded frames without the JPEG round trip")
     p.add_argument("--batch-size", type=int, default=16, help="videos per encoding batch")
     p.add_argument("--chunk-size", type=int, default=256, help="video files per resumable chunk")
-    p.add_argument("--workers", type=int, default=1, help="video-decoding processes (0: decode in this process)")
+    p.add_argument("--workers", type=int, default=None, help="video-decoding processes (0: decode in this process; "
+                   "default: one per core, at most 2)")
     p.add_argument("--approximate", action="store_true", help="also build an approximate IVF index (search --approximate)")
     p.add_argument("--nlist", type=int, default=None, help="inverted lists of the approximate index (default ~sqrt(N))")
     p.add_argument("--resume", action="store_true", help="continue an interrupted build of --out")
@@ -44,15 +45,24 @@ def index_main(argv: list[str]) -> int:
     """Index a folder of your own videos (files or prepared shards) with a trained method for `tvr-bench search`."""
     args = index_parser().parse_args(argv)
     from tvr_bench.data.shards import ShardError
-    from tvr_bench.search.indexer import build_index
+    from tvr_bench.search.indexer import DEFAULT_WORKERS, build_index
     from tvr_bench.search.model import SearchSetupError
 
+    quality = args.jpeg_quality
+    if args.no_jpeg:
+        quality = None
+    elif quality != "auto":
+        if not str(quality).isdigit():
+            print(f"error: --jpeg-quality must be 'auto' or a number from 1 to 100, got {quality!r}", file=sys.stderr)
+            return EXIT_CONFIG
+        quality = int(quality)
+    workers = DEFAULT_WORKERS if args.workers is None else args.workers
     try:
         index = build_index(
-            args.source, args.ckpt, args.out, sampling=args.sampling, num_frames=args.frames,
-            jpeg_quality=None if args.no_jpeg else (args.jpeg_quality if args.jpeg_quality == "auto" else int(args.jpeg_quality)), splits=args.split, batch_size=args.batch_size,
-            chunk_size=args.chunk_size, workers=args.workers, approximate=args.approximate, nlist=args.nlist,
-            resume=args.resume, overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
+            args.source, args.ckpt, args.out, sampling=args.sampling, num_frames=args.frames, jpeg_quality=quality,
+            splits=args.split, batch_size=args.batch_size, chunk_size=args.chunk_size, workers=workers,
+            approximate=args.approximate, nlist=args.nlist, resume=args.resume, overwrite=args.overwrite,
+            device=args.device, progress=not args.no_progress,
         )  # fmt: skip
     except (FileNotFoundError, ShardError) as exn:
         print(f"error: {exn}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import multiprocessing as mp
+import os
 import signal
 import sys
 import time
@@ -19,6 +20,9 @@ from tvr_bench.search.model import AUTO, FrameProtocol, LoadedModel, SearchSetup
 from tvr_bench.search.sources import Chunk, DecodedClip, Failure, Source, decode_file, iter_shard_clips, open_source
 from tvr_bench.search.store import APPROX_FILE, INDEX_FILE, IndexWriter, open_stored
 from tvr_bench.search.vectors import build_approximate, default_nlist, write_index
+
+#: Video-decoding processes of `tvr-bench index` by default: one per core, at most two.
+DEFAULT_WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 
 @torch.no_grad()

@@ -181,6 +181,30 @@ def _concat(parts: Iterable[Path], out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- reading
+class Items:
+    """The rows of items.jsonl, parsed on access: the file is memory-mapped and only line offsets are kept."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = path.stat().st_size
+        self._data = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        ends = np.flatnonzero(self._data == 10) + 1
+        self._starts = np.concatenate([[0], ends[:-1]]).astype(np.int64) if len(ends) else np.zeros(0, np.int64)
+        self._ends = ends.astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(len(self._ends))
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        if not -len(self) <= row < len(self):
+            raise IndexError(f"row {row} of {len(self)} items")
+        row = row % len(self)
+        return json.loads(bytes(self._data[self._starts[row] : self._ends[row]]))
+
+    def __iter__(self):  # noqa: ANN204 - an iterator of dicts
+        return (self[i] for i in range(len(self)))
+
+
 @dataclass
 class StoredIndex:
     """A finished index read back: its metadata, memory-mapped vectors and features, items and failures."""
@@ -189,7 +213,7 @@ class StoredIndex:
     meta: dict[str, Any]
     vectors: np.ndarray  # [N, D] float32, memory-mapped
     features: dict[str, np.ndarray]  # name -> [N, ...], memory-mapped
-    items: list[dict[str, Any]]
+    items: Items
 
     @property
     def num_videos(self) -> int:
@@ -233,7 +257,7 @@ def open_stored(path: str | Path) -> StoredIndex:
     try:
         vectors = np.load(path / VECTORS_FILE, mmap_mode="r", allow_pickle=False)
         features = {k: np.load(path / FEATURES_DIR / f"{k}.npy", mmap_mode="r", allow_pickle=False) for k in meta["features"]}
-        items = [json.loads(line) for line in (path / ITEMS_FILE).read_text(encoding="utf-8").splitlines() if line]
+        items = Items(path / ITEMS_FILE)
     except (OSError, ValueError) as exn:
         raise IndexFolderError(f"{path}: damaged index ({type(exn).__name__}: {exn}); rebuild it with --overwrite") from exn
     counts = {len(items), vectors.shape[0], meta.get("num_videos"), *(a.shape[0] for a in features.values())}
