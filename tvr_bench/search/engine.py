@@ -20,7 +20,7 @@ import torch
 
 from tvr_bench.search.model import LoadedModel, SearchSetupError, load_model
 from tvr_bench.search.store import APPROX_FILE, StoredIndex, open_stored
-from tvr_bench.search.vectors import exact_index, knn, read_index
+from tvr_bench.search.vectors import approximate_knn, exact_index, knn, read_index
 
 #: Candidates the method re-ranks per query by default (the issue's K).
 DEFAULT_RERANK = 200
@@ -176,7 +176,10 @@ class SearchIndex:
         vectors = self.loaded.model.search_vectors(text, "text").float().cpu().numpy()
         kind = "approximate (IVF)" if approximate else "exact"
         first_k = k if self.scoring == "two_tower" else max(k, rerank)
-        first_scores, first_rows = knn(self.vector_index(approximate), vectors, first_k, nprobe)
+        if approximate:  # the IVF's 8-bit codes find the rows, their scores come from the float32 vectors
+            first_scores, first_rows = approximate_knn(self.vector_index(True), self.stored.vectors, vectors, first_k, nprobe)
+        else:
+            first_scores, first_rows = knn(self.vector_index(), vectors, first_k)
         t2 = time.perf_counter()
         vector_ms = 1000 * (t2 - t1) / len(queries)
         out = []

@@ -19,7 +19,7 @@ import torch
 from tvr_bench.search.model import AUTO, FrameProtocol, LoadedModel, SearchSetupError, load_model
 from tvr_bench.search.sources import Chunk, DecodedClip, Failure, Source, decode_file, iter_shard_clips, open_source
 from tvr_bench.search.store import APPROX_FILE, INDEX_FILE, IndexWriter, open_stored
-from tvr_bench.search.vectors import build_approximate, default_nlist, write_index
+from tvr_bench.search.vectors import APPROX_CODES, REFINE, build_approximate, default_nlist, write_index
 
 #: Video-decoding processes of `tvr-bench index` by default: one per core, at most two.
 DEFAULT_WORKERS = max(1, min(2, os.cpu_count() or 1))
@@ -199,7 +199,8 @@ def add_approximate(path: str | Path, nlist: int | None = None, seed: int = 0) -
     index = build_approximate(stored.vectors, nlist, seed=seed)
     write_index(index, stored.path / APPROX_FILE)
     meta = dict(stored.meta)
-    meta["approximate"] = {"type": "IVFFlat", "metric": "inner_product", "nlist": nlist, "seed": seed,
-                           "train_rows": min(stored.num_videos, 40 * nlist), "seconds": round(time.perf_counter() - t0, 3)}
+    meta["approximate"] = {"type": f"IVF{nlist},{APPROX_CODES}", "metric": "inner_product", "nlist": nlist, "seed": seed,
+                           "train_rows": min(stored.num_videos, 40 * nlist), "refine": REFINE,
+                           "seconds": round(time.perf_counter() - t0, 3)}
     write_json_atomic(stored.path / INDEX_FILE, meta)
     return meta
