@@ -128,7 +128,11 @@ def test_search_report_for_a_test_set() -> None:
 
 
 # ------------------------------------------------------------------------------------------ end to end
-@pytest.mark.parametrize("method", METHODS)
+#: one two-tower and one two-stage method in the fast suite, every other method in the slow one
+FAST_END_TO_END = ("clip4clip", "xpool")
+
+
+@pytest.mark.parametrize("method", [m if m in FAST_END_TO_END else pytest.param(m, marks=pytest.mark.slow) for m in METHODS])
 def test_search_equals_exhaustive_when_k_covers_the_gallery(method: str, tmp_path: Path, tiny_root: Path) -> None:
     """Index the tiny test split's shards; with K covering the gallery every query's ranking and scores equal the
     method's exhaustive scores, which equal the evaluator's scores of the same videos from the DataModule."""
@@ -432,3 +436,59 @@ def test_perf_search_section_end_to_end(tmp_path: Path) -> None:
     assert "## Search" in text and "| xpool | rerank |" in text
     costs = leaderboard_costs({"machine": {"cpu": "x"}, "sections": {"search": section}})
     assert costs["methods"]["xpool"]["ms_large_two_stage"] == x["two_stage"]["ms"]
+
+
+def test_test_run_records_the_two_stage_loss(tmp_path: Path, tiny_root: Path) -> None:
+    """A test run of a two-stage method writes the `search` block into its result JSON (K = 50, 200, 1000; on 16
+    test videos every K covers the gallery, so nothing is lost)."""
+    import warnings
+
+    import lightning as L
+
+    from tvr_bench.callbacks.evaluator import RetrievalEvaluator
+    from tvr_bench.callbacks.leaderboard import LeaderboardWriter
+    from tvr_bench.data.datamodule import RetrievalDataModule
+    from tvr_bench.methods.xpool import XPool
+
+    torch.manual_seed(0)
+    model = XPool(backbone="tiny")
+    dm = RetrievalDataModule(root=str(tiny_root), dataset="synthetic", num_frames=12, image_size=64, num_workers=0)
+    writer = LeaderboardWriter(runs_dir=str(tmp_path / "runs"), rebuild=False, bootstrap_resamples=0, qualitative=0)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", devices=1, callbacks=[RetrievalEvaluator(print_table=False), writer])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.test(model, datamodule=dm, verbose=False)
+    block = writer.last_result["search"]
+    assert block["scoring"] == "rerank" and (block["videos"], block["texts"]) == (16, 80)
+    by_k = block["two_stage"]["by_k"]
+    assert set(by_k) == {"50", "200", "1000"} and all(v["covers_gallery"] and v["diff/R@1"] == 0.0 for v in by_k.values())
+    assert block["two_stage"]["exhaustive"]["R@1"] == pytest.approx(writer.last_result["metrics"]["t2v/R@1"])
+    assert json.loads(writer.last_path.read_text())["search"]["two_stage"]["by_k"]["50"]["first_stage_recall"] == 100.0
+
+
+def test_two_stage_search_matches_the_reported_loss(tmp_path: Path, tiny_root: Path) -> None:
+    """The two-stage loss the result JSON reports is what two-stage search does: with K = 4 of 16 videos, the R@1 of
+    real searches (each caption of the test split against the index) equals `two_stage_loss` on the same scores."""
+    from tvr_bench.data.shards import iter_shard, parse_sample
+    from tvr_bench.search import build_index, open_index
+    from tvr_bench.search.twostage import two_stage_loss
+
+    ckpt = make_checkpoint(tmp_path / "x.ckpt", "xpool", root=tiny_root)
+    build_index(tiny_root, ckpt, tmp_path / "idx", splits=["test"], progress=False)
+    searcher = open_index(tmp_path / "idx")
+    rows = {item["sample"]: i for i, item in enumerate(searcher.stored.items)}
+    captions, owner = [], []
+    for shard in sorted((tiny_root / "test").glob("shard-*.tar")):
+        for raw in iter_shard(shard):
+            meta, _ = parse_sample(raw)
+            captions += meta["captions"]
+            owner += [rows[raw["__key__"]]] * len(meta["captions"])
+    text = searcher.encode(captions)
+    sim = torch.from_numpy(searcher.exhaustive_scores(text))
+    first = searcher.loaded.model.search_vectors(text, "text") @ torch.from_numpy(np.asarray(searcher.stored.vectors)).T
+    expected = two_stage_loss(sim, first, torch.tensor(owner), ks=(4,))["by_k"]["4"]
+    results = searcher.search_many(captions, k=1, rerank=4)
+    hits = [r.hits[0].row == o for r, o in zip(results, owner)]
+    assert 100.0 * sum(hits) / len(hits) == pytest.approx(expected["R@1"])
+    assert expected["first_stage_recall"] < 100.0  # K = 4 really drops candidates here
