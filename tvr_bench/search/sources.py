@@ -52,7 +52,7 @@ class Source:
 
     def describe(self) -> dict[str, Any]:
         """Plain form for index.json."""
-        out: dict[str, Any] = {"kind": self.kind, "root": str(self.root)}
+        out: dict[str, Any] = {"kind": self.kind, "root": str(Path(self.root).resolve())}
         if self.kind == "files":
             out["files"] = sum(len(c.files) for c in self.chunks)
             out["ignored_files"] = len(self.ignored)
@@ -79,16 +79,25 @@ def list_files(root: Path, chunk_size: int) -> Source:
     return Source("files", root, chunks, ignored=ignored)
 
 
+def is_split_dir(path: Path) -> bool:
+    """Whether `path` is a prepared split: its index.json lists shards (not, e.g., a search index's index.json)."""
+    try:
+        index = json.loads((path / "index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and isinstance(index.get("shards"), list) and "kind" not in index
+
+
 def list_shards(root: Path, splits: list[str] | None) -> Source:
     """Prepared shards: `root` is a split folder (holding index.json) or a prepared root (its split folders)."""
     from tvr_bench.data.shards import read_index
 
-    if (root / "index.json").is_file():
+    if is_split_dir(root):
         found = {root.name: root}
         base = root.parent
     else:
         base = root
-        found = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and (p / "index.json").is_file()}
+        found = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and is_split_dir(p)}
     if splits:
         missing = [s for s in splits if s not in found]
         if missing:
@@ -114,7 +123,7 @@ def open_source(path: str | Path, chunk_size: int = 256, splits: list[str] | Non
     root = Path(path)
     if not root.is_dir():
         raise SearchSetupError(f"{root} is not a folder: give a folder of video files or of prepared shards")
-    if (root / "index.json").is_file() or any((p / "index.json").is_file() for p in root.iterdir() if p.is_dir()):
+    if is_split_dir(root) or any(is_split_dir(p) for p in root.iterdir() if p.is_dir()):
         return list_shards(root, splits)
     if splits:
         raise SearchSetupError(f"--split applies to prepared shards; {root} holds video files")
