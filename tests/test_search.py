@@ -486,7 +486,7 @@ def test_two_stage_search_matches_the_reported_loss(tmp_path: Path, tiny_root: P
             owner += [rows[raw["__key__"]]] * len(meta["captions"])
     text = searcher.encode(captions)
     sim = torch.from_numpy(searcher.exhaustive_scores(text))
-    first = searcher.loaded.model.search_vectors(text, "text") @ torch.from_numpy(np.asarray(searcher.stored.vectors)).T
+    first = searcher.loaded.model.search_vectors(text, "text") @ torch.from_numpy(np.array(searcher.stored.vectors)).T
     expected = two_stage_loss(sim, first, torch.tensor(owner), ks=(4,))["by_k"]["4"]
     results = searcher.search_many(captions, k=1, rerank=4)
     hits = [r.hits[0].row == o for r, o in zip(results, owner)]
