@@ -53,7 +53,7 @@ def strip_sources(stored: StoredIndex, rows: set[int], frames: int) -> dict[int,
         return out
     for row in rows:
         try:
-            out[row] = _file_jpegs(stored, str(items[row]["source"]), frames)
+            out[row] = _file_jpegs(stored, str(items[row].get("source", items[row]["key"])), frames)
         except Exception:  # noqa: BLE001 - a file moved or deleted since indexing: no strip, the row stays
             continue
     return out

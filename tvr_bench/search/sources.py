@@ -192,7 +192,7 @@ def decode_file(root: Path, rel: str, protocol: FrameProtocol) -> DecodedClip | 
         text = str(exn).strip().splitlines()[0] if str(exn).strip() else ""
         return Failure(rel, f"decode error: {type(exn).__name__}: {text}"[:300])
     info = decoded.info
-    item = {"key": rel, "source": rel, "duration": round(float(info.duration), 3), "frames": int(mask.sum())}
+    item = {"key": rel, "duration": round(float(info.duration), 3), "frames": int(mask.sum())}  # the key is the file
     return DecodedClip(rel, frames, mask, item)
 
 
