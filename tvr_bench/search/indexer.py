@@ -26,17 +26,21 @@ DEFAULT_WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 
 @torch.no_grad()
-def encode_clips(loaded: LoadedModel, frames: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def encode_clips(loaded: LoadedModel, frames: np.ndarray, mask: np.ndarray,
+                 keys: list[str] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(search vectors [B, D] float32, stored video features) of a batch of uint8 clips [B, F, 3, S, S].
 
     The frames are normalised exactly as the evaluation loader's batches (`normalize_frames`), then go through the
-    method's `encode_video`. Two-tower methods store only the vectors; rerank methods also every feature tensor."""
+    method's `encode_video` (with the videos' `keys` when it takes `video_keys`: per-video random draws, as TS2-Net's
+    perturbed selection, then follow the video, not the batch). Two-tower methods store only the vectors; rerank
+    methods also every feature tensor."""
     from tvr_bench.data.transforms import normalize_frames
 
     model = loaded.model
     device = next(model.parameters()).device
     frames_t = normalize_frames(torch.from_numpy(frames), torch.from_numpy(mask)).to(device)
-    feats = model.encode_video(frames_t, torch.from_numpy(mask).to(device))
+    extra = {"video_keys": keys} if keys is not None and _takes_keys(model) else {}
+    feats = model.encode_video(frames_t, torch.from_numpy(mask).to(device), **extra)
     vectors = model.search_vectors(feats, "video").float().cpu().numpy()
     stored: dict[str, np.ndarray] = {}
     if loaded.scoring == "rerank":
@@ -44,6 +48,16 @@ def encode_clips(loaded: LoadedModel, frames: np.ndarray, mask: np.ndarray) -> t
             value = value.detach().cpu()
             stored[key] = (value.float() if value.is_floating_point() else value).numpy()
     return vectors, stored
+
+
+def _takes_keys(model: Any) -> bool:
+    """Whether the method's `encode_video` accepts the videos' keys (`video_keys`)."""
+    import inspect
+
+    try:
+        return "video_keys" in inspect.signature(model.encode_video).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _worker_init() -> None:
@@ -73,7 +87,8 @@ def _encode_chunk(loaded: LoadedModel, clips: Iterator[DecodedClip | Failure], b
     def flush() -> None:
         if not batch:
             return
-        v, f = encode_clips(loaded, np.stack([c.frames for c in batch]), np.stack([c.mask for c in batch]))
+        v, f = encode_clips(loaded, np.stack([c.frames for c in batch]), np.stack([c.mask for c in batch]),
+                            [c.item.get("sample", c.key) for c in batch])
         vectors.append(v)
         for key, value in f.items():
             features.setdefault(key, []).append(value)
