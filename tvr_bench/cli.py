@@ -59,6 +59,8 @@ SUBCOMMAND_SUMMARIES: dict[str, str] = {
     "compare": "Tell whether two runs on the same test set really differ: paired intervals, p-values and a verdict.",
     "perf": "Measure speed and memory against baselines of the same run and write a JSON and Markdown report.",
     "features": "Encode a prepared dataset once with a frozen CLIP into cached features, to train heads fast.",
+    "index": "Index a folder of your own videos (files or prepared shards) with a trained method, for search.",
+    "search": "Find the videos of an index that best match a text query: table, JSON or an HTML page of frames.",
 }
 
 
