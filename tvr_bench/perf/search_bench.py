@@ -93,18 +93,19 @@ QUICK_SIZES = SearchSizes(galleries=(1_000, 10_000), first_stage=100_000, querie
 
 # ================================================================================================ inputs
 def perf_backbone(work: Path) -> Path:
-    """A random CLIP with ViT-B/32's input geometry (224 px, 32 px patches) and D = 512, one layer of width 64
-    per tower, saved once as a local model folder (`CLIPBackbone` loads folders): cheap to run, real shapes."""
+    """A random CLIP with ViT-B/32's input geometry (224 px, 32 px patches) and D = 512, two layers of width 64
+    per tower (TS2-Net shifts tokens in the last two), saved once as a local model folder (`CLIPBackbone` loads
+    folders): cheap to run, real shapes."""
     from transformers import CLIPModel
 
     from tvr_bench.backbones.clip import RandomCLIPPreset
 
-    folder = work / "clip-d512-224px"
+    folder = work / "clip-d512-224px-2layers"
     if not (folder / "config.json").is_file():
         import torch
 
         torch.manual_seed(0)
-        preset = RandomCLIPPreset(width=64, layers=1, heads=1, embed_dim=DIM, image_size=224, patch_size=32)
+        preset = RandomCLIPPreset(width=64, layers=2, heads=1, embed_dim=DIM, image_size=224, patch_size=32)
         CLIPModel(preset.config()).save_pretrained(str(folder))
     return folder
 
@@ -613,7 +614,7 @@ def bench_search(work: Path, runs_dir: Path, quick: bool = False, methods: list[
     accuracy = two_stage_accuracy(Path(runs_dir))
     result = {
         "sizes": asdict(sizes),
-        "model": "each method's head (recipe defaults) at D = 512 on a one-layer random CLIP with 224 px input and "
+        "model": "each method's head (recipe defaults) at D = 512 on a two-layer random CLIP with 224 px input and "
                  "32 px patches (tvr_bench/perf/search_bench.py perf_backbone); queries encoded by it",
         "methods": per_method,
         "first_stage": first,
@@ -838,7 +839,7 @@ def cost_markdown(rows: list[tuple[str, str, str, float | None]], costs: dict[st
     lines += ["", f"{mark} measured by `make perf` (section `search`, docs/search.md) on {costs['machine']}. Per single "
               "query, query encoding included; galleries of random features of each method's shapes at D = 512 (not of "
               "the row's backbone); the vector stage is faiss exact search (the whole search of a two-tower method, the "
-              "first stage of a two-stage one); indexing from the perf mp4 clips with a one-layer 224 px CLIP "
+              "first stage of a two-stage one); indexing from the perf mp4 clips with a two-layer 224 px CLIP "
               "(ViT-B/32 encoders are far slower: docs/results/perf.md). * timed on part of the gallery and scaled "
               "to its size.", ""]
     return lines
