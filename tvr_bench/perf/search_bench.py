@@ -1,7 +1,7 @@
 """`make perf` section `search` (issue 20): what searching a gallery costs each method, through the very code
 `tvr-bench search` runs (`SearchIndex` on an index folder).
 
-* **Per method** (every built-in recipe, its head at D = 512 on a one-layer random CLIP with ViT-B/32's input
+* **Per method** (every built-in recipe, its head at D = 512 on a two-layer random CLIP with ViT-B/32's input
   geometry, 224 px and 32 px patches): ms per single query at 1k and 100k gallery videos, exhaustive (the
   method's score against every video) and, for text-conditioned methods, two-stage (exact vector search over
   the first-stage vectors, then the method re-ranks K = 200), stage by stage; peak RSS of the searching process;
