@@ -468,7 +468,7 @@ def indexing_costs(work: str, clips: list[str], checkpoints: dict[str, str], cop
     folder.mkdir(parents=True)
     for c in range(copies):
         for clip in clips:
-            os.symlink(clip, folder / f"copy{c}-{Path(clip).name}")
+            os.symlink(Path(clip).resolve(), folder / f"copy{c}-{Path(clip).name}")
     n_files = copies * len(clips)
 
     def per_item_rate(seek: bool) -> float:
