@@ -492,3 +492,22 @@ def test_two_stage_search_matches_the_reported_loss(tmp_path: Path, tiny_root: P
     hits = [r.hits[0].row == o for r, o in zip(results, owner)]
     assert 100.0 * sum(hits) / len(hits) == pytest.approx(expected["R@1"])
     assert expected["first_stage_recall"] < 100.0  # K = 4 really drops candidates here
+
+
+def test_sharded_exact_index_equals_one_flat_index() -> None:
+    """Splitting the exact index into per-thread shards changes no result: single queries (scanned in parallel) and
+    a batch (BLAS path, shard by shard) give one flat index's rows and scores."""
+    from tvr_bench.search.vectors import exact_index, knn
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((5000, 32)).astype(np.float32)
+    queries = rng.standard_normal((40, 32)).astype(np.float32)
+    flat, sharded = exact_index(vectors, shards=1), exact_index(vectors, shards=3)
+    assert type(sharded).__name__ == "ShardedFlat" and sharded.ntotal == 5000
+    for q in (queries[:1], queries[:5], queries):  # a few queries in parallel shards; 40 queries on the BLAS path
+        s1, r1 = knn(flat, q, 10)
+        s2, r2 = knn(sharded, q, 10)
+        np.testing.assert_array_equal(r1, r2)
+        np.testing.assert_allclose(s1, s2, atol=1e-4)
+    s, r = knn(sharded, queries[:2], 6000)  # k above the gallery: every row once
+    assert r.shape == (2, 5000) and sorted(r[0].tolist()) == list(range(5000))

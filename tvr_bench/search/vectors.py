@@ -44,13 +44,59 @@ REFINE = 4
 KMEANS_ITERATIONS = 10
 
 
-def exact_index(vectors: np.ndarray, block: int = 262_144):  # noqa: ANN201 - a faiss index
+#: Galleries of at least this many vectors are split into one exact shard per thread (`ShardedFlat`).
+SHARD_MIN_ROWS = 131_072
+
+
+def _flat(vectors: np.ndarray, block: int = 262_144):  # noqa: ANN202 - a faiss index
     """An `IndexFlatIP` holding `vectors` (float32 [N, D], e.g. memory-mapped), filled block by block."""
     faiss = faiss_module()
     index = faiss.IndexFlatIP(int(vectors.shape[1]))
     for start in range(0, vectors.shape[0], block):
         index.add(np.ascontiguousarray(vectors[start : start + block], dtype=np.float32))
     return index
+
+
+class ShardedFlat:
+    """Exact inner-product search over consecutive row ranges held by one `IndexFlatIP` each. A few queries scan the
+    shards in parallel threads (faiss `IndexShards`, one OpenMP thread per shard: faiss scans a single query on one
+    thread); a batch runs faiss's BLAS path on each shard in turn with every thread. Same results as one flat index
+    (ties between shards aside)."""
+
+    def __init__(self, vectors: np.ndarray, parts: int) -> None:
+        faiss = faiss_module()
+        n = int(vectors.shape[0])
+        bounds = [n * i // parts for i in range(parts + 1)]
+        self.shards = [_flat(vectors[a:b]) for a, b in zip(bounds, bounds[1:])]
+        self.offsets = bounds[:-1]
+        self.ntotal = n
+        self.parallel = faiss.IndexShards(int(vectors.shape[1]), True, True)  # threaded, consecutive ids
+        for shard in self.shards:
+            self.parallel.add_shard(shard)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and rows [Q, k] of the k best rows per query (faiss's `search`)."""
+        faiss = faiss_module()
+        if len(queries) < BLAS_THRESHOLD:
+            threads = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+            try:
+                return self.parallel.search(queries, k)
+            finally:
+                faiss.omp_set_num_threads(threads)
+        parts = [shard.search(queries, min(k, int(shard.ntotal))) for shard in self.shards]
+        scores = np.concatenate([s for s, _ in parts], axis=1)
+        rows = np.concatenate([np.where(r >= 0, r + off, -1) for (_, r), off in zip(parts, self.offsets)], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+
+
+def exact_index(vectors: np.ndarray, shards: int | None = None):  # noqa: ANN201 - a faiss index or ShardedFlat
+    """The exact inner-product index of `vectors`: one `IndexFlatIP`, or a `ShardedFlat` of one shard per thread
+    (`shards`; default: faiss's thread count when the gallery has at least SHARD_MIN_ROWS vectors)."""
+    if shards is None:
+        shards = faiss_module().omp_get_max_threads() if len(vectors) >= SHARD_MIN_ROWS else 1
+    return _flat(vectors) if shards <= 1 else ShardedFlat(vectors, int(shards))
 
 
 def build_approximate(vectors: np.ndarray, nlist: int | None = None, train_size: int | None = None, seed: int = 0,
@@ -106,6 +152,8 @@ def knn(index, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[
 def _ivf(index):  # noqa: ANN001, ANN202 - a faiss index or None
     """The IVF part of an index (None for a flat index)."""
     faiss = faiss_module()
+    if isinstance(index, ShardedFlat):
+        return None
     try:
         return faiss.extract_index_ivf(index)
     except RuntimeError:
