@@ -76,12 +76,21 @@ def test_search_declaration_holds(method: str) -> None:
     assert model.search_refusal() is None
 
 
-def test_tmass_reference_pairing_is_refused() -> None:
-    """T-MASS with the reference pairing needs each candidate's own captions: search refuses it, naming the fix."""
-    from tvr_bench.methods.tmass import TMASS
+@pytest.mark.parametrize("method, option, words", [("tmass", {"pairing": "reference"}, "pairing='query'"),
+                                                     ("emcl", {"grouping": "reference"}, "evaluation blocks")])
+def test_options_whose_scores_need_other_items_are_refused(method: str, option: dict, words: str, tmp_path: Path,
+                                                           tiny_raw: Path) -> None:
+    """A configuration whose score of a pair depends on other items (T-MASS's reference pairing needs each candidate's
+    own captions; EMCL's reference grouping runs its EM over an evaluation block) cannot be indexed: one clear error."""
+    from tvr_bench.search import build_index
+    from tvr_bench.search.model import SearchSetupError
 
-    reason = TMASS(backbone="tiny", pairing="reference").search_refusal()
-    assert reason is not None and "pairing='query'" in reason
+    if method not in METHODS:
+        pytest.skip(f"{method} is not a built-in method here")
+    ckpt = make_checkpoint(tmp_path / "m.ckpt", method, **option)
+    with pytest.raises(SearchSetupError, match=words):
+        build_index(tiny_raw / "videos", ckpt, tmp_path / "idx", progress=False)
+    assert not (tmp_path / "idx").exists() and not (tmp_path / "idx.partial").exists()
 
 
 # ------------------------------------------------------------------------------------------ two-stage loss
