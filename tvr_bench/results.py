@@ -73,7 +73,7 @@ def canonical_backbone(name: str | None) -> str:
 #: the `protocol` values a result has when its JSON predates the block (or an input was not exposed)
 PROTOCOL_DEFAULTS: dict[str, Any] = {"profile": "default", "features": "end-to-end"}
 #: protocol fields that make runs different leaderboard rows (besides method, dataset, backbone)
-VARIANT_FIELDS = ("profile", "features", "pairing", "eps_mode", "grouping")
+VARIANT_FIELDS = ("profile", "features", "pairing", "eps_mode", "grouping", "padding")
 RANKS_SUFFIX = ".ranks.npz"
 
 
@@ -159,7 +159,7 @@ def flat_row(result: dict[str, Any]) -> dict[str, Any]:
             row[f"{prefix}{key}_ci_lo"] = float(lo)
             row[f"{prefix}{key}_ci_hi"] = float(hi)
     proto = protocol_of(result)
-    row.update({k: proto.get(k) for k in ("profile", "features", "selection", "pairing", "eps_mode", "optimizer")})
+    row.update({k: proto.get(k) for k in ("profile", "features", "selection", "pairing", "eps_mode", "padding", "optimizer")})
     row["variant"] = variant_of(result)
     row["test_videos"] = proto.get("test_videos")
     row["protocol_videos"] = proto.get("protocol_videos")

@@ -427,7 +427,7 @@ class LeaderboardWriter(L.Callback):
         features = "frozen-clip" if getattr(datamodule, "features_dir", None) else "end-to-end"
         defaults = _init_defaults(type(pl_module))
         labelled = {"profile": self.profile, "features": features}
-        labelled.update({k: get(k) for k in ("pairing", "eps_mode", "grouping") if get(k) is not None and get(k) != defaults.get(k)})
+        labelled.update({k: get(k) for k in ("pairing", "eps_mode", "grouping", "padding") if get(k) is not None and get(k) != defaults.get(k)})
         blocks = getattr(evaluator, "last_eval_blocks", None)  # items scored together (EMCL `grouping: reference`)
         return {
             "test_split": test_split,
@@ -441,6 +441,7 @@ class LeaderboardWriter(L.Callback):
             "eps_mode": get("eps_mode"),
             "grouping": get("grouping"),
             "eval_blocks": list(blocks) if blocks else None,
+            "padding": get("padding"),  # X-CLIP: 'masked' (the paper) or 'reference' (the code)
             "features": features,
             "optimizer": get("optimizer") or "adamw",
             # the row label and file-name part: non-default profile/features, and pairing/eps_mode when they
