@@ -30,6 +30,7 @@ from tvr_bench.methods.drl import DRL
 from tvr_bench.methods.emcl import EMCL
 from tvr_bench.methods.mascot import MASCOT
 from tvr_bench.methods.tmass import TMASS
+from tvr_bench.methods.xclip import XCLIP
 from tvr_bench.methods.xpool import XPool
 
 TOL = 1e-5
@@ -97,6 +98,7 @@ METHODS = {
     "drl_cdcr1": (DRL, {"cdcr": 1}),
     "tmass": (TMASS, {}),
     "emcl": (EMCL, {"temporal_layers": 1}),
+    "xclip": (XCLIP, {}),
 }
 
 
@@ -161,7 +163,7 @@ def test_missing_store_and_existing_output_are_clear_errors(features_dir: Path, 
 
 
 # ----------------------------------------------------------------------------- same scores as frames
-@pytest.mark.parametrize("name", ["clip4clip", "clip4clip_seqtransf", "xpool", "drl", "tmass", "emcl"])
+@pytest.mark.parametrize("name", ["clip4clip", "clip4clip_seqtransf", "xpool", "drl", "tmass", "emcl", "xclip"])
 def test_eval_scores_equal_encoding_frames(name: str, features_dir: Path, tiny_root: Path, tmp_path: Path) -> None:  # noqa: F811
     cls, kwargs = METHODS[name]
     model = make_model(cls, **kwargs)
@@ -199,7 +201,7 @@ def _frame_batches(root: Path, feature_batches: list[dict[str, Any]]) -> list[di
     ]
 
 
-@pytest.mark.parametrize("name", ["clip4clip_seqtransf", "xpool", "drl", "drl_cdcr1", "tmass", "emcl"])
+@pytest.mark.parametrize("name", ["clip4clip_seqtransf", "xpool", "drl", "drl_cdcr1", "tmass", "emcl", "xclip"])
 def test_training_on_features_equals_training_on_frames(name: str, features_dir: Path, tiny_root: Path, tmp_path: Path) -> None:  # noqa: F811
     """Same batches, frozen backbone: the head's weights after 3 steps and the test scores agree."""
     cls, kwargs = METHODS[name]

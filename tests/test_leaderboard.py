@@ -120,11 +120,12 @@ def test_aggregate_mean_std_over_seeds():
 
 def test_expected_files_cover_every_method_and_keep_provenance():
     expected = load_expected(EXPECTED)
-    assert {p.stem for p in EXPECTED.glob("*.yaml")} == {"clip4clip", "xpool", "drl", "tmass", "mascot", "ts2net", "emcl"}
+    assert {p.stem for p in EXPECTED.glob("*.yaml")} == {"clip4clip", "xpool", "drl", "tmass", "mascot", "ts2net", "emcl", "xclip"}
     [c4c] = [e for e in paper_entries(expected, "clip4clip", "MSR-VTT", "ViT-B/32") if e["label"] == "paper"]
     assert c4c["metrics"]["t2v/R@1"] == 43.1 and c4c["provenance"]["t2v/R@1"] == "[I#104]"
     assert c4c["provenance"]["t2v/R@5"] == "[P?]"  # unverified numbers stay marked
     assert paper_entries(expected, "tmass", "msrvtt", "ViT-B/32")[0]["metrics"]["t2v/R@1"] == 50.2
+    assert paper_entries(expected, "xclip", "msrvtt", "ViT-B/16")[0]["metrics"] == {"t2v/R@1": 49.3}  # the abstract
     assert paper_entries(expected, "xpool", "msrvtt_7k", "ViT-B/32")[0]["provenance"]["t2v/R@1"] == "[R]"
     ts2 = paper_entries(expected, "ts2net", "MSR-VTT", "ViT-B/32")  # the plain number first, the DSL one labelled
     assert [e["label"] for e in ts2] == ["paper", "inverted softmax (DSL, transductive)"]

@@ -108,7 +108,7 @@ def test_every_dataset_stack_composes(method: str):
         assert config["model"]["class_path"] == method_class, dataset
         data_class = yaml.safe_load((RECIPES / "data" / f"{dataset}.yaml").read_text())["data"]["class_path"]
         assert config["data"]["class_path"] == data_class, dataset
-        if method == "tmass":  # the radius head maps F frame cosines to D: the model's F is the data's
+        if "num_frames" in config["model"]["init_args"]:  # sized by F (T-MASS radius head, X-CLIP frame matrices): the data's F
             assert config["model"]["init_args"]["num_frames"] == config["data"]["init_args"]["num_frames"], dataset
 
 
