@@ -8,7 +8,8 @@ Sections (all in one run, on one machine; see docs/scaling.md for the figures an
 * **eval**: for every method's scorer at N x N (default 1000; D 512, 12 frames, 32 words for DRL, M 20 for
   T-MASS), time and peak memory of the blocked scorer vs the one-shot scorer of the same math, and the
   max |difference|; each scorer runs in its own fresh process (peak RSS growth over its inputs).
-  X-Pool / T-MASS / EMCL come from `tvr_bench.perf.eval_scorers`, DRL from `tvr_bench.perf.drl_scorer`, TS2-Net from `tvr_bench.perf.ts2net_scorer`.
+  X-Pool / T-MASS / EMCL come from `tvr_bench.perf.eval_scorers`, DRL from `tvr_bench.perf.drl_scorer`, TS2-Net from `tvr_bench.perf.ts2net_scorer`,
+  X-CLIP from `tvr_bench.perf.xclip_scorer` (32 words; its one-shot math beyond N = 250 on 128 texts, scaled).
 * **metrics**: `tvr_bench.metrics.retrieval_metrics` vs torchmetrics' retrieval metrics on one matrix.
 * **train**: steps/s of the Lightning module (Trainer.fit) vs a plain PyTorch loop over the same model
   and the same in-memory batches, interleaved step by step (median of the paired step-time ratios).
@@ -461,6 +462,9 @@ def _eval_summary(name: str, raw: dict[str, Any], blocked_key: str, blocking_app
         out.update({k: raw.get(k) for k in ("pair_n", "pair_max_abs_diff", "pair_speedup_blocked_vs_one_shot", "pair_memory_ratio",
                                             "pair_seconds_per_million_pairs")})  # fmt: skip
         out["targets_met"]["pair_equal"] = raw["pair_max_abs_diff"] <= TARGETS["eval_max_abs_diff"]
+    if name == "xclip":
+        out["work_ratio"] = raw.get("work_ratio")
+        out["one_shot_estimated_from_rows"] = raw["one_shot"].get("rows_run")
     if name == "drl":
         out["work_macs"] = raw.get("work_macs")
         out["work_floor_seconds"] = raw.get("work_floor_seconds")
@@ -508,6 +512,13 @@ def bench_eval(sizes: PerfSizes, methods: list[str]) -> dict[str, Any]:
             rows = None if sizes.drl_reference_loop else 128
             raw, key = bench_drl(n=n, words=32, frames=12, d=512, repeats=max(reps, 1), budget_mb=1024.0,
                                  variants=("blocked", "one_shot", "reference_loop"), reference_rows=rows), "blocked"  # fmt: skip
+        elif name == "xclip":
+            from tvr_bench.perf.xclip_scorer import bench_xclip
+
+            # the one-shot math holds several [rows, 32, N, 12] float copies (about 8 GiB at N = 1000): beyond N = 250 it
+            # runs on the first 128 texts against every video, its time and memory scaled to all rows (marked estimates)
+            raw, key = bench_xclip(n=n, words=32, frames=12, d=512, repeats=max(reps, 1), budget_mb=1024.0,
+                                   one_shot_rows=None if n <= 250 else 128), "blocked"  # fmt: skip
         else:
             raise ValueError(f"unknown method {name!r}")
         raw["wall_seconds"] = time.perf_counter() - t0
@@ -757,6 +768,12 @@ def _floor_lines(e: dict[str, Any]) -> list[str]:
             line += (f"; peak {s['blocked_peak_mib']:.0f} MiB vs the reference loop's {s['reference_loop_peak_mib']:.0f} MiB "
                      f"on the same inputs ({_mark(s['targets_met']['memory_vs_reference_loop'])})")  # fmt: skip
         lines.append(line + ".")
+    s = summ.get("xclip")
+    if s and s.get("work_ratio") is not None:
+        rows = s.get("one_shot_estimated_from_rows")
+        lines.append(f"- xclip: blocked scorer {s['blocked_seconds']:.3f} s = **{s['work_ratio']:.2f}×** its word-frame products "
+                     f"(real tokens × real frames × D) at the product rate; {s['speedup']:.1f}× the one-shot math"
+                     + (f" (one-shot time and memory scaled from its first {rows} texts)" if rows else "") + ".")  # fmt: skip
     return lines + [""]
 
 
@@ -900,7 +917,7 @@ def _bench_precision(result: dict[str, Any], quick: bool) -> dict[str, Any]:
     return bench_precision(quick, per_core, source)
 
 
-EVAL_METHODS = ("clip4clip", "mascot", "xpool", "tmass", "drl", "ts2net", "emcl")
+EVAL_METHODS = ("clip4clip", "mascot", "xpool", "tmass", "drl", "ts2net", "emcl", "xclip")
 
 
 def perf_main(argv: list[str]) -> int:
