@@ -152,7 +152,7 @@ def build_method(recipe: str) -> L.LightningModule:
     module, _, name = conf["class_path"].rpartition(".")
     args = dict(conf.get("init_args") or {})
     args.update(backbone="tiny", max_words=16)
-    if name == "TMASS":
+    if "num_frames" in args:  # a model sized by the frame count (T-MASS radius head, X-CLIP frame matrices)
         args["num_frames"] = FRAMES
     return getattr(importlib.import_module(module), name)(**args)
 
