@@ -236,7 +236,7 @@ def test_writer_records_a_self_describing_result(tmp_path):
     assert result["protocol"] == {
         "test_split": "test", "test_videos": 12, "protocol_videos": None, "complete": True, "test_set": "",
         "profile": "default", "selection": "last", "pairing": None, "eps_mode": None, "grouping": None,
-        "eval_blocks": None, "features": "end-to-end", "optimizer": "adamw", "variant": ""}
+        "eval_blocks": None, "padding": None, "features": "end-to-end", "optimizer": "adamw", "variant": ""}
     assert "## With dual softmax at inference (DSL)" in md
     assert (runs / "leaderboard.csv").is_file() and (runs / "leaderboard.png").is_file()
 
