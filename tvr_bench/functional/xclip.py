@@ -128,7 +128,8 @@ def aosm(scores: Tensor, weight: Tensor, dim: int = -1, mask: Tensor | None = No
 
 
 def _aosm_lean(scores: Tensor, weight: Tensor, dim: int, mask: Tensor | None, temperature: float = AOSM_TEMPERATURE) -> Tensor:
-    """`aosm` without autograd in about 2 extra copies of `scores` (in-place softmax; for the evaluation scorer)."""
+    """`aosm` without autograd for the evaluation scorer: an in-place softmax (reductions over `dim`, faster on CPU than
+    `torch.softmax` over an inner dim), so at most two more copies of `scores` are alive at once."""
     dim = dim % scores.ndim
     a = scores / temperature
     if mask is not None:
@@ -343,13 +344,15 @@ def _blocked(
     for vs in range(0, nv, bv):
         vi = v_order[vs : vs + bv]
         fb = max(1, int(v_ext[vi[0]]))
-        v_chunks.append((vi, fb, frames[vi, :fb], frame_mask[vi, :fb] if masked else None, video[vi]))
+        fm = frame_mask[vi, :fb] if masked else None
+        v_chunks.append((vi, fb, frames[vi, :fb], None if fm is None or bool(fm.all()) else fm, video[vi]))  # no mask: fewer passes
     global_t = sentence @ w["global_mat_weight"]
     for ts in range(0, nt, bt):
         ti = t_order[ts : ts + bt]
         lb = max(1, int(t_ext[ti[0]]))
         words_c = words[ti, :lb]
         wm = word_mask[ti, :lb] if masked else None
+        wm = None if wm is None or bool(wm.all()) else wm
         words_l = (words_c.reshape(-1, d) @ w["local_mat_weight"]).view(len(ti), lb, d)
         sent_c, glob_c = sentence[ti], global_t[ti]
         for vi, fb, frames_c, fm, video_c in v_chunks:
