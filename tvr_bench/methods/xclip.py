@@ -35,8 +35,9 @@ class XCLIP(RetrievalModule):
     """
 
     REFERENCE_OPTIMIZER = "bertadam"  # `optimizer: reference`: X-CLIP modules/optimization.py BertAdam (docs/methods/xclip.md, Optimiser)
-    #: CLIP4Clip's data protocol (X-CLIP's loaders are CLIP4Clip's): docs/methods/xclip.md, 'Reproducing the paper'
-    DATA_PROTOCOL = {"sampling": "fps1_uniform", "train_stream": "pairs", "augment": "none"}
+    #: CLIP4Clip's data protocol (X-CLIP's loaders are CLIP4Clip's; `drop_last=True`: dataloaders/data_dataloaders.py
+    #: L32, L79, L127, L175, L223): docs/methods/xclip.md, 'Reproducing the paper'
+    DATA_PROTOCOL = {"sampling": "fps1_uniform", "train_stream": "pairs", "augment": "none", "last_batch": "drop"}
     #: init args that change the test-time scores, with the values a scoring audit must try (the default first)
     SCORING_OPTIONS: ClassVar[dict[str, tuple[Any, ...]]] = {"padding": PADDINGS}
 
