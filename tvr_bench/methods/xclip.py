@@ -92,6 +92,14 @@ class XCLIP(RetrievalModule):
     def _inputs(self, text: Features, video: Features) -> tuple[Tensor, ...]:
         return (text["sentence"], text["words"], text["word_mask"], video["video"], video["frames"], video["frame_mask"])
 
+    def search_vectors(self, feats: Features, side: str) -> Tensor:
+        """The search index's first stage (`SEARCH_SCORING = "rerank"`): the unit sentence feature of a text and the
+        unit video-level feature of a video, whose inner product is the video-sentence term at G = I; the full
+        four-term score reranks the candidates (docs/search.md)."""
+        if side not in ("text", "video"):
+            raise ValueError(f"side must be 'text' or 'video', got {side!r}")
+        return (feats["sentence"] if side == "text" else feats["video"]).float()
+
     # ------------------------------------------------------------------ scores
     def similarity(self, text: Features, video: Features) -> Tensor:
         """Unscaled X-CLIP score of any text slice x video slice, in memory-bounded steps."""
