@@ -158,8 +158,8 @@ def test_csv_and_markdown_show_this_run_next_to_paper():
     this = next(i for i, line in enumerate(lines) if line.startswith("| ★ | clip4clip | msrvtt |"))
     assert "| sel=? , opt=? |".replace(" ,", ",") in lines[this]  # old results: no protocol block
     assert "| this run | 0,1,2 | 42.5 ± 1.5 |" in lines[this]  # no per-query ranks: no interval
-    assert lines[this + 1].startswith("|  |  |  |  |  |  |  |  |  | paper |  | 43.1 | 70.4† |")  # the paper row below
-    assert "| ★ | xpool | synthetic | tiny | 12 | 32 | sel=?, opt=? | – | this run | 0 | 30.0 |" in md
+    assert lines[this + 1].startswith("|  |  |  |  |  |  |  |  |  |  | paper |  | 43.1 | 70.4† |")  # the paper row below
+    assert "| ★ | xpool | synthetic | tiny | 12 | 32 | sel=?, opt=? | pairwise | – | this run | 0 | 30.0 |" in md
     assert "### msrvtt · ViT-B/32 · profile default · end-to-end" in md
     assert "## Efficiency" in md and "| 1.50 | 1.00 |" in md
     assert "[I#104]" in md and "recipes/expected/clip4clip.yaml" in md
@@ -231,11 +231,12 @@ def test_writer_records_a_self_describing_result(tmp_path):
     assert row["t2v/R@1"] == 40.0 and row["dsl/v2t/R@1"] == 39.0 and row["seed"] == 3
     md = (runs / "leaderboard.md").read_text()
     assert "| toymethod | toyset | tiny | 4 | 8 | sel=last, opt=adamw | 12 videos | this run | 3 | 40.0 ± " not in md
-    assert "| ★ | toymethod | toyset | tiny | 4 | 8 | sel=last, opt=adamw | 12 videos | this run | 3 | 40.0 |" in md
+    assert "| ★ | toymethod | toyset | tiny | 4 | 8 | sel=last, opt=adamw | pairwise | 12 videos | this run | 3 | 40.0 |" in md
     assert result["protocol"] == {
         "test_split": "test", "test_videos": 12, "protocol_videos": None, "complete": True, "test_set": "",
         "profile": "default", "selection": "last", "pairing": None, "eps_mode": None, "grouping": None,
-        "eval_blocks": None, "features": "end-to-end", "optimizer": "adamw", "variant": ""}
+        "eval_blocks": None, "features": "end-to-end", "optimizer": "adamw", "variant": "", "scoring_options": {},
+        "result_class": "pairwise", "audit": {}, "postprocessing": {}}
     assert "## With dual softmax at inference (DSL)" in md
     assert (runs / "leaderboard.csv").is_file() and (runs / "leaderboard.png").is_file()
 

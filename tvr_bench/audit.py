@@ -59,6 +59,8 @@ NOISE_LEVEL = 0.999
 #: videos in the audit's property set (caption counts cycle through CAPTION_COUNTS: unequal on purpose)
 PROPERTY_VIDEOS, CAPTION_COUNTS, GALLERY_VIDEOS = 12, (1, 3, 2), 7
 NOISE_VIDEOS, NOISE_SEEDS = 300, (0, 1, 2)
+#: scoring memory budget of the audit's small sets (MiB)
+AUDIT_BUDGET_MB = 256.0
 #: query-bank texts used when auditing post-processing that needs one
 BANK_TEXTS = 16
 #: the subset of real test features the evaluator audits at the end of a test
@@ -133,6 +135,15 @@ class Scoring:
     #: plain scores of keyed sets, shared by the scorings of one method (post-processing reuses them)
     cache: dict[Any, Tensor] | None = None
 
+    def budget(self) -> float:
+        """The scoring memory budget: `budget_mb`, else the method's `eval_memory_mb` but at least AUDIT_BUDGET_MB
+        (the audit's sets are small; blocks never change a score, and `eval_block_sizes()` is honoured anyway)."""
+        if self.budget_mb is not None:
+            return float(self.budget_mb)
+        hparams = getattr(self.method, "hparams", None) or {}
+        own = float(hparams.get("eval_memory_mb", AUDIT_BUDGET_MB)) if hasattr(hparams, "get") else AUDIT_BUDGET_MB
+        return max(own, AUDIT_BUDGET_MB)
+
     @property
     def label(self) -> str:
         """`tmass pairing=reference eps_mode=pair + qbnorm`: what is audited."""
@@ -152,7 +163,7 @@ class Scoring:
             if s.key is not None and self.cache is not None and key in self.cache:
                 sim = self.cache[key]
             else:
-                sim = eval_scores(self.method, s.text, s.video, s.text_to_video, self.budget_mb).float()
+                sim = eval_scores(self.method, s.text, s.video, s.text_to_video, self.budget()).float()
                 if s.key is not None and self.cache is not None:
                     self.cache[key] = sim
             if self.post is None:
@@ -163,7 +174,7 @@ class Scoring:
                 if self.bank is None:
                     raise ValueError(f"{self.post} needs a query bank")
                 n_bank = len(next(iter(self.bank.values())))
-                bank_sim = eval_scores(self.method, self.bank, s.video, torch.full((n_bank,), -1), self.budget_mb)
+                bank_sim = eval_scores(self.method, self.bank, s.video, torch.full((n_bank,), -1), self.budget())
             return option.apply(sim, bank_sim, self.settings).float()
 
 
@@ -494,13 +505,16 @@ def is_ranked(result_class: str) -> bool:
     return result_class in RANKED_CLASSES
 
 
-def honest_options(method: Any, s: EvalSet) -> tuple[dict[str, Any], str] | None:
+def honest_options(method: Any, s: EvalSet, verdict: str | None = None) -> tuple[dict[str, Any], str] | None:
     """Scoring options that make the method's configured scoring rankable (pairwise or gallery-normalised), found by
     resetting its non-default `SCORING_OPTIONS` to their defaults one at a time (in declaration order) and auditing
-    each; None when the configured scoring already is rankable or no reset makes it so."""
+    each; None when the configured scoring already is rankable or no reset makes it so. `verdict`: the configured
+    scoring's class when already known."""
     declared = getattr(type(method), "SCORING_OPTIONS", {}) or {}
     current = method.scoring_options()
-    if is_ranked(classify(property_checks(Scoring(method, current), s))):
+    if verdict is None:
+        verdict = classify(property_checks(Scoring(method, current), s))
+    if is_ranked(verdict):
         return None
     trial = dict(current)
     for name, values in declared.items():

@@ -40,6 +40,7 @@ TOOL_COMMANDS: dict[str, str] = {
     "features": "tvr_bench.features.cli:features_main",
     "index": "tvr_bench.search.cli:index_main",
     "search": "tvr_bench.search.cli:search_main",
+    "audit": "tvr_bench.audit:audit_main",
 }
 
 

@@ -182,13 +182,20 @@ def flat_row(result: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {k: result.get(k) for k in ("method", "dataset", "backbone", "frames", "words", "seed")}
     row.update({k: float(v) for k, v in sorted((result.get("metrics") or {}).items())})
     row.update({f"dsl/{k}": float(v) for k, v in sorted((result.get("dsl_metrics") or {}).items())})
+    for name, block in sorted((result.get("post_metrics") or {}).items()):  # QB-Norm, SK-norm, Sinkhorn
+        row.update({f"{name}/{k}": float(v) for k, v in sorted(block.items())})
     intervals = result.get("intervals") or {}
-    for prefix, block in (("", intervals.get("metrics")), ("dsl/", intervals.get("dsl_metrics"))):
+    blocks = [("", intervals.get("metrics")), ("dsl/", intervals.get("dsl_metrics"))]
+    blocks += [(f"{name}/", b) for name, b in sorted((intervals.get("post_metrics") or {}).items())]
+    for prefix, block in blocks:
         for key, (lo, hi) in sorted((block or {}).items()):
             row[f"{prefix}{key}_ci_lo"] = float(lo)
             row[f"{prefix}{key}_ci_hi"] = float(hi)
     proto = protocol_of(result)
     row.update({k: proto.get(k) for k in ("profile", "features", "selection", "pairing", "eps_mode", "optimizer")})
+    row["result_class"] = result_class_of(result)
+    for name, block in sorted((proto.get("postprocessing") or {}).items()):
+        row[f"{name}/result_class"] = block.get("result_class") or UNAUDITED
     row["variant"] = variant_of(result)
     row["test_videos"] = proto.get("test_videos")
     row["protocol_videos"] = proto.get("protocol_videos")

@@ -345,7 +345,9 @@ class RetrievalEvaluator(L.Callback):
             if was_training:
                 pl_module.train()
         if not is_ranked(verdict):
-            print(f"warning: {scoring_warning(pl_module, verdict)}", flush=True)
+            tail = ("; the test scores the same features a second time with the method's default for the options "
+                    "that make it so, and reports that number first") if self.both_scorings else ""
+            print(f"warning: {scoring_warning(pl_module, verdict)}{tail}", flush=True)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Start a fresh collection."""
@@ -443,12 +445,20 @@ class RetrievalEvaluator(L.Callback):
         from tvr_bench.postprocessing import postprocessing
 
         out = {}
-        bank_sim = None
+        bank_sim: Tensor | None = None
+        bank_error = None
         for name in names:
             option = postprocessing(name)
-            if option.needs_bank and bank_sim is None:
+            if option.needs_bank and bank_sim is None and bank_error is None:
                 n_bank = len(next(iter(bank.values())))
-                bank_sim = self.score(pl_module, bank, video, torch.full((n_bank,), -1, dtype=torch.long))
+                try:  # a query bank has no test labels: a scoring that reads them cannot score it
+                    bank_sim = self.score(pl_module, bank, video, torch.full((n_bank,), -1, dtype=torch.long))
+                except ValueError as exn:
+                    bank_error = str(exn)
+            if option.needs_bank and bank_sim is None:
+                if getattr(trainer, "is_global_zero", True):
+                    warnings.warn(f"{name} skipped: the query bank cannot be scored with this scoring ({bank_error})")
+                continue
             out[name] = option.apply(sim, bank_sim if option.needs_bank else None, self.settings).float()
         return out
 
@@ -494,6 +504,7 @@ class RetrievalEvaluator(L.Callback):
         if any(_needs_bank(n) for n in names):
             bank = self.query_bank_features(trainer, pl_module)
         post_sims = self._post_scores(trainer, pl_module, sim, video, names, bank)
+        names = [n for n in names if n in post_sims]
         dsl_sim = post_sims.get("dsl")
         dsl_ranks = None if dsl_sim is None else query_ranks(dsl_sim, t2v)
         if dsl_ranks is not None:
@@ -567,7 +578,7 @@ class RetrievalEvaluator(L.Callback):
             return
         from tvr_bench.audit import EvalSet, honest_options, test_subset
 
-        found = honest_options(pl_module, test_subset(EvalSet(text, video, t2v)))
+        found = honest_options(pl_module, test_subset(EvalSet(text, video, t2v)), verdict)
         if found is None:
             return
         options, honest_class = found
@@ -594,7 +605,7 @@ class RetrievalEvaluator(L.Callback):
 
         name = getattr(pl_module, "method_name", type(pl_module).__name__.lower())
         table = Table(title=f"{name}: {self.last_counts.get('texts')} texts x {self.last_counts.get('videos')} videos")
-        table.add_column("direction")
+        table.add_column("direction", no_wrap=True)
         for col in ("R@1", "R@5", "R@10", "MdR", "MnR"):
             table.add_column(col, justify="right")
         verdict = (self.last_audit or {}).get("result_class")
@@ -603,10 +614,11 @@ class RetrievalEvaluator(L.Callback):
         rows: list[tuple[str, dict[str, float], dict[str, Any]]] = []
         if companion is not None:  # the honest number first
             label = ", ".join(f"{k}={v}" for k, v in companion["changed"].items())
+            spans = (companion.get("intervals") or {}).get("metrics") or {}
             for d in ("t2v", "v2t"):
                 rows.append((f"{d} · {companion['result_class']} ({label})",
                              {k[4:]: v for k, v in companion["metrics"].items() if k.startswith(f"{d}/")},
-                             (companion.get("intervals") or {}).get("metrics") or {}))
+                             {k[4:]: v for k, v in spans.items() if k.startswith(f"{d}/")}))
         tag = f" · {verdict}" if verdict else ""
         if companion is not None:
             tag += " (" + ", ".join(f"{k}={v}" for k, v in pl_module.scoring_options().items()
@@ -635,8 +647,9 @@ class RetrievalEvaluator(L.Callback):
             table.caption = escape(f"[lo, hi]: 95% bootstrap interval over test queries ({intervals['resamples']:,} "
                                    "resamples of the videos with all their captions)")
         console = Console()
-        if intervals and console.width < 120:  # piped or a narrow terminal: keep each interval on one line
-            console = Console(width=120)
+        wide = 120 + max(0, max(len(r[0]) for r in rows) - 12)
+        if intervals and console.width < wide:  # piped or a narrow terminal: keep each interval on one line
+            console = Console(width=wide)
         console.print(table)
         if companion is not None:
             print(f"scored the same test features twice: the {companion['result_class']} scoring took "
