@@ -8,7 +8,7 @@ video? Every method x scoring option x evaluator post-processing is run through 
   texts but one, a video's texts removed, texts whose video is not in the gallery added; <= 1e-5). Items keep
   their global `index`, so stochastic scorers are compared with the same per-pair draws;
 - gallery independence: score(t, v) does not change when other videos are removed (all texts x 7 videos, with
-  unequal caption counts; all texts x all videos but one);
+  unequal caption counts; all texts x all videos but v, for each v; all texts x the videos no text ranks first);
 - order equivariance: permuting texts and videos permutes the matrix (<= 1e-5);
 - noise floor: on pure-noise features (random text and frame features in the method's own layout, several hundred
   videos with one caption each, a few seeds) t2v R@1 stays inside the 99.9% interval of chance (a parametric
@@ -59,6 +59,8 @@ NOISE_LEVEL = 0.999
 #: videos in the audit's property set (caption counts cycle through CAPTION_COUNTS: unequal on purpose)
 PROPERTY_VIDEOS, CAPTION_COUNTS, GALLERY_VIDEOS = 12, (1, 3, 2), 7
 NOISE_VIDEOS, NOISE_SEEDS = 300, (0, 1, 2)
+#: gallery check: at most this many "all videos but one" cases
+LEAVE_ONE_OUT = 12
 #: scoring memory budget of the audit's small sets (MiB)
 AUDIT_BUDGET_MB = 256.0
 #: query-bank texts used when auditing post-processing that needs one
@@ -203,12 +205,16 @@ class Check:
 
 
 def deviation(a: Tensor, b: Tensor) -> tuple[float, str | None]:
-    """(max |a - b| over the entries finite in both, what else differs: shape, NaN or inf pattern, or None)."""
+    """(max |a - b| over the entries finite in both, divided by max(1, max |b|) so that scores on a logit scale
+    (SK-norm: cosine / 0.01) get the same float32 headroom as cosines; what else differs: shape, NaN or inf
+    pattern, or None)."""
     if a.shape != b.shape:
         return math.inf, f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
     a, b = a.double(), b.double()
     finite = torch.isfinite(a) & torch.isfinite(b)
-    value = float((a[finite] - b[finite]).abs().max()) if bool(finite.any()) else 0.0
+    value = 0.0
+    if bool(finite.any()):
+        value = float((a[finite] - b[finite]).abs().max()) / max(1.0, float(b[finite].abs().max()))
     if not torch.equal(a.isnan(), b.isnan()):
         return value, f"NaN pattern differs ({int(a.isnan().sum())} vs {int(b.isnan().sum())} NaN scores)"
     if not torch.equal(a.isinf(), b.isinf()) or not torch.equal(a[a.isinf()], b[b.isinf()]):
@@ -278,9 +284,15 @@ def property_checks(scoring: Scoring, s: EvalSet, seed: int = 0) -> list[Check]:
         unequal = len(set(counts[cols].tolist())) > 1
         checks.append(_compare("gallery", f"all texts x {len(cols)} videos" + (" (unequal caption counts)" if unequal else ""),
                                scoring, s.subset(None, cols), full[:, cols]))
-        drop = int(torch.randint(0, n_video, (1,), generator=g))
-        cols = [c for c in range(n_video) if c != drop]
-        checks.append(_compare("gallery", "all texts x all videos but one", scoring, s.subset(None, cols), full[:, cols]))
+        for drop in _spread(n_video, LEAVE_ONE_OUT):  # each video left out in turn (a text's best, a hub, ...)
+            cols = [c for c in range(n_video) if c != drop]
+            checks.append(_compare("gallery", f"all texts x all videos but {drop}", scoring, s.subset(None, cols),
+                                   full[:, cols]))
+        best = set(full.nan_to_num(nan=float("-inf")).argmax(1).tolist())  # every text's first video
+        cols = [c for c in range(n_video) if c not in best]
+        if cols:  # the videos that matter most to anything normalised over the gallery are gone
+            checks.append(_compare("gallery", f"all texts x the {len(cols)} videos no text ranks first", scoring,
+                                   s.subset(None, cols), full[:, cols]))
     # order equivariance
     rp, cp = torch.randperm(n_text, generator=g), torch.randperm(n_video, generator=g)
     checks.append(_compare("order", "texts and videos permuted", scoring, s.subset(rp, cp), full[rp][:, cp]))
@@ -423,8 +435,9 @@ def encode_random(method: Any, counts: list[int], seed: int, num_frames: int | N
 
 def noise_like(template: EvalSet, counts: list[int], seed: int) -> EvalSet:
     """Pure-noise features laid out like `template` (the method's own feature dict): every floating entry drawn
-    i.i.d. from N(0, rms^2), rms = that entry's root mean square in the template; masks and other integer entries
-    copied from random template items; `counts[v]` captions for video v. No pairing information at all."""
+    i.i.d. from N(0, rms^2), rms = that entry's root mean square in the template (its absolute value for an entry
+    that is never negative in the template: weights); masks and other integer entries copied from random template
+    items; `counts[v]` captions for video v. No pairing information at all."""
     g = torch.Generator().manual_seed(seed)
 
     def draw(feats: Features, n: int) -> Features:
@@ -436,7 +449,8 @@ def noise_like(template: EvalSet, counts: list[int], seed: int) -> EvalSet:
                 continue
             if v.is_floating_point():
                 rms = float(v.float().pow(2).mean().sqrt()) or 1.0
-                out[k] = rms * torch.randn((n, *v.shape[1:]), generator=g)
+                noise = rms * torch.randn((n, *v.shape[1:]), generator=g)
+                out[k] = noise.abs() if bool((v >= 0).all()) else noise  # weights stay non-negative
             else:
                 out[k] = v[pick]
         return out
@@ -582,39 +596,36 @@ def checkpoint_method(path: Path, expected: str | None = None) -> Any:
     if class_path:
         module_name, _, cls_name = str(class_path).rpartition(".")
         cls = getattr(__import__(module_name, fromlist=[cls_name]), cls_name, None)
-    if cls is None:  # checkpoints without the class path: the built-in method whose parameter names fit
-        cls = _class_from_state(ckpt["state_dict"], hparams)
-    if cls is None:
-        raise AuditInputError(f"{path}: cannot tell which method it holds (no model class path in its hyperparameters)")
+    want = None
     if expected is not None:
-        method_model_config(expected)  # unknown name -> ValueError
+        method_model_config(expected)  # unknown name -> ValueError naming the choices
         want = method_class(expected)
-        if cls is not want:
+        if cls is not None and cls is not want:
             raise AuditInputError(f"{path} holds a {cls.__module__}.{cls.__name__} model, not {expected} "
                                   f"({want.__module__}.{want.__name__})")
+    cls = cls or want
+    if cls is None:
+        raise AuditInputError(f"{path} does not say which method it holds (no model class path in its "
+                              "hyperparameters): name the method, e.g. `tvr-bench audit clip4clip --ckpt ...`")
     init = {k: v for k, v in hparams.items() if not k.startswith("_")}
     try:
         model = cls(**init)
-        model.load_state_dict(ckpt["state_dict"])
-    except Exception as exn:  # noqa: BLE001
-        raise AuditInputError(f"cannot rebuild the model of {path}: {type(exn).__name__}: {str(exn).splitlines()[0]}",
-                              EXIT_DATA) from None
+    except TypeError as exn:  # init args of another class
+        raise AuditInputError(f"the hyperparameters of {path} do not fit {cls.__name__} ({str(exn).splitlines()[0]}): "
+                              "it holds another method") from None
+    except Exception as exn:  # noqa: BLE001 - a backbone that cannot be loaded, a refused value
+        raise AuditInputError(f"cannot rebuild the {cls.__name__} model of {path}: {type(exn).__name__}: "
+                              f"{str(exn).splitlines()[0]}", EXIT_DATA) from None
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    except RuntimeError as exn:  # shape mismatches
+        raise AuditInputError(f"the parameters of {path} do not fit {cls.__name__}: {str(exn).splitlines()[0]} "
+                              f"{str(exn).splitlines()[1].strip() if len(str(exn).splitlines()) > 1 else ''}".rstrip()) from None
+    if missing or unexpected:
+        example = (list(missing) + list(unexpected))[:2]
+        raise AuditInputError(f"the parameters of {path} do not fit {cls.__name__} ({len(missing)} missing, "
+                              f"{len(unexpected)} unexpected, e.g. {example}): it holds another method or model size")
     return model.eval()
-
-
-def _class_from_state(state: dict[str, Any], hparams: dict[str, Any]) -> type | None:
-    from tvr_bench.recipes import method_class, method_recipes
-
-    keys = set(state)
-    for name in method_recipes():
-        cls = method_class(name)
-        try:
-            probe = cls(**{**hparams, "backbone": "tiny"})
-        except Exception:  # noqa: BLE001 - init args of another class
-            continue
-        if set(probe.state_dict()) == keys:
-            return cls
-    return None
 
 
 def run_inputs(run: Path, expected: str | None = None) -> tuple[Any, EvalSet]:
