@@ -15,7 +15,8 @@
     UCoFiA computes the bias on the training captions x test videos; computed on the test matrix itself it
     is the transductive Sinkhorn normalisation.
 
-Both are pure functions of score matrices (float64 inside); nothing here knows a method or a dataset.
+Both are pure functions of score matrices (in the scores' floating dtype, at least float32); nothing here knows a
+method or a dataset.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def qbnorm_retrieved_videos(bank_sim: Tensor, k: int = QBNORM_K) -> Tensor:
     k = min(int(k), bank_sim.shape[1])
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
+    if k == 1:
+        return torch.unique(_best_columns(bank_sim))
     top = torch.topk(bank_sim.nan_to_num(nan=float("-inf")), k, dim=1).indices
     return torch.unique(top.reshape(-1))
 
@@ -83,25 +86,32 @@ def qbnorm(sim: Tensor, bank_sim: Tensor, beta: float = QBNORM_BETA, k: int = QB
     rows = qbnorm_gated_rows(sim, qbnorm_retrieved_videos(bank_sim, k))
     if rows.numel() == 0:
         return out
-    log_norm = torch.logsumexp(beta * bank_sim.double(), dim=0)  # [V]
-    out[rows] = torch.exp(beta * sim[rows].double() - log_norm).to(dtype)
+    bank_dtype = torch.promote_types(bank_sim.dtype, torch.float32)
+    log_norm = torch.logsumexp(beta * bank_sim.to(bank_dtype), dim=0).to(dtype)  # [V]
+    gated = out[rows].mul_(beta).sub_(log_norm).exp_()  # exp(beta s - log sum_b exp(beta s_b)) in the scores' dtype
+    out[rows] = gated
     return out
 
 
 def sinkhorn_biases(log_sim: Tensor, iters: int = SINKHORN_ITERS) -> tuple[Tensor, Tensor]:
-    """UCoFiA's `sinkhorn_knopp`: (row log-weights, column log-weights), each log-softmax normalised, float64.
+    """UCoFiA's `sinkhorn_knopp`: (row log-weights, column log-weights), each log-softmax normalised, in the input's
+    floating dtype (at least float32, as the reference's torch tensors).
 
     K = exp(L - max L); b = 1 / colsum(K); then `iters` times a = 1 / (K b), b = 1 / (a K). Non-finite entries of
     L (NaN scores) get weight 0.
     """
-    log_sim = _matrix(log_sim, "log_sim").double()
+    log_sim = _matrix(log_sim, "log_sim")
+    log_sim = log_sim.to(torch.promote_types(log_sim.dtype, torch.float32))
     if iters < 1:
         raise ValueError(f"iters must be at least 1, got {iters}")
     finite = torch.isfinite(log_sim)
-    if not bool(finite.any()):
+    every = bool(finite.all())
+    if not every and not bool(finite.any()):
         raise ValueError("log_sim has no finite entry")
-    m = log_sim[finite].max()
-    kernel = torch.where(finite, torch.exp(log_sim - m), torch.zeros((), dtype=torch.float64))
+    m = log_sim.max() if every else log_sim.masked_fill(~finite, float("-inf")).max()
+    kernel = (log_sim - m).exp_()
+    if not every:
+        kernel.masked_fill_(~finite, 0.0)
     b = 1.0 / kernel.sum(0)
     for _ in range(int(iters)):
         a = 1.0 / (kernel @ b)
@@ -123,6 +133,6 @@ def sinkhorn_normalise(
     source = sim if bank_sim is None else _matrix(bank_sim, "bank_sim")
     if source.shape[1] != sim.shape[1]:
         raise ValueError(f"sim and bank_sim must score the same videos, got {sim.shape[1]} and {source.shape[1]} columns")
-    _, video_bias = sinkhorn_biases(source.double() / temperature, iters)
     dtype = torch.promote_types(sim.dtype, torch.float32)
-    return (sim.double() / temperature + video_bias).to(dtype)
+    _, video_bias = sinkhorn_biases(source.to(dtype) / temperature, iters)
+    return (sim.to(dtype) / temperature).add_(video_bias.to(dtype))
