@@ -162,3 +162,19 @@ def test_postprocessing_registry() -> None:
     torch.testing.assert_close(postprocessing("qbnorm").apply(sim, bank), qbnorm(sim, bank, 20.0, 1))
     with pytest.raises(ValueError, match="unknown post-processing 'foo'"):
         postprocessing("foo")
+
+
+def test_postproc_perf_section_times_every_option_against_its_reference(tmp_path) -> None:
+    """`tvr-bench perf --quick --sections postproc`: every option timed, equal to the NumPy reference algorithm,
+    rendered in the Markdown summary."""
+    import json
+
+    from tvr_bench.perf.run import perf_main
+
+    out = tmp_path / "perf.json"
+    assert perf_main(["--quick", "--sections", "postproc", "--out", str(out)]) == 0
+    section = json.loads(out.read_text())["sections"]["postproc"]
+    assert set(POSTPROCESSING) <= set(section["options"])
+    for name, row in section["options"].items():
+        assert row["max_rel_diff"] < 1e-4 and row["seconds"] > 0 and row["reference_seconds"] > 0, name
+    assert "## Post-processing" in out.with_suffix(".md").read_text()
