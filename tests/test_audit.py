@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from tests.data_fixtures import tiny_root  # noqa: F401 (fixture)
 from tvr_bench.audit import (
     EvalSet,
     Scoring,
@@ -289,3 +290,50 @@ def test_audit_command_over_every_method_option_and_post_processing(tmp_path: Pa
             assert verdict == POST_CLASSES[label.rsplit("+ ", 1)[1]], label
         elif label.split()[0] in ("clip4clip", "clip4clip_seqtransf", "xpool", "drl", "tmass", "mascot"):
             assert verdict == PAIRWISE, label  # the issue's statement about the built-in methods of this version
+
+
+@pytest.mark.slow
+def test_paper_scoring_on_synthetic_reports_both_numbers(tiny_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """T-MASS with the paper profile's layers on the synthetic benchmark (tiny backbone, one epoch): a warning at the
+    start, both numbers in the table (the honest one first), a warning under it, two result JSONs that name each
+    other, and a leaderboard that ranks the honest row and puts the reference pairing under 'Not valid'."""
+    import sys
+
+    from tvr_bench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["tvr-bench"])
+    r = Path(__file__).resolve().parents[1] / "recipes"
+    layers = [f"--config={r / f}" for f in ("base.yaml", "methods/tmass.yaml", "data/synthetic.yaml", "profiles/paper.yaml",
+                                            "profiles/paper_tmass.yaml")]
+    small = ["--model.init_args.backbone", "tiny", "--data.init_args.root", str(tiny_root), "--data.init_args.num_workers",
+             "0", "--trainer.max_epochs", "1", "--trainer.default_root_dir", "runs/x", "--leaderboard.runs_dir", "runs",
+             "--leaderboard.bootstrap_resamples", "200", "--evaluator.bootstrap_resamples", "200",
+             "--leaderboard.qualitative", "0", "--evaluator.save_features", "true"]
+    assert main(["bench", *layers, *small]) == 0
+    out = capsys.readouterr().out
+    warnings_at = [i for i, line in enumerate(out.splitlines()) if line.startswith("warning: tmass_refpairing")]
+    lines = out.splitlines()
+    table = [i for i, line in enumerate(lines) if "pairwise (pairing=query)" in line]
+    ref_rows = [i for i, line in enumerate(lines) if "label-dependent (pairing=reference)" in line]
+    assert len(warnings_at) == 2 and warnings_at[0] < table[0] < ref_rows[0] < warnings_at[1]
+    assert "scored the same test features twice" in out
+    results = {p.name: json.loads(p.read_text()) for p in (tmp_path / "runs" / "results").glob("*.json")}
+    honest = next(v for k, v in results.items() if k.startswith("tmass__"))
+    ref = next(v for k, v in results.items() if k.startswith("tmass_refpairing__"))
+    assert honest["protocol"]["result_class"] == PAIRWISE and ref["protocol"]["result_class"] == LABEL_DEPENDENT
+    assert honest["protocol"]["pairing"] == "query" and ref["protocol"]["pairing"] == "reference"
+    assert honest["protocol"]["eps_mode"] == ref["protocol"]["eps_mode"] == "pair" == honest["hparams"]["eps_mode"]
+    assert honest["companion"]["file"] in results and ref["companion"]["file"] in results
+    assert honest["eval"]["texts"] == ref["eval"]["texts"] and honest["eval"]["videos"] == ref["eval"]["videos"]
+    md = (tmp_path / "runs" / "leaderboard.md").read_text()
+    plain, invalid = md.split("## Not valid retrieval results")
+    assert "| ★ | tmass (profile=paper, eps_mode=pair)" in plain and "tmass_refpairing" not in plain.split("## Efficiency")[0]
+    assert "tmass_refpairing (profile=paper, pairing=reference, eps_mode=pair)" in invalid
+    run = next((tmp_path / "runs" / "x").rglob("result.honest.json")).parent
+    assert audit_main(["--run", str(run), "--postprocess", "", "--no-noise", "--json", str(tmp_path / "a.json")]) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["classes"] == {
+        "tmass pairing=query eps_mode=text": PAIRWISE, "tmass pairing=query eps_mode=pair": PAIRWISE,
+        "tmass_refpairing pairing=reference eps_mode=text": LABEL_DEPENDENT,
+        "tmass_refpairing pairing=reference eps_mode=pair": LABEL_DEPENDENT}
