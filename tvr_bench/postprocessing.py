@@ -42,6 +42,8 @@ class PostProcessing:
     needs_bank: bool
     directions: tuple[str, ...]
     settings: tuple[str, ...]
+    #: why only some directions are reported ("" when both are)
+    note: str = ""
 
     def apply(self, sim: Tensor, bank_sim: Tensor | None = None, settings: dict[str, Any] | None = None) -> Tensor:
         """The post-processed [n_text, n_video] matrix (`bank_sim`: query bank x the same videos, when needed)."""
@@ -77,16 +79,19 @@ POSTPROCESSING: dict[str, PostProcessing] = {
             "qbnorm", "QB-Norm (dynamic inverted softmax, query bank of training captions)",
             "Bogolin et al., CVPR 2022; ioanacroi/qb-norm @ 76d4d90 dynamic_inverted_softmax.py L6-30",
             needs_bank=True, directions=("t2v",), settings=("qbnorm_beta", "qbnorm_k"),
+            note="only text→video: normalised and untouched rows end up on different scales",
         ),
         PostProcessing(
             "sknorm", "SK-norm (Sinkhorn video bias from training captions, as UCoFiA)",
             "Wang et al., ICCV 2023; Ziyang412/UCoFiA @ 6098be2 eval_t2v/main_ucofia.py L342-358, L459-485",
             needs_bank=True, directions=("t2v",), settings=("sinkhorn_temperature", "sinkhorn_iters"),
+            note="only text→video: a bias per video leaves the video→text ranking as it was",
         ),
         PostProcessing(
             "sinkhorn", "Sinkhorn normalisation of the test matrix (video bias from the test queries)",
             "the same Sinkhorn-Knopp bias (UCoFiA main_ucofia.py L342-358) computed on the test queries x test videos",
             needs_bank=False, directions=("t2v",), settings=("sinkhorn_temperature", "sinkhorn_iters"),
+            note="only text→video: a bias per video leaves the video→text ranking as it was",
         ),
     )
 }

@@ -636,8 +636,7 @@ def postprocessing_sections(aggregated: list[dict[str, Any]], header: list[str])
                 f"Post-processed scores under their own keys (`{name}/...`), never ranked with the plain numbers "
                 f"(★/≈ refer to the plain ranking above); class: {', '.join(classes)}"
                 + (f"; settings: {settings}" if settings else "") + (f"; source: {entry['source']}" if entry.get("source") else "")
-                + ("; only text→video is meaningful (rows end up on different scales)"
-                   if entry.get("directions") == ["t2v"] else "") + ".", "",
+                + (f"; {entry['note']}" if entry.get("note") else "") + ".", "",
                 _md_table(header, rows), ""]
     return out
 

@@ -551,12 +551,14 @@ class RetrievalEvaluator(L.Callback):
         if self.audit and hasattr(pl_module, "scoring_options"):
             from tvr_bench.audit import EvalSet, evaluation_audit
 
-            self.last_audit = evaluation_audit(pl_module, EvalSet(text, video, t2v), names, self.settings, bank)
+            verdict = evaluation_audit(pl_module, EvalSet(text, video, t2v), names, self.settings, bank)
+            self.last_audit = _gather_objects(verdict)[0]  # rank 0's verdict everywhere: the ranks act alike below
         for name in names:
             option = postprocessing(name)
             block: dict[str, Any] = {
                 "metrics": {k[len(name) + 1 :]: v for k, v in metrics.items() if k.startswith(f"{name}/")},
                 "title": option.title, "source": option.source, "directions": list(option.directions),
+                "note": option.note,
                 "settings": option.used_settings(self.settings),
                 "result_class": ((self.last_audit or {}).get("post", {}).get(name) or {}).get("result_class"),
             }
@@ -578,7 +580,7 @@ class RetrievalEvaluator(L.Callback):
             return
         from tvr_bench.audit import EvalSet, honest_options, test_subset
 
-        found = honest_options(pl_module, test_subset(EvalSet(text, video, t2v)), verdict)
+        found = _gather_objects(honest_options(pl_module, test_subset(EvalSet(text, video, t2v)), verdict))[0]
         if found is None:
             return
         options, honest_class = found
@@ -654,7 +656,8 @@ class RetrievalEvaluator(L.Callback):
         if companion is not None:
             print(f"scored the same test features twice: the {companion['result_class']} scoring took "
                   f"{companion['score_seconds']:.2f} s, the configured one {companion['first_score_seconds']:.2f} s "
-                  f"(+{companion['score_seconds'] / max(companion['first_score_seconds'], 1e-9):.0%} scoring time)")
+                  f"(the second scoring added {companion['score_seconds'] / max(companion['first_score_seconds'], 1e-9):.0%}"
+                  " to the scoring time)")
         if verdict and verdict not in ("pairwise", "gallery-normalised"):
             print(f"warning: {scoring_warning(pl_module, verdict, companion)}", flush=True)
 

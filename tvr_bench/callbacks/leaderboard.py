@@ -339,7 +339,7 @@ class LeaderboardWriter(L.Callback):
                 built = build_leaderboard(self.runs_dir, self.expected_dir)
             except Exception as err:  # a broken foreign JSON must not lose this run's result
                 warnings.warn(f"LeaderboardWriter: could not rebuild the leaderboard: {err}")
-        self.log_to_wandb(trainer, result, built)
+        self.log_to_wandb(trainer, result, built, None if honest is None else honest[0])
         if self.qualitative > 0:
             page = Path(own_dir) / "qualitative.html" if own_dir is not None else \
                 self.last_path.with_name(self.last_path.name[: -len(".json")] + ".qualitative.html")
@@ -485,7 +485,7 @@ class LeaderboardWriter(L.Callback):
         extra = {k: v for k, v in options.items() if k not in labelled and k not in ("pairing", "eps_mode", "grouping")
                  and v != defaults.get(k)}  # other methods' scoring options, labelled the same way
         audit = getattr(evaluator, "last_audit", None) or {}
-        post = {n: {k: b.get(k) for k in ("result_class", "title", "source", "directions", "settings", "query_bank")
+        post = {n: {k: b.get(k) for k in ("result_class", "title", "source", "directions", "note", "settings", "query_bank")
                     if b.get(k) is not None}
                 for n, b in (getattr(evaluator, "last_post", None) or {}).items()}
         variant = ", ".join(x for x in (variant_label(labelled), *(f"{k}={v}" for k, v in extra.items())) if x)
@@ -556,15 +556,18 @@ class LeaderboardWriter(L.Callback):
             copy["per_query"]["file"] = "result.ranks.npz"
         return atomic_write(Path(run_dir) / "result.json", json.dumps(copy, indent=2) + "\n")
 
-    def log_to_wandb(self, trainer: Any, result: dict[str, Any], built: dict[str, Any] | None = None) -> None:
+    def log_to_wandb(self, trainer: Any, result: dict[str, Any], built: dict[str, Any] | None = None,
+                     honest: dict[str, Any] | None = None) -> None:
         """Log the run's leaderboard row (table + run summary), its identity and protocol into the run config
         (W&B's run comparer and parallel coordinates read them), the whole rebuilt leaderboard (table
         `<key>_all`, with the significance column) and the per-query rank histograms."""
         row = flat_row(result)
+        rows = [row] if honest is None else [flat_row(honest), row]  # the honest scoring of the same run first
+        columns = list(dict.fromkeys(k for r in rows for k in r))
         for logger in trainer.loggers:
             if not isinstance(logger, WandbLogger):
                 continue
-            logger.log_table(key=self.wandb_table_key, columns=list(row), data=[list(row.values())])
+            logger.log_table(key=self.wandb_table_key, columns=columns, data=[[r.get(c) for c in columns] for r in rows])
             run = logger.experiment
             summary = getattr(run, "summary", None)
             if summary is not None and hasattr(summary, "update"):
