@@ -92,6 +92,7 @@ class FakeEvaluator(L.Callback):
         self.last_metrics: dict[str, float] = {}
         self.last_counts: dict[str, int] = {}
         self.last_eval_seconds = 0.0
+        self.last_audit = {"result_class": "pairwise"}  # the verdict the real evaluator's audit gives a plain scorer
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Publish the toy metrics."""
@@ -167,7 +168,8 @@ def fake_result(method: str, dataset: str, backbone: str, seed: int, t2v_r1: flo
         "timestamp": f"2026-01-0{seed + 1}T00:00:00+00:00",
         "device": {"name": "cpu"},
     }
-    result.update(extra)
+    protocol = {"result_class": "pairwise", **(extra.pop("protocol", None) or {})}  # as an audited scoring writes it
+    result.update(extra, protocol=protocol)
     return result
 
 

@@ -25,6 +25,7 @@ from tvr_bench.callbacks.leaderboard import (
 )
 from tvr_bench.report import (
     aggregate,
+    block_of,
     build_leaderboard,
     leaderboard_main,
     leaderboard_rows,
@@ -124,7 +125,8 @@ def test_expected_files_cover_every_method_and_keep_provenance():
     [c4c] = [e for e in paper_entries(expected, "clip4clip", "MSR-VTT", "ViT-B/32") if e["label"] == "paper"]
     assert c4c["metrics"]["t2v/R@1"] == 43.1 and c4c["provenance"]["t2v/R@1"] == "[I#104]"
     assert c4c["provenance"]["t2v/R@5"] == "[P?]"  # unverified numbers stay marked
-    assert paper_entries(expected, "tmass", "msrvtt", "ViT-B/32")[0]["metrics"]["t2v/R@1"] == 50.2
+    assert paper_entries(expected, "tmass_refpairing", "msrvtt", "ViT-B/32")[0]["metrics"]["t2v/R@1"] == 50.2
+    assert not paper_entries(expected, "tmass", "msrvtt", "ViT-B/32")  # the published scoring is the reference pairing
     assert paper_entries(expected, "xclip", "msrvtt", "ViT-B/16")[0]["metrics"] == {"t2v/R@1": 49.3}  # the abstract
     assert paper_entries(expected, "xpool", "msrvtt_7k", "ViT-B/32")[0]["provenance"]["t2v/R@1"] == "[R]"
     ts2 = paper_entries(expected, "ts2net", "MSR-VTT", "ViT-B/32")  # the plain number first, the DSL one labelled
@@ -159,8 +161,8 @@ def test_csv_and_markdown_show_this_run_next_to_paper():
     this = next(i for i, line in enumerate(lines) if line.startswith("| ★ | clip4clip | msrvtt |"))
     assert "| sel=? , opt=? |".replace(" ,", ",") in lines[this]  # old results: no protocol block
     assert "| this run | 0,1,2 | 42.5 ± 1.5 |" in lines[this]  # no per-query ranks: no interval
-    assert lines[this + 1].startswith("|  |  |  |  |  |  |  |  |  | paper |  | 43.1 | 70.4† |")  # the paper row below
-    assert "| ★ | xpool | synthetic | tiny | 12 | 32 | sel=?, opt=? | – | this run | 0 | 30.0 |" in md
+    assert lines[this + 1].startswith("|  |  |  |  |  |  |  | pairwise |  | paper |  | 43.1 | 70.4† |")  # the paper row below
+    assert "| ★ | xpool | synthetic | tiny | 12 | 32 | sel=?, opt=? | pairwise | – | this run | 0 | 30.0 |" in md
     assert "### msrvtt · ViT-B/32 · profile default · end-to-end" in md
     assert "## Efficiency" in md and "| 1.50 | 1.00 |" in md
     assert "[I#104]" in md and "recipes/expected/clip4clip.yaml" in md
@@ -232,11 +234,12 @@ def test_writer_records_a_self_describing_result(tmp_path):
     assert row["t2v/R@1"] == 40.0 and row["dsl/v2t/R@1"] == 39.0 and row["seed"] == 3
     md = (runs / "leaderboard.md").read_text()
     assert "| toymethod | toyset | tiny | 4 | 8 | sel=last, opt=adamw | 12 videos | this run | 3 | 40.0 ± " not in md
-    assert "| ★ | toymethod | toyset | tiny | 4 | 8 | sel=last, opt=adamw | 12 videos | this run | 3 | 40.0 |" in md
+    assert "| ★ | toymethod | toyset | tiny | 4 | 8 | sel=last, opt=adamw | pairwise | 12 videos | this run | 3 | 40.0 |" in md
     assert result["protocol"] == {
         "test_split": "test", "test_videos": 12, "protocol_videos": None, "complete": True, "test_set": "",
         "profile": "default", "selection": "last", "pairing": None, "eps_mode": None, "grouping": None,
-        "eval_blocks": None, "padding": None, "features": "end-to-end", "optimizer": "adamw", "variant": ""}
+        "eval_blocks": None, "padding": None, "features": "end-to-end", "optimizer": "adamw", "variant": "",
+        "scoring_options": {}, "result_class": "pairwise", "audit": {}, "postprocessing": {}}
     assert "## With dual softmax at inference (DSL)" in md
     assert (runs / "leaderboard.csv").is_file() and (runs / "leaderboard.png").is_file()
 
@@ -375,25 +378,31 @@ def test_incomplete_test_set_is_marked_and_never_ranked_with_complete_rows(tmp_p
 def test_profiles_and_features_never_share_a_ranking_and_paper_rows_show_the_difference():
     expected = load_expected(EXPECTED)
     results = [
-        fake_result("tmass", "msrvtt", "ViT-B/32", 0, 48.0, protocol={"profile": "paper", "pairing": "reference", "eps_mode": "pair"}),
+        fake_result("tmass_refpairing", "msrvtt", "ViT-B/32", 0, 48.0, protocol={
+            "profile": "paper", "pairing": "reference", "eps_mode": "pair", "result_class": "label-dependent"}),
         fake_result("tmass", "msrvtt", "ViT-B/32", 0, 45.0, protocol={"profile": "default", "pairing": "query"}),
         fake_result("xpool", "msrvtt", "ViT-B/32", 0, 44.0, protocol={"features": "frozen-clip"}),
         fake_result("clip4clip", "msrvtt", "ViT-B/32", 0, 41.0),
     ]
     agg = aggregate(results)
     blocks = {(g["method"], g["variant"]): (g["profile"], g["features"], g["significance"]) for g in agg}
-    assert blocks[("tmass", "profile=paper, pairing=reference, eps_mode=pair")] == ("paper", "end-to-end", "best")
+    # the reference pairing reads the test labels: its own block, never ranked (no ★)
+    assert blocks[("tmass_refpairing", "profile=paper, pairing=reference, eps_mode=pair")] == (
+        "paper", "end-to-end", "n/a (label-dependent: not ranked)")
     assert blocks[("xpool", "features=frozen-clip")] == ("default", "frozen-clip", "best")
     assert blocks[("tmass", "pairing=query")][2] == "best"  # default end-to-end block: 45 > 41
     assert blocks[("clip4clip", "")][2] == "n/a (no per-query ranks)"
     md = to_markdown(agg, expected)
     assert md.count("### msrvtt · ViT-B/32") == 3
     lines = md.splitlines()
-    i = next(i for i, line in enumerate(lines) if "tmass (profile=paper" in line)
-    assert "| paper |" in lines[i + 1] and "| 50.2 |" in lines[i + 1]
+    i = next(i for i, line in enumerate(lines) if "tmass_refpairing (profile=paper" in line)
+    assert "| paper |" in lines[i + 1] and "| 50.2 |" in lines[i + 1] and "| label-dependent |" in lines[i + 1]
     assert "| ours − paper |" in lines[i + 2] and "| -2.2 |" in lines[i + 2]
+    assert lines.index("## Not valid retrieval results (label-dependent scoring)") < i
+    assert "NOT A VALID RETRIEVAL RESULT" in next(line for line in reversed(lines[:i]) if line.startswith("### "))
     rows = {(r["method"], r["variant"]): r for r in leaderboard_rows(agg, expected)}
-    assert rows[("tmass", "profile=paper, pairing=reference, eps_mode=pair")]["diff/t2v/R@1"] == pytest.approx(-2.2)
+    assert rows[("tmass_refpairing", "profile=paper, pairing=reference, eps_mode=pair")]["diff/t2v/R@1"] == pytest.approx(-2.2)
+    assert rows[("tmass_refpairing", "profile=paper, pairing=reference, eps_mode=pair")]["result_class"] == "label-dependent"
     assert "diff/t2v/R@1" not in rows[("tmass", "pairing=query")]
     assert rows[("tmass", "pairing=query")]["pairing"] == "query"
 
@@ -573,3 +582,43 @@ def test_the_picture_keeps_every_text_inside_and_no_label_on_an_error_bar(case):
             mine = [t.get_text() for t in labels if t.get_text().startswith(f"{g['stats']['t2v/R@1']['mean']:.1f}\n")]
             assert f"{g['n_runs']} seeds" in " ".join(mine), g["method"]
     assert sum(1 for t in labels if "seeds" in t.get_text()) == 2 * sum(1 for g in rows if g["n_runs"] > 1)
+
+
+def test_only_plain_retrieval_is_ranked_together(tmp_path):
+    """Issue 19: a label-dependent row (even the highest) and a transductive row never share a ranking with
+    pairwise / gallery-normalised rows, in any view (Markdown, CSV, W&B rows, PNG); post-processed numbers stay
+    in their own sections and columns with their class."""
+    from tvr_bench.report import build_leaderboard, plotted_rows
+
+    post = {"postprocessing": {"qbnorm": {"result_class": "gallery-normalised", "title": "QB-Norm", "directions": ["t2v"]},
+                               "dsl": {"result_class": "transductive"}}}
+    results = [
+        fake_result("honest", "msrvtt", "ViT-B/32", 0, 30.0, protocol={"result_class": "pairwise", **post},
+                    post_metrics={"qbnorm": {"t2v/R@1": 33.0}}, dsl_metrics={"t2v/R@1": 35.0}),
+        fake_result("qbnormed", "msrvtt", "ViT-B/32", 0, 31.0, protocol={"result_class": "gallery-normalised"}),
+        fake_result("mixer", "msrvtt", "ViT-B/32", 0, 80.0, protocol={"result_class": "transductive"}),
+        fake_result("leaky", "msrvtt", "ViT-B/32", 0, 95.0, protocol={"result_class": "label-dependent"}),
+        fake_result("old", "msrvtt", "ViT-B/32", 0, 99.0, protocol={"result_class": None}),
+    ]
+    write_results(tmp_path / "runs", results)
+    built = build_leaderboard(tmp_path / "runs", EXPECTED)
+    agg = {g["method"]: g for g in built["aggregated"]}
+    assert agg["qbnormed"]["significance"] == "best" and agg["honest"]["significance"] != "best"
+    assert block_of(agg["honest"]) == block_of(agg["qbnormed"])
+    assert len({block_of(agg[m]) for m in ("honest", "mixer", "leaky", "old")}) == 4
+    assert agg["mixer"]["significance"] == "best"  # ranked among transductive rows only
+    assert agg["leaky"]["significance"].startswith("n/a (label-dependent")
+    md = (tmp_path / "runs" / "leaderboard.md").read_text()
+    titles = [line for line in md.splitlines() if line.startswith("### ")]
+    assert any("TRANSDUCTIVE" in t for t in titles) and any("NOT A VALID RETRIEVAL RESULT" in t for t in titles)
+    assert any("UNAUDITED" in t for t in titles)
+    plain = md.split("## Not valid retrieval results")[0]
+    assert "| leaky |" not in plain and "| leaky |" in md
+    assert "## With QB-Norm" in md and "| 33.0 |" in md.split("## With QB-Norm")[1]
+    assert "## With dual softmax at inference (DSL)" in md
+    rows = {r["method"]: r for r in leaderboard_rows(built["aggregated"], built["expected"])}  # CSV and W&B
+    assert rows["leaky"]["result_class"] == "label-dependent" and rows["leaky"]["ranking_block"].endswith("label-dependent")
+    assert rows["honest"]["qbnorm/result_class"] == "gallery-normalised" and rows["honest"]["t2v/R@1"] == 30.0
+    assert rows["honest"]["qbnorm/t2v/R@1"] == 33.0 and rows["honest"]["dsl/t2v/R@1"] == 35.0
+    shown = {g["method"] for g in plotted_rows(built["aggregated"])}
+    assert shown == {"honest", "qbnormed", "old"}

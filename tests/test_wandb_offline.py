@@ -258,7 +258,7 @@ def test_bench_on_tiny_synthetic_writes_result_leaderboard_and_wandb_table(offli
     assert yaml.safe_load(config.read_text())["leaderboard"]["runs_dir"] == str(tmp / "runs")
     md = (tmp / "runs" / "leaderboard.md").read_text()
     r1, (lo, hi) = result["metrics"]["t2v/R@1"], result["intervals"]["metrics"]["t2v/R@1"]
-    assert f"| ★ | clip4clip | synthetic | tiny | 12 | 32 | sel=last, opt=adamw | 16 videos | this run | 0 | {r1:.1f} [{lo:.1f}, {hi:.1f}] |" in md
+    assert f"| ★ | clip4clip | synthetic | tiny | 12 | 32 | sel=last, opt=adamw | pairwise | 16 videos | this run | 0 | {r1:.1f} [{lo:.1f}, {hi:.1f}] |" in md
     assert result["protocol"]["test_videos"] == 16 and result["protocol"]["profile"] == "default"
     run_dir = Path(result["run_dir"]) if Path(result["run_dir"]).is_absolute() else tmp / result["run_dir"]
     assert (run_dir / "result.json").is_file() and (run_dir / "result.ranks.npz").is_file()  # for `tvr-bench compare`

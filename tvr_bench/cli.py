@@ -40,6 +40,7 @@ TOOL_COMMANDS: dict[str, str] = {
     "features": "tvr_bench.features.cli:features_main",
     "index": "tvr_bench.search.cli:index_main",
     "search": "tvr_bench.search.cli:search_main",
+    "audit": "tvr_bench.audit:audit_main",
 }
 
 
@@ -61,6 +62,7 @@ SUBCOMMAND_SUMMARIES: dict[str, str] = {
     "features": "Encode a prepared dataset once with a frozen CLIP into cached features, to train heads fast.",
     "index": "Index a folder of your own videos (files or prepared shards) with a trained method, for search.",
     "search": "Find the videos of an index that best match a text query: table, JSON or an HTML page of frames.",
+    "audit": "Audit every method's scoring (labels, other queries, gallery, order, noise) and class each number.",
 }
 
 

@@ -28,7 +28,11 @@ import numpy as np
 
 from tvr_bench.results import (
     GROUP_KEY,
+    LABEL_DEPENDENT,
+    RANKED_CLASSES,
     RESULTS_SUBDIR,
+    TRANSDUCTIVE,
+    UNAUDITED,
     atomic_write,
     canonical_backbone,
     data_identity,
@@ -36,8 +40,10 @@ from tvr_bench.results import (
     identity_differences,
     load_results,
     protocol_of,
+    result_class_of,
     test_set_label,
     variant_of,
+    worst_class,
 )
 from tvr_bench.stats import DEFAULT_RESAMPLES, PerQuery, bootstrap_intervals, permutation_pvalues_ratio
 
@@ -47,7 +53,7 @@ RETRIEVAL_KEYS = tuple(f"{d}/{m}" for d in DIRECTIONS for m in METRICS)
 #: flat-row fields that describe a run rather than measure it (never averaged)
 IDENTITY_FIELDS = ("method", "dataset", "backbone", "frames", "words", "seed", "git_commit", "timestamp", "device",
                    "profile", "features", "selection", "pairing", "eps_mode", "optimizer", "variant", "test_set",
-                   "test_videos", "protocol_videos")
+                   "test_videos", "protocol_videos", "result_class")
 #: significance level of the "not significantly different from the best" grouping
 ALPHA = 0.05
 BEST_MARK = "★"
@@ -98,9 +104,14 @@ def load_expected(expected_dir: str | Path | None = None) -> list[dict[str, Any]
                         metrics[f"{direction}/{name}"] = float(value)
             tags = dict(item.get("provenance") or {})
             default_tag = tags.pop("default", UNVERIFIED_TAG)
+            method = str(item.get("method", doc.get("method")))
             entries.append(
                 {
-                    "method": str(item.get("method", doc.get("method"))),
+                    "method": method,
+                    # the leaderboard row that reproduces the published scoring (T-MASS: `tmass_refpairing`)
+                    "row_method": str(item.get("row_method", doc.get("row_method", method))),
+                    # the scoring audit's class of the published scoring (docs/methods/<m>.md), when stated
+                    "result_class": item.get("result_class", doc.get("result_class")),
                     "dataset": str(item["dataset"]),
                     "aliases": [str(a) for a in item.get("aliases") or []],
                     "backbone": canonical_backbone(item.get("backbone")),
@@ -125,7 +136,7 @@ def paper_entries(expected: list[dict[str, Any]], method: str, dataset: str, bac
     return [
         e
         for e in expected
-        if e["method"] == method
+        if e.get("row_method", e["method"]) == method
         and e["backbone"] == backbone
         and _norm(dataset) in {_norm(e["dataset"]), *map(_norm, e["aliases"])}
     ]
@@ -219,6 +230,19 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             not protocol_videos or not test_videos or test_videos >= protocol_videos)
         per_query = [load_per_query(r) for r in members]
         intervals, dsl_intervals, interval_kind = _group_intervals(members, per_query)
+        classes = [result_class_of(r) for r in members]
+        post: dict[str, dict[str, Any]] = {}
+        for p, r in zip(protocols, members):
+            for name, block in (p.get("postprocessing") or {}).items():
+                entry = post.setdefault(name, {**block, "classes": [], "intervals": {}})
+                entry["classes"].append(block.get("result_class"))
+                if len(members) == 1:
+                    entry["intervals"] = ((r.get("intervals") or {}).get("post_metrics") or {}).get(name) or (
+                        dsl_intervals if name == "dsl" else {})
+        for entry in post.values():
+            entry["result_class"] = UNAUDITED if UNAUDITED in entry["classes"] or None in entry["classes"] else \
+                worst_class(*entry.pop("classes"))
+            entry.pop("classes", None)
         out.append(
             {
                 **dict(zip(GROUP_KEY, key[:3])),
@@ -241,6 +265,9 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "intervals": intervals,
                 "dsl_intervals": dsl_intervals,
                 "interval_kind": interval_kind,
+                # the least trustworthy verdict over the seeds (a seed without one makes the row unaudited)
+                "result_class": UNAUDITED if UNAUDITED in classes else worst_class(*classes),
+                "post": post,
                 "git_commits": sorted({r["git_commit"] for r in rows if r.get("git_commit")}),
                 "devices": _joined(r.get("device") for r in rows),
                 "last_timestamp": max((r.get("timestamp") or "" for r in rows), default=""),
@@ -270,17 +297,35 @@ def _data_gap(best: dict[str, Any], g: dict[str, Any]) -> str:
     return "; ".join(identity_differences(a, b))
 
 
-def block_of(g: dict[str, Any]) -> tuple[str, str, str, str, bool]:
-    """The ranking block of a row: (dataset, backbone, profile, features, incomplete); rows of different
-    blocks never share a ranking (complete rows sort before incomplete ones)."""
-    return (g["dataset"], g["backbone"], g["profile"], g["features"], not g.get("complete", True))
+#: Which rows share a ranking, by result class (docs/leaderboard.md, "What counts as a retrieval result"):
+#: 0 plain retrieval (pairwise and gallery-normalised), 1 transductive, 2 unaudited, 3 label-dependent.
+CLASS_GROUPS = {**{c: 0 for c in RANKED_CLASSES}, TRANSDUCTIVE: 1, UNAUDITED: 2, LABEL_DEPENDENT: 3}
+CLASS_GROUP_TITLES = {
+    0: "",
+    1: " · TRANSDUCTIVE scoring: a text's scores depend on the other test queries (ranked only among themselves)",
+    2: " · UNAUDITED: the result predates the scoring audit (rerun its test; ranked only among themselves)",
+    3: " · NOT A VALID RETRIEVAL RESULT: label-dependent scoring, it reads the test labels (not ranked)",
+}
 
 
-def block_title(block: tuple[str, str, str, str, bool]) -> str:
+def class_group(g: dict[str, Any]) -> int:
+    """The class group of a row (CLASS_GROUPS)."""
+    return CLASS_GROUPS.get(g.get("result_class") or UNAUDITED, CLASS_GROUPS[UNAUDITED])
+
+
+def block_of(g: dict[str, Any]) -> tuple[str, str, str, str, bool, int]:
+    """The ranking block of a row: (dataset, backbone, profile, features, incomplete, class group); rows of
+    different blocks never share a ranking (complete rows sort before incomplete ones; plain retrieval before
+    transductive, unaudited and label-dependent rows)."""
+    return (g["dataset"], g["backbone"], g["profile"], g["features"], not g.get("complete", True), class_group(g))
+
+
+def block_title(block: tuple) -> str:
     """Heading of a ranking block."""
-    dataset, backbone, profile, features, incomplete = block
+    dataset, backbone, profile, features, incomplete = block[:5]
     text = f"{dataset} · {backbone} · profile {profile} · {features}"
-    return text + (" · INCOMPLETE test set (not comparable with complete rows)" if incomplete else "")
+    text += " · INCOMPLETE test set (not comparable with complete rows)" if incomplete else ""
+    return text + (CLASS_GROUP_TITLES[block[5]] if len(block) > 5 else "")
 
 
 def _hits_at_1(g: dict[str, Any]) -> tuple[PerQuery, np.ndarray] | None:
@@ -303,7 +348,11 @@ def mark_significance(aggregated: list[dict[str, Any]], alpha: float = ALPHA, n_
         g.update(significance="", p_vs_best=None, tied_with_best=None)
         if (g["stats"].get("t2v/R@1") or {}).get("mean") is not None:
             blocks.setdefault(block_of(g), []).append(g)
-    for members in blocks.values():
+    for block, members in blocks.items():
+        if block[5] == CLASS_GROUPS[LABEL_DEPENDENT]:  # not retrieval results: no ranking, no marks
+            for g in members:
+                g["significance"] = "n/a (label-dependent: not ranked)"
+            continue
         best = max(members, key=lambda g: g["stats"]["t2v/R@1"]["mean"])
         best.update(significance="best", tied_with_best=True)
         ref = _hits_at_1(best)
@@ -344,8 +393,10 @@ def leaderboard_rows(aggregated: list[dict[str, Any]], expected: list[dict[str, 
         row.update(variant=g["variant"], profile=g["profile"], features=g["features"], selection=g["selection"],
                    optimizer=g["optimizer"], pairing=g["pairing"], eps_mode=g["eps_mode"],
                    test_videos=g["test_videos"], protocol_videos=g["protocol_videos"], complete=g["complete"],
-                   test_set=g["test_set"], ranking_block=" | ".join(map(str, block_of(g)[:4])) + (
-                       " | incomplete" if not g["complete"] else ""),
+                   test_set=g["test_set"], result_class=g["result_class"],
+                   ranking_block=" | ".join(map(str, block_of(g)[:4])) + (
+                       " | incomplete" if not g["complete"] else "") + (
+                       f" | {g['result_class']}" if class_group(g) else ""),
                    significance=g["significance"], p_vs_best=g["p_vs_best"], tied_with_best=g["tied_with_best"])
         row.update(frames=g["frames"], words=g["words"], n_runs=g["n_runs"], seeds=" ".join(map(str, g["seeds"])))
         for field in fields:
@@ -356,6 +407,11 @@ def leaderboard_rows(aggregated: list[dict[str, Any]], expected: list[dict[str, 
             if field in RETRIEVAL_KEYS or field.startswith("dsl/"):
                 row[f"{field}_ci_lo"] = bounds[0] if bounds else None
                 row[f"{field}_ci_hi"] = bounds[1] if bounds else None
+        for name, entry in sorted(g.get("post", {}).items()):  # post-processed numbers: their own columns and class
+            row[f"{name}/result_class"] = entry.get("result_class")
+            for key, bounds in (entry.get("intervals") or {}).items():
+                if name != "dsl":
+                    row[f"{name}/{key}_ci_lo"], row[f"{name}/{key}_ci_hi"] = bounds[0], bounds[1]
         row["interval"] = g["interval_kind"]
         paper = _paper_for(g, expected)
         row["paper_label"] = paper["label"] if paper else None
@@ -463,7 +519,9 @@ def to_markdown(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]]
         "the seed mean when there are several seeds. "
         f"{BEST_MARK} marks the best row (t2v R@1) of each table, {TIED_MARK} the rows not significantly different "
         f"from it (paired permutation test on per-query t2v R@1, p ≥ {ALPHA}). Each table is one ranking block: "
-        "rows of different datasets, backbones, profiles or features, or with an incomplete test set, are never "
+        "rows of different datasets, backbones, profiles or features, with an incomplete test set, or whose scoring "
+        "is of another result class (pairwise and gallery-normalised rows rank together; transductive rows apart; "
+        "label-dependent rows are not valid retrieval results and are not ranked), are never "
         f"ranked together. \"paper\" rows are the published figures in `recipes/expected/`; {UNVERIFIED_MARK} marks a "
         "number recalled from the paper but not verified against the PDF (`[P?]`).",
         "",
@@ -471,19 +529,26 @@ def to_markdown(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]]
     if not aggregated:
         out += ["No results yet: run `make bench` (each test writes `runs/results/*.json`).", ""]
         return "\n".join(out)
-    header = ["", "method", "dataset", "backbone", "frames", "words", "protocol", "test set", "source", "seeds"] + [
-        f"{d} {m}" for d in DIRECTIONS for m in METRICS
-    ]
-    blank = ["", "", "", "", "", "", "", "", ""]
+    header = ["", "method", "dataset", "backbone", "frames", "words", "protocol", "class", "test set", "source",
+              "seeds"] + [f"{d} {m}" for d in DIRECTIONS for m in METRICS]
+    blank = [""] * header.index("source")  # the paper rows: their label under "source", numbers aligned
     sources = []
     out += ["## Retrieval", ""]
-    for block in dict.fromkeys(block_of(g) for g in aggregated):
+    blocks = list(dict.fromkeys(block_of(g) for g in aggregated))
+    blocks.sort(key=lambda b: b[5])  # plain retrieval first; label-dependent last, in a section of its own
+    for block in blocks:
+        if block[5] == CLASS_GROUPS[LABEL_DEPENDENT] and "## Not valid retrieval results" not in out:
+            out += ["## Not valid retrieval results (label-dependent scoring)", "",
+                    "These rows were scored with the test labels (the scoring audit's label-invariance check fails: "
+                    "changing which captions belong to which video changes the scores). They are shown so that a "
+                    "published number can be traced, never ranked (docs/leaderboard.md, 'What counts as a retrieval "
+                    "result').", ""]
         rows = []
         for g in (g for g in aggregated if block_of(g) == block):
             seeds = ",".join(map(str, g["seeds"])) or str(g["n_runs"])
             method = g["method"] + (f" ({g['variant']})" if g["variant"] else "")
             rows.append([_mark(g), method, g["dataset"], g["backbone"], g["frames"], g["words"], _protocol_cell(g),
-                         _test_set_cell(g), "this run", seeds]
+                         g.get("result_class") or UNAUDITED, _test_set_cell(g), "this run", seeds]
                         + [_fmt_stat(g["stats"].get(k), interval=g["intervals"].get(k)) for k in RETRIEVAL_KEYS])
             for paper in paper_entries(expected, g["method"], g["dataset"], g["backbone"]):
                 cells = []
@@ -491,7 +556,9 @@ def to_markdown(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]]
                     value = paper["metrics"].get(key)
                     mark = "" if value is None or is_verified(paper["provenance"][key]) else UNVERIFIED_MARK
                     cells.append(_fmt(value) + mark)
-                rows.append(blank + [paper["label"]] + [""] + cells)
+                paper_blank = list(blank)
+                paper_blank[header.index("class")] = paper.get("result_class") or ""
+                rows.append(paper_blank + [paper["label"]] + [""] + cells)
                 if g["profile"] == "paper":
                     diffs = [_signed(None if paper["metrics"].get(k) is None or (g["stats"].get(k) or {}).get("mean") is None
                                      else g["stats"][k]["mean"] - paper["metrics"][k]) for k in RETRIEVAL_KEYS]
@@ -503,14 +570,7 @@ def to_markdown(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]]
         out += [f"### {block_title(block)}", "", _md_table(header, rows), ""]
     kinds = sorted({g["interval_kind"] for g in aggregated})
     out += ["Intervals: " + "; ".join(kinds) + ".", ""]
-    if any(k.startswith("dsl/") for g in aggregated for k in g["stats"]):
-        dsl_rows = [[_mark(g), g["method"] + (f" ({g['variant']})" if g["variant"] else ""), g["dataset"], g["backbone"],
-                     g["frames"], g["words"], _protocol_cell(g), _test_set_cell(g), "this run",
-                     ",".join(map(str, g["seeds"]))]
-                    + [_fmt_stat(g["stats"].get(f"dsl/{k}"), interval=g["dsl_intervals"].get(k)) for k in RETRIEVAL_KEYS]
-                    for g in aggregated if any(k.startswith("dsl/") for k in g["stats"])]
-        out += ["## With dual softmax at inference (DSL)", "",
-                f"({BEST_MARK}/{TIED_MARK} refer to the plain ranking above.)", "", _md_table(header, dsl_rows), ""]
+    out += postprocessing_sections(aggregated, header)
     eff_header = ["method", "dataset", "backbone", "seeds", "params (M)", "trainable (M)", "train time (s)",
                   "train pairs/s", "eval time (s)", "eval ms/query", "texts", "videos", "device", "commit"]
     eff_rows = []
@@ -549,6 +609,43 @@ PLOT_LEGEND_PARTS = (
 )
 
 
+def postprocessing_sections(aggregated: list[dict[str, Any]], header: list[str]) -> list[str]:
+    """One Markdown section per post-processing (DSL, QB-Norm, SK-norm, Sinkhorn): its rows under their own
+    keys, with the post-processed scoring's result class, never in a plain ranking block."""
+    names = ["dsl"] if any(k.startswith("dsl/") for g in aggregated for k in g["stats"]) else []
+    names = list(dict.fromkeys(names + [n for g in aggregated for n in g.get("post", {})]))
+    out: list[str] = []
+    for name in names:
+        members = [g for g in aggregated if any(k.startswith(f"{name}/") for k in g["stats"])]
+        if not members:
+            continue
+        entry = next((g["post"][name] for g in members if name in g.get("post", {})), {})
+        title = "dual softmax at inference (DSL)" if name == "dsl" else entry.get("title", name)
+        rows = []
+        for g in sorted(members, key=lambda g: -((g["stats"].get(f"{name}/t2v/R@1") or {}).get("mean") or 0.0)):
+            post = g.get("post", {}).get(name, {})
+            spans = g["dsl_intervals"] if name == "dsl" else post.get("intervals") or {}
+            rows.append(["", g["method"] + (f" ({g['variant']})" if g["variant"] else ""), g["dataset"], g["backbone"],
+                         g["frames"], g["words"], _protocol_cell(g),
+                         worst_class(g.get("result_class"), post.get("result_class")) if post.get("result_class")
+                         else UNAUDITED, _test_set_cell(g), "this run", ",".join(map(str, g["seeds"]))]
+                        + [_fmt_stat(g["stats"].get(f"{name}/{k}"), interval=spans.get(k)) for k in RETRIEVAL_KEYS])
+        classes = sorted({r[7] for r in rows})
+        settings = ", ".join(f"{k} {v}" for k, v in (entry.get("settings") or {}).items())
+        out += [f"## With {title}", "",
+                f"Post-processed scores under their own keys (`{name}/...`), never ranked with the plain numbers "
+                f"(★/≈ refer to the plain ranking above); class: {', '.join(classes)}"
+                + (f"; settings: {settings}" if settings else "") + (f"; source: {entry['source']}" if entry.get("source") else "")
+                + (f"; {entry['note']}" if entry.get("note") else "") + ".", "",
+                _md_table(header, rows), ""]
+    return out
+
+
+def plotted_rows(aggregated: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows the PNG shows: none whose scoring is transductive or label-dependent (listed in the Markdown)."""
+    return [g for g in aggregated if class_group(g) not in (CLASS_GROUPS[TRANSDUCTIVE], CLASS_GROUPS[LABEL_DEPENDENT])]
+
+
 def plot_leaderboard(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]], path: str | Path) -> Path:
     """Write :func:`leaderboard_figure` as a PNG to `path`."""
     fig = leaderboard_figure(aggregated, expected)
@@ -572,6 +669,9 @@ def leaderboard_figure(aggregated: list[dict[str, Any]], expected: list[dict[str
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
+    shown = plotted_rows(aggregated)  # the picture ranks plain retrieval only
+    hidden = [g for g in aggregated if g not in shown]
+    aggregated = shown
     blocks = list(dict.fromkeys(block_of(g) for g in aggregated))
     labels = list(dict.fromkeys(_label(g) for g in aggregated))
     color = {m: f"C{i % 10}" for i, m in enumerate(labels)}
@@ -618,9 +718,10 @@ def leaderboard_figure(aggregated: list[dict[str, Any]], expected: list[dict[str
                         ax.plot([x], [paper["metrics"][key]], marker="D", markersize=6, markeredgecolor="white",
                                 color="black", linestyle="none", label="paper" if show_paper else None)
         names = []
-        for dataset, backbone, profile, features, incomplete in blocks:
+        for dataset, backbone, profile, features, incomplete, group in blocks:
             extra = "" if profile == "default" else f"\n{profile}"
             extra += "" if features == "end-to-end" else f"\n{features}"
+            extra += "\nUNAUDITED" if group == CLASS_GROUPS[UNAUDITED] else ""
             names.append(f"{dataset}\n{backbone}{extra}" + ("\nINCOMPLETE" if incomplete else ""))
         ax.set_xticks(range(len(blocks)), names, fontsize=8)
         ax.set_xlim(-0.6, max(0, len(blocks) - 1) + 0.6)
@@ -632,7 +733,9 @@ def leaderboard_figure(aggregated: list[dict[str, Any]], expected: list[dict[str
 
     # the header: subtitle and legend, each wrapped to the figure's width, then the axes below them
     usable = fig.bbox.width - 4 * FIGURE_MARGIN_PX
-    title = fig.suptitle(_wrap_parts(fig, renderer, PLOT_LEGEND_PARTS, TITLE_FONT, usable), fontsize=TITLE_FONT,
+    parts = PLOT_LEGEND_PARTS + ((f"not plotted: {len(hidden)} transductive or label-dependent row(s), see "
+                                  "leaderboard.md",) if hidden else ())
+    title = fig.suptitle(_wrap_parts(fig, renderer, parts, TITLE_FONT, usable), fontsize=TITLE_FONT,
                          y=1 - FIGURE_MARGIN_PX / fig.bbox.height, va="top")
     title.set_in_layout(False)  # the rect given to tight_layout below already leaves its room
     bottom = title.get_window_extent(renderer).y0
@@ -759,14 +862,14 @@ def _print_console(aggregated: list[dict[str, Any]], expected: list[dict[str, An
 
     table = Table(title="tvr-bench leaderboard (R@1: mean ± seed std [95% bootstrap interval over test queries]; "
                         f"{BEST_MARK} best, {TIED_MARK} not significantly different)")
-    for i, col in enumerate(("", "method", "dataset", "backbone", "profile", "test set", "seeds", "t2v R@1",
+    for i, col in enumerate(("", "method", "dataset", "backbone", "profile", "class", "test set", "seeds", "t2v R@1",
                              "paper t2v", "v2t R@1", "paper v2t")):
-        table.add_column(col, justify="left" if i < 6 else "right", no_wrap=True)
+        table.add_column(col, justify="left" if i < 7 else "right", no_wrap=True)
     for g in aggregated:
         papers = paper_entries(expected, g["method"], g["dataset"], g["backbone"])
         p = papers[0]["metrics"] if papers else {}
         table.add_row(_mark(g), g["method"] + (f" ({g['variant']})" if g["variant"] else ""), g["dataset"],
-                      g["backbone"], g["profile"], _test_set_cell(g),
+                      g["backbone"], g["profile"], g.get("result_class") or UNAUDITED, _test_set_cell(g),
                       ",".join(map(str, g["seeds"])) or str(g["n_runs"]),
                       _fmt_stat(g["stats"].get("t2v/R@1"), interval=g["intervals"].get("t2v/R@1")), _fmt(p.get("t2v/R@1")),
                       _fmt_stat(g["stats"].get("v2t/R@1"), interval=g["intervals"].get("v2t/R@1")), _fmt(p.get("v2t/R@1")))

@@ -21,7 +21,14 @@ RESULTS_SUBDIR = "results"
 GROUP_KEY = ("method", "dataset", "backbone")
 
 __all__ = [
+    "GALLERY_NORMALISED",
     "GROUP_KEY",
+    "LABEL_DEPENDENT",
+    "PAIRWISE",
+    "RANKED_CLASSES",
+    "RESULT_CLASSES",
+    "TRANSDUCTIVE",
+    "UNAUDITED",
     "RESULTS_SUBDIR",
     "SCHEMA",
     "atomic_write",
@@ -32,11 +39,13 @@ __all__ = [
     "data_differences",
     "data_identity",
     "identity_differences",
+    "result_class_of",
     "ranks_path",
     "result_filename",
     "test_set_label",
     "variant_label",
     "variant_of",
+    "worst_class",
 ]
 
 
@@ -68,6 +77,26 @@ def canonical_backbone(name: str | None) -> str:
         if pattern in low:
             return label
     return os.path.basename(text) or text
+
+
+#: Result classes of a scoring, from the scoring audit (tvr_bench/audit.py; docs/leaderboard.md, "What counts as a
+#: retrieval result"): score(t, v) depends on t and v alone / also on the gallery / on the other test queries /
+#: on the test labels. Only the first two are ranked together; a result without a verdict is `unaudited`.
+PAIRWISE, GALLERY_NORMALISED, TRANSDUCTIVE, LABEL_DEPENDENT = "pairwise", "gallery-normalised", "transductive", "label-dependent"
+RESULT_CLASSES = (PAIRWISE, GALLERY_NORMALISED, TRANSDUCTIVE, LABEL_DEPENDENT)
+RANKED_CLASSES = (PAIRWISE, GALLERY_NORMALISED)
+UNAUDITED = "unaudited"
+
+
+def worst_class(*classes: str | None) -> str:
+    """The least trustworthy of some result classes (`unaudited` when none is known)."""
+    known = [c for c in classes if c in RESULT_CLASSES]
+    return max(known, key=RESULT_CLASSES.index) if known else UNAUDITED
+
+
+def result_class_of(result: dict[str, Any]) -> str:
+    """The result class of a result JSON's plain numbers (`unaudited` for results that predate the audit)."""
+    return str((result.get("protocol") or {}).get("result_class") or UNAUDITED)
 
 
 #: the `protocol` values a result has when its JSON predates the block (or an input was not exposed)
@@ -153,13 +182,20 @@ def flat_row(result: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {k: result.get(k) for k in ("method", "dataset", "backbone", "frames", "words", "seed")}
     row.update({k: float(v) for k, v in sorted((result.get("metrics") or {}).items())})
     row.update({f"dsl/{k}": float(v) for k, v in sorted((result.get("dsl_metrics") or {}).items())})
+    for name, block in sorted((result.get("post_metrics") or {}).items()):  # QB-Norm, SK-norm, Sinkhorn
+        row.update({f"{name}/{k}": float(v) for k, v in sorted(block.items())})
     intervals = result.get("intervals") or {}
-    for prefix, block in (("", intervals.get("metrics")), ("dsl/", intervals.get("dsl_metrics"))):
+    blocks = [("", intervals.get("metrics")), ("dsl/", intervals.get("dsl_metrics"))]
+    blocks += [(f"{name}/", b) for name, b in sorted((intervals.get("post_metrics") or {}).items())]
+    for prefix, block in blocks:
         for key, (lo, hi) in sorted((block or {}).items()):
             row[f"{prefix}{key}_ci_lo"] = float(lo)
             row[f"{prefix}{key}_ci_hi"] = float(hi)
     proto = protocol_of(result)
     row.update({k: proto.get(k) for k in ("profile", "features", "selection", "pairing", "eps_mode", "padding", "optimizer")})
+    row["result_class"] = result_class_of(result)
+    for name, block in sorted((proto.get("postprocessing") or {}).items()):
+        row[f"{name}/result_class"] = block.get("result_class") or UNAUDITED
     row["variant"] = variant_of(result)
     row["test_videos"] = proto.get("test_videos")
     row["protocol_videos"] = proto.get("protocol_videos")

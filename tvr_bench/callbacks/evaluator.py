@@ -8,8 +8,10 @@ rank scores a share of the text rows, then the rows are gathered), computes the 
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -19,9 +21,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 
-from tvr_bench.metrics import dual_softmax, metrics_from_ranks, query_ranks
+from tvr_bench.metrics import metrics_from_ranks, query_ranks
 
 Features = dict[str, Tensor]
+
+#: The test features a run saves with `save_features: true` (in its run directory), for `tvr-bench audit --run`.
+FEATURES_FILE = "test_features.pt"
 
 
 def concat_features(chunks: list[Features]) -> Features:
@@ -138,6 +143,41 @@ def _blocked_similarity(method: Any, text: Features, video: Features, budget_mb:
     return out
 
 
+def index_features(feats: Features, n: int) -> Features:
+    """The feature dict with an `index` entry 0..n-1 unless it has one (a subset keeps its items' global indices,
+    so a method's per-item random draws follow the items: T-MASS's evaluation samples)."""
+    return feats if "index" in feats else {**feats, "index": torch.arange(n)}
+
+
+def prepare_scoring(method: Any, text: Features, video: Features, text_to_video: Tensor) -> tuple[Features, Features]:
+    """The set-level step of the evaluator's scoring: global `index` entries, then the method's optional
+    `prepare_eval_features(text, video, text_to_video)` hook (after every batch is assembled).
+    `text_to_video` gives each text's video column (-1: its video is not in this gallery)."""
+    n_text, n_video = len(next(iter(text.values()))), len(next(iter(video.values())))
+    text, video = index_features(text, n_text), index_features(video, n_video)
+    prepare = getattr(method, "prepare_eval_features", None)
+    if callable(prepare):  # set-level features (T-MASS reference pairing)
+        text, video = prepare(text, video, text_to_video)
+    return text, video
+
+
+@torch.no_grad()
+def eval_scores(method: Any, text: Features, video: Features, text_to_video: Tensor, budget_mb: float | None = None,
+                rows: Tensor | None = None) -> Tensor:
+    """The evaluator's test-time score matrix of an assembled set, without a Trainer: `prepare_scoring`, then
+    `blocked_similarity` under `budget_mb` (default: the method's `eval_memory_mb`), honouring the method's
+    `eval_block_sizes()` hook. What `RetrievalEvaluator` scores and what the scoring audit (tvr_bench/audit.py)
+    audits is this function. `rows`: score only these text rows (this rank's share)."""
+    device = getattr(method, "device", None) or torch.device("cpu")
+    text = {k: v.to(device) for k, v in text.items()}
+    video = {k: v.to(device) for k, v in video.items()}
+    text, video = prepare_scoring(method, text, video, text_to_video.to(device))
+    if budget_mb is None:
+        hparams = getattr(method, "hparams", None) or {}
+        budget_mb = float(hparams.get("eval_memory_mb", 1024.0)) if hasattr(hparams, "get") else 1024.0
+    return blocked_similarity(method, text, video, budget_mb, rows)
+
+
 @torch.no_grad()
 def per_query_results(sim: Tensor, text_to_video: Tensor, video_keys: list[str], caption_keys: list[str],
                       dsl_sim: Tensor | None = None, top_k: int = 5, ranks: dict[str, Tensor] | None = None,
@@ -194,11 +234,47 @@ class RetrievalEvaluator(L.Callback):
     """Collects eval features, scores all pairs exactly once and logs R@1/5/10, MdR, MnR both ways."""
 
     def __init__(self, dsl: bool = False, print_table: bool = True, device: str = "auto", save_scores: str | None = None,
-                 bootstrap_resamples: int = 10_000):
+                 bootstrap_resamples: int = 10_000, postprocess: list[str] | None = None, query_bank: int = 5000,
+                 qbnorm_beta: float = 20.0, qbnorm_k: int = 1, sinkhorn_iters: int = 4,
+                 sinkhorn_temperature: float = 0.01, audit: bool = True, both_scorings: bool = True,
+                 save_features: bool | str = False):
         """`save_scores`: a file path; after each test, rank 0 saves the score matrix and the key order there.
         `bootstrap_resamples`: after a test, rank 0 computes the 95% bootstrap interval over test queries of every
-        metric (tvr_bench/stats.py) and prints it in the table (0: none)."""
+        metric (tvr_bench/stats.py) and prints it in the table (0: none).
+
+        Post-processing (tvr_bench/postprocessing.py), each reported under its own keys `<name>/t2v/...`, never mixed
+        with the plain numbers: `dsl` (also at validation), and at test `postprocess` from `qbnorm`, `sknorm`,
+        `sinkhorn` (and `dsl`). `query_bank`: training captions sampled for QB-Norm / SK-norm (0: all of them);
+        `qbnorm_beta`/`qbnorm_k`, `sinkhorn_iters`/`sinkhorn_temperature`: their settings.
+        `audit`: after a test, run the scoring audit's property checks (tvr_bench/audit.py) on a subset of the test
+        features; its verdict is the result's `result_class`, and a label-dependent or transductive scoring gets a
+        warning line at the start of the run and under the table. `both_scorings`: when the configured scoring is
+        label-dependent or transductive, score the same test features a second time with the method's default
+        value of the options that make it so (T-MASS `pairing: query`) and report that honest number first.
+        `save_features`: keep the assembled test features for `tvr-bench audit --run` (true: `<run dir>/{FEATURES_FILE}`,
+        or a file path)."""
         super().__init__()
+        from tvr_bench.postprocessing import postprocessing
+
+        self.postprocess = [p for p in dict.fromkeys(postprocess or []) if p]
+        for name in self.postprocess:
+            postprocessing(name)  # ValueError naming the choices
+        if query_bank < 0:
+            raise ValueError(f"evaluator query_bank must be >= 0 (0: every training caption), got {query_bank}")
+        self.query_bank = query_bank
+        self.settings = {"qbnorm_beta": qbnorm_beta, "qbnorm_k": qbnorm_k, "sinkhorn_iters": sinkhorn_iters,
+                         "sinkhorn_temperature": sinkhorn_temperature}
+        self.audit = audit
+        self.both_scorings = both_scorings
+        self.save_features = save_features
+        #: after a test: the scoring audit's verdict (`tvr_bench.audit.evaluation_audit`), or None
+        self.last_audit: dict[str, Any] | None = None
+        #: after a test whose scoring is not rankable: the honest second scoring (options, metrics, ranks, ...)
+        self.last_companion: dict[str, Any] | None = None
+        #: after a test: `{name: {"metrics", "intervals", "result_class", "settings", "directions"}}` per post-processing
+        self.last_post: dict[str, dict[str, Any]] = {}
+        self.last_score_seconds: float = 0.0
+        self._start_checked = False
         self.bootstrap_resamples = bootstrap_resamples
         #: after a test on rank 0: `{"metrics": {key: [lo, hi]}, "dsl_metrics": ..., "resamples": n, ...}` or None
         self.last_intervals: dict[str, Any] | None = None
@@ -241,6 +317,38 @@ class RetrievalEvaluator(L.Callback):
             }
         )
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """One warning line when the configured scoring is label-dependent or transductive (the audit on noise inputs)."""
+        self._warn_at_start(trainer, pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """As `on_fit_start` (once per process)."""
+        self._warn_at_start(trainer, pl_module)
+
+    def _warn_at_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._start_checked or not self.audit or not getattr(trainer, "is_global_zero", True):
+            return
+        self._start_checked = True
+        if not hasattr(pl_module, "using_scoring_options") or not hasattr(pl_module, "backbone"):
+            return
+        from tvr_bench.audit import Scoring, classify, is_ranked, property_checks, property_set
+
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            verdict = classify(property_checks(Scoring(pl_module, pl_module.scoring_options()),
+                                               property_set(pl_module, n_video=8)))
+        except Exception as exn:  # noqa: BLE001 - the probe must never stop a run; the test-time audit still runs
+            warnings.warn(f"scoring audit at start skipped: {type(exn).__name__}: {exn}")
+            return
+        finally:
+            if was_training:
+                pl_module.train()
+        if not is_ranked(verdict):
+            tail = ("; the test scores the same features a second time with the method's default for the options "
+                    "that make it so, and reports that number first") if self.both_scorings else ""
+            print(f"warning: {scoring_warning(pl_module, verdict)}{tail}", flush=True)
+
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Start a fresh collection."""
         self._reset()
@@ -267,7 +375,7 @@ class RetrievalEvaluator(L.Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Score and log `test/...` metrics and print the table."""
         metrics = self._evaluate(trainer, pl_module, "test")
-        if self.print_table:
+        if self.print_table and getattr(trainer, "is_global_zero", True):
             self._print(pl_module, metrics)
 
     # ------------------------------------------------------------------ evaluation
@@ -296,22 +404,81 @@ class RetrievalEvaluator(L.Callback):
         text_to_video = torch.tensor([col[captions[k][1]] for k in caption_keys], dtype=torch.long)
         return text_feats, video_feats, video_keys, caption_keys, text_to_video
 
-    def score(self, pl_module: Any, text: Features, video: Features) -> Tensor:
-        """Full similarity matrix: this rank scores its share of rows, then rows are gathered."""
+    def score(self, pl_module: Any, text: Features, video: Features, text_to_video: Tensor) -> Tensor:
+        """Full similarity matrix through `eval_scores`: this rank scores its share of rows, then rows are gathered."""
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rank = dist.get_rank() if world > 1 else 0
         n_text = text[next(iter(text))].shape[0]
         sizes = eval_block_sizes(pl_module)  # block-mixing scores: each rank takes whole reference blocks
         rows = torch.arange(rank, n_text, world) if sizes is None else block_rows(n_text, sizes[0], rank, world)
-        device = pl_module.device
-        text_d = {k: v.to(device) for k, v in text.items()}
-        video_d = {k: v.to(device) for k, v in video.items()}
-        part = blocked_similarity(pl_module, text_d, video_d, pl_module.hparams.eval_memory_mb, rows)
+        part = eval_scores(pl_module, text, video, text_to_video, pl_module.hparams.eval_memory_mb, rows)
         parts = _gather_objects((rows, part))
         sim = torch.empty(n_text, part.shape[1], dtype=torch.float32)
         for r, p in parts:
             sim[r] = p
         return sim
+
+    def postprocess_names(self, stage: str) -> list[str]:
+        """The post-processing of this stage: DSL at every evaluation, the others after a test only."""
+        names = ["dsl"] if self.dsl else []
+        return list(dict.fromkeys(names + (self.postprocess if stage == "test" else [])))
+
+    @torch.no_grad()
+    def query_bank_features(self, trainer: Any, pl_module: Any) -> Features:
+        """Text features of the query bank: `query_bank` training captions (the datamodule's `query_bank`), encoded
+        by the module in batches."""
+        datamodule = getattr(trainer, "datamodule", None)
+        source = getattr(datamodule, "query_bank", None)
+        if not callable(source):
+            raise ValueError(f"QB-Norm / SK-norm need training captions, and {type(datamodule).__name__} offers no "
+                             "`query_bank(limit, seed)`")
+        batch = source(self.query_bank, seed=0)
+        captions = list(batch["captions"])
+        chunks = []
+        for i in range(0, len(captions), 256):
+            feats = pl_module.encode_batch_text({"captions": captions[i : i + 256]})
+            chunks.append({k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in feats.items()})
+        return concat_features(chunks)
+
+    def _post_scores(self, trainer: Any, pl_module: Any, sim: Tensor, video: Features, names: list[str],
+                     bank: Features | None) -> dict[str, Tensor]:
+        from tvr_bench.postprocessing import postprocessing
+
+        out = {}
+        bank_sim: Tensor | None = None
+        bank_error = None
+        for name in names:
+            option = postprocessing(name)
+            if option.needs_bank and bank_sim is None and bank_error is None:
+                n_bank = len(next(iter(bank.values())))
+                try:  # a query bank has no test labels: a scoring that reads them cannot score it
+                    bank_sim = self.score(pl_module, bank, video, torch.full((n_bank,), -1, dtype=torch.long))
+                except ValueError as exn:
+                    bank_error = str(exn)
+            if option.needs_bank and bank_sim is None:
+                if getattr(trainer, "is_global_zero", True):
+                    warnings.warn(f"{name} skipped: the query bank cannot be scored with this scoring ({bank_error})")
+                continue
+            out[name] = option.apply(sim, bank_sim if option.needs_bank else None, self.settings).float()
+        return out
+
+    def _save_test_features(self, trainer: Any, pl_module: Any, text: Features, video: Features, t2v: Tensor,
+                            video_keys: list[str], caption_keys: list[str]) -> Path | None:
+        from tvr_bench.loggers import run_directory
+
+        path = Path(self.save_features) if isinstance(self.save_features, str) else Path(run_directory(trainer)) / FEATURES_FILE
+        if not trainer.is_global_zero:
+            return None
+        cls = type(pl_module)
+        options = pl_module.scoring_options() if hasattr(pl_module, "scoring_options") else {}
+        ckpt = getattr(trainer, "ckpt_path", None)
+        payload = {"text": text, "video": video, "text_to_video": t2v, "video_keys": list(video_keys),
+                   "caption_keys": list(caption_keys), "class_path": f"{cls.__module__}.{cls.__name__}",
+                   "ckpt_path": None if ckpt is None else os.fspath(ckpt),
+                   "scoring_options": {k: v for k, v in options.items() if isinstance(v, (str, int, float, bool))}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, path)
+        return path
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:
         start = time.perf_counter()
@@ -321,34 +488,49 @@ class RetrievalEvaluator(L.Callback):
         self._reset()
         if not video_keys:
             raise RuntimeError(f"the {stage} set yielded no videos: check the shards and the split name")
-        for feats, n in ((text, len(caption_keys)), (video, len(video_keys))):
-            feats["index"] = torch.arange(n)
-        prepare = getattr(pl_module, "prepare_eval_features", None)
-        if callable(prepare):  # set-level features (T-MASS reference pairing), after every batch is assembled
-            text, video = prepare(text, video, t2v)
-        sim = self.score(pl_module, text, video)
+        if self.save_features and stage == "test":
+            self._save_test_features(trainer, pl_module, text, video, t2v, video_keys, caption_keys)
+        score_start = time.perf_counter()
+        sim = self.score(pl_module, text, video, t2v)
+        self.last_score_seconds = time.perf_counter() - score_start
         self.last_eval_blocks = eval_block_sizes(pl_module)
         if self.save_scores and stage == "test" and trainer.is_global_zero:
             payload = {"sim": sim, "text_to_video": t2v, "video_keys": video_keys, "caption_keys": caption_keys}
             torch.save(payload, self.save_scores)
         ranks = query_ranks(sim, t2v)  # once: the metrics and the per-query results both come from them
         metrics = metrics_from_ranks(ranks)
-        dsl_sim = dual_softmax(sim) if self.dsl else None
+        names = self.postprocess_names(stage)
+        bank = None
+        if any(_needs_bank(n) for n in names):
+            bank = self.query_bank_features(trainer, pl_module)
+        post_sims = self._post_scores(trainer, pl_module, sim, video, names, bank)
+        names = [n for n in names if n in post_sims]
+        dsl_sim = post_sims.get("dsl")
         dsl_ranks = None if dsl_sim is None else query_ranks(dsl_sim, t2v)
         if dsl_ranks is not None:
             metrics.update({f"dsl/{k}": v for k, v in metrics_from_ranks(dsl_ranks).items()})
+        post_ranks = {n: (dsl_ranks if n == "dsl" else query_ranks(p, t2v)) for n, p in post_sims.items()}
+        for name, r in post_ranks.items():
+            if name != "dsl":
+                metrics.update({f"{name}/{k}": v for k, v in _directions(metrics_from_ranks(r), name).items()})
         self.last_per_query = (
             per_query_results(sim, t2v, video_keys, caption_keys, dsl_sim, self.top_k, ranks, dsl_ranks)
             if stage == "test" else None
         )
         self.last_intervals = None
+        is_zero = getattr(trainer, "is_global_zero", True)
         self.last_search = None  # the result JSON's `search` block: what search's two stages lose on this test set
-        if stage == "test" and trainer.is_global_zero:
+        if stage == "test" and is_zero:
             from tvr_bench.search.twostage import search_report
 
             self.last_search = search_report(pl_module, text, video, sim, t2v)
-        if self.last_per_query is not None and self.bootstrap_resamples > 0 and trainer.is_global_zero:
+        if self.last_per_query is not None and self.bootstrap_resamples > 0 and is_zero:
             self.last_intervals = query_intervals(self.last_per_query, self.bootstrap_resamples)
+        self.last_audit = self.last_companion = None
+        self.last_post = {}
+        if stage == "test":
+            self._test_extras(trainer, pl_module, text, video, t2v, video_keys, caption_keys, names, bank, post_ranks,
+                              metrics)
         if was_training:
             pl_module.train()
         self.last_eval_seconds = time.perf_counter() - start
@@ -359,34 +541,157 @@ class RetrievalEvaluator(L.Callback):
         pl_module.log(f"{stage}/eval_seconds", self.last_eval_seconds, sync_dist=False)
         return metrics
 
+    def _test_extras(self, trainer: Any, pl_module: Any, text: Features, video: Features, t2v: Tensor,
+                     video_keys: list[str], caption_keys: list[str], names: list[str], bank: Features | None,
+                     post_ranks: dict[str, dict[str, Tensor]], metrics: dict[str, float]) -> None:
+        """After a test: the audit verdict, the post-processing blocks and the honest second scoring."""
+        from tvr_bench.postprocessing import postprocessing
+
+        is_zero = getattr(trainer, "is_global_zero", True)
+        if self.audit and hasattr(pl_module, "scoring_options"):
+            from tvr_bench.audit import EvalSet, evaluation_audit
+
+            verdict = evaluation_audit(pl_module, EvalSet(text, video, t2v), names, self.settings, bank)
+            self.last_audit = _gather_objects(verdict)[0]  # rank 0's verdict everywhere: the ranks act alike below
+        for name in names:
+            option = postprocessing(name)
+            block: dict[str, Any] = {
+                "metrics": {k[len(name) + 1 :]: v for k, v in metrics.items() if k.startswith(f"{name}/")},
+                "title": option.title, "source": option.source, "directions": list(option.directions),
+                "note": option.note,
+                "settings": option.used_settings(self.settings),
+                "result_class": ((self.last_audit or {}).get("post", {}).get(name) or {}).get("result_class"),
+            }
+            if option.needs_bank:
+                block["query_bank"] = {"texts": len(next(iter(bank.values()))) if bank else 0,
+                                       "source": "training captions (datamodule.query_bank)", "asked": self.query_bank}
+            if is_zero and self.bootstrap_resamples > 0 and self.last_per_query is not None:
+                if name == "dsl" and self.last_intervals is not None:
+                    block["intervals"] = self.last_intervals.get("dsl_metrics")
+                elif name != "dsl":
+                    r = post_ranks[name]
+                    ranked = {**self.last_per_query, "t2v_rank": r["t2v"].cpu(), "v2t_rank": r["v2t"].cpu(),
+                              "v2t_video": r["v2t_video"].cpu()}
+                    ranked.pop("dsl_t2v_rank", None), ranked.pop("dsl_v2t_rank", None)
+                    block["intervals"] = _directions(query_intervals(ranked, self.bootstrap_resamples)["metrics"], name)
+            self.last_post[name] = block
+        verdict = (self.last_audit or {}).get("result_class")
+        if not (self.both_scorings and verdict and verdict not in ("pairwise", "gallery-normalised")):
+            return
+        from tvr_bench.audit import EvalSet, honest_options, test_subset
+
+        found = _gather_objects(honest_options(pl_module, test_subset(EvalSet(text, video, t2v)), verdict))[0]
+        if found is None:
+            return
+        options, honest_class = found
+        t0 = time.perf_counter()
+        with pl_module.using_scoring_options(**options):
+            sim = self.score(pl_module, text, video, t2v)
+            method = str(getattr(pl_module, "method_name", type(pl_module).__name__.lower()))
+        seconds = time.perf_counter() - t0
+        ranks = query_ranks(sim, t2v)
+        honest = metrics_from_ranks(ranks)
+        per_query = per_query_results(sim, t2v, video_keys, caption_keys, None, self.top_k, ranks)
+        intervals = query_intervals(per_query, self.bootstrap_resamples) if is_zero and self.bootstrap_resamples > 0 else None
+        changed = {k: v for k, v in options.items() if pl_module.scoring_options().get(k) != v}
+        self.last_companion = {"method": method, "options": options, "changed": changed, "result_class": honest_class,
+                               "metrics": honest, "per_query": per_query, "intervals": intervals,
+                               "score_seconds": seconds, "first_score_seconds": self.last_score_seconds}
+        metrics.update({f"honest/{k}": v for k, v in honest.items()})
+
     @rank_zero_only
     def _print(self, pl_module: Any, metrics: dict[str, float]) -> None:
         from rich.console import Console
         from rich.markup import escape
         from rich.table import Table
 
-        name = getattr(pl_module, "method_name", type(pl_module).__name__)
+        name = getattr(pl_module, "method_name", type(pl_module).__name__.lower())
         table = Table(title=f"{name}: {self.last_counts.get('texts')} texts x {self.last_counts.get('videos')} videos")
-        table.add_column("direction")
+        table.add_column("direction", no_wrap=True)
         for col in ("R@1", "R@5", "R@10", "MdR", "MnR"):
             table.add_column(col, justify="right")
-        prefixes = ["t2v", "v2t"] + (["dsl/t2v", "dsl/v2t"] if self.dsl else [])
+        verdict = (self.last_audit or {}).get("result_class")
         intervals = self.last_intervals or {}
-        for prefix in prefixes:
-            block = intervals.get("dsl_metrics" if prefix.startswith("dsl/") else "metrics") or {}
+        companion = self.last_companion
+        rows: list[tuple[str, dict[str, float], dict[str, Any]]] = []
+        if companion is not None:  # the honest number first
+            label = ", ".join(f"{k}={v}" for k, v in companion["changed"].items())
+            spans = (companion.get("intervals") or {}).get("metrics") or {}
+            for d in ("t2v", "v2t"):
+                rows.append((f"{d} · {companion['result_class']} ({label})",
+                             {k[4:]: v for k, v in companion["metrics"].items() if k.startswith(f"{d}/")},
+                             {k[4:]: v for k, v in spans.items() if k.startswith(f"{d}/")}))
+        tag = f" · {verdict}" if verdict else ""
+        if companion is not None:
+            tag += " (" + ", ".join(f"{k}={v}" for k, v in pl_module.scoring_options().items()
+                                    if k in companion["changed"]) + ")"
+        for d in ("t2v", "v2t"):
+            rows.append((f"{d}{tag}", {k[4:]: v for k, v in metrics.items() if k.startswith(f"{d}/")},
+                         {k[4:]: v for k, v in (intervals.get("metrics") or {}).items() if k.startswith(f"{d}/")}))
+        for post in self.postprocess_names("test" if self.last_post else "val"):
+            block = self.last_post.get(post) or {}
+            cls = f" · {block['result_class']}" if block.get("result_class") else ""
+            spans = (block.get("intervals") if post != "dsl" else intervals.get("dsl_metrics")) or {}
+            for d in (block.get("directions") or ("t2v", "v2t")):
+                values = {k[len(post) + 5 :]: v for k, v in metrics.items() if k.startswith(f"{post}/{d}/")}
+                if values:
+                    rows.append((f"{post}/{d}{cls}", values,
+                                 {k[4:]: v for k, v in spans.items() if k.startswith(f"{d}/")}))
+        for label, values, bounds_of in rows:
             cells = []
             for c in ("R@1", "R@5", "R@10", "MdR", "MnR"):
-                key = f"{prefix}/{c}"
-                bounds = block.get(key.removeprefix("dsl/"))
-                cells.append(f"{metrics[key]:.1f}" + (f" [{bounds[0]:.1f}, {bounds[1]:.1f}]" if bounds else ""))
-            table.add_row(prefix, *cells)
+                bounds = bounds_of.get(c)
+                value = values.get(c)
+                cells.append("–" if value is None else
+                             f"{value:.1f}" + (f" [{bounds[0]:.1f}, {bounds[1]:.1f}]" if bounds else ""))
+            table.add_row(escape(label), *cells)
         if intervals:
             table.caption = escape(f"[lo, hi]: 95% bootstrap interval over test queries ({intervals['resamples']:,} "
                                    "resamples of the videos with all their captions)")
         console = Console()
-        if intervals and console.width < 120:  # piped or a narrow terminal: keep each interval on one line
-            console = Console(width=120)
+        wide = 120 + max(0, max(len(r[0]) for r in rows) - 12)
+        if intervals and console.width < wide:  # piped or a narrow terminal: keep each interval on one line
+            console = Console(width=wide)
         console.print(table)
+        if companion is not None:
+            print(f"scored the same test features twice: the {companion['result_class']} scoring took "
+                  f"{companion['score_seconds']:.2f} s, the configured one {companion['first_score_seconds']:.2f} s "
+                  f"(the second scoring added {companion['score_seconds'] / max(companion['first_score_seconds'], 1e-9):.0%}"
+                  " to the scoring time)")
+        if verdict and verdict not in ("pairwise", "gallery-normalised"):
+            print(f"warning: {scoring_warning(pl_module, verdict, companion)}", flush=True)
+
+
+def _needs_bank(name: str) -> bool:
+    from tvr_bench.postprocessing import postprocessing
+
+    return postprocessing(name).needs_bank
+
+
+def _directions(values: dict[str, Any], name: str) -> dict[str, Any]:
+    """The entries of `values` (keys `t2v/...`, `v2t/...`) in the directions post-processing `name` reports."""
+    from tvr_bench.postprocessing import postprocessing
+
+    keep = postprocessing(name).directions
+    return {k: v for k, v in values.items() if k.split("/", 1)[0] in keep}
+
+
+def scoring_warning(method: Any, verdict: str, companion: dict[str, Any] | None = None) -> str:
+    """One line saying that a method's scoring is label-dependent or transductive, and what that means."""
+    name = getattr(method, "method_name", type(method).__name__.lower())
+    options = method.scoring_options() if hasattr(method, "scoring_options") else {}
+    declared = getattr(type(method), "SCORING_OPTIONS", {}) or {}
+    changed = ", ".join(f"{k}={v}" for k, v in options.items() if declared.get(k) and v != declared[k][0])
+    what = {"label-dependent": "it reads the test labels (fails label invariance), so its numbers are not a valid "
+                               "retrieval result",
+            "transductive": "a text's scores depend on the other test queries, so its numbers are not comparable with "
+                            "retrieval that scores each query alone"}.get(verdict, verdict)
+    tail = ""
+    if companion is not None:
+        tail = "; the honest scoring (" + ", ".join(f"{k}={v}" for k, v in companion["changed"].items()) + \
+               f", {companion['result_class']}) is reported first"
+    return (f"{name}'s scoring{f' ({changed})' if changed else ''} is {verdict}: {what}; it is never ranked beside "
+            f"plain retrieval (docs/leaderboard.md, 'What counts as a retrieval result'){tail}")
 
 
 def _caption_order(caption_key: str) -> tuple[int, str]:

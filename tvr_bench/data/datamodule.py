@@ -310,6 +310,30 @@ class RetrievalDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers, warn_short=rank == 0, prefetch_factor=self.prefetch_factor,
         )  # fmt: skip
 
+    def query_bank(self, limit: int = 0, seed: int = 0) -> dict[str, list[str]]:
+        """Training captions for a query bank (QB-Norm, SK-norm): ``{"captions": [...]}``, every caption of the
+        train split (joined into one paragraph per video with ``caption_mode: paragraph``), or ``limit`` of them
+        drawn without replacement with ``seed`` (kept in shard order)."""
+        import random
+
+        import webdataset as wds
+
+        from tvr_bench.data.shards import parse_sample
+
+        captions: list[str] = []
+        for url in self.split_shards(self.train_split).urls:
+            dataset = wds.WebDataset(str(url), shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                     empty_check=False)
+            for sample in dataset:
+                found = list(parse_sample(sample)[0]["captions"])
+                captions += [" ".join(found)] if self.caption_mode == "paragraph" else found
+        if not captions:
+            raise ValueError(f"the {self.train_split!r} split has no captions for a query bank")
+        if 0 < limit < len(captions):
+            keep = sorted(random.Random(seed).sample(range(len(captions)), limit))
+            captions = [captions[i] for i in keep]
+        return {"captions": captions}
+
     def val_dataloader(self) -> Any:
         """Validation loader over ``val_split`` (an empty list when it is None)."""
         return [] if not self.val_split else self.eval_dataloader(self.val_split)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import lightning as L
@@ -74,6 +76,10 @@ class RetrievalModule(L.LightningModule):
     #: both sides together (text-conditioned pooling, token-wise matching): a first stage over mean-pooled
     #: vectors (`search_vectors`) picks K candidates and `similarity` re-ranks them from the stored features.
     SEARCH_SCORING: ClassVar[str] = "rerank"
+    #: The init args that change how test-time scores are computed, each with the values the scoring audit tries,
+    #: the default first (tvr_bench/audit.py; docs/leaderboard.md, "What counts as a retrieval result"). Each one
+    #: is kept as an attribute of the same name and read at scoring time, so `using_scoring_options` can switch it.
+    SCORING_OPTIONS: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     def __init__(
         self,
@@ -175,6 +181,33 @@ class RetrievalModule(L.LightningModule):
             return (f"{self.method_name} scores depend on how items are grouped into evaluation blocks "
                     f"(eval_block_sizes() = {blocks()}); a search scores one query against stored videos")
         return None
+
+    # ------------------------------------------------------------------ scoring options
+    def scoring_options(self) -> dict[str, Any]:
+        """The current value of every `SCORING_OPTIONS` entry."""
+        missing = [name for name in type(self).SCORING_OPTIONS if not hasattr(self, name)]
+        if missing:
+            raise AttributeError(
+                f"{type(self).__name__} declares SCORING_OPTIONS {missing} but keeps no attribute of that name "
+                "(each scoring option must be stored as `self.<name>` and read at scoring time)"
+            )
+        return {name: getattr(self, name) for name in type(self).SCORING_OPTIONS}
+
+    @contextmanager
+    def using_scoring_options(self, **options: Any) -> Iterator[None]:
+        """Score with other values of some `SCORING_OPTIONS` inside the block (restored after it)."""
+        declared = type(self).SCORING_OPTIONS
+        unknown = sorted(set(options) - set(declared))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no scoring option(s) {unknown}; declared: {sorted(declared)}")
+        before = self.scoring_options()
+        try:
+            for name, value in options.items():
+                setattr(self, name, value)
+            yield
+        finally:
+            for name, value in before.items():
+                setattr(self, name, value)
 
     # ------------------------------------------------------------------ shared helpers
     def encode_frames(self, frames: Tensor) -> Tensor:

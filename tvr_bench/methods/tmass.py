@@ -36,6 +36,8 @@ class TMASS(RetrievalModule):
 
     DATA_PROTOCOL = {"sampling": "segment_middle", "train_stream": "pairs", "augment": "clip_train", "last_batch": "keep"}  # docs/methods/tmass.md, 'Reproducing the paper'
     REFERENCE_OPTIMIZER = "legacy_adamw"  # `optimizer: reference`: T-MASS modules/optimization.py AdamW (docs/methods/tmass.md, Optimiser)
+    #: audited by tvr_bench/audit.py; `pairing: reference` is the paper's scoring (docs/methods/tmass.md, "Scoring protocol")
+    SCORING_OPTIONS = {"pairing": ("query", "reference"), "eps_mode": ("text", "pair")}
 
     def __init__(
         self,
@@ -174,7 +176,11 @@ def own_caption_layout(text_embeds: Tensor, text_to_video: Tensor, n_video: int,
     """Each caption's position among its video's captions (row order) and the [V, P, D] NaN-padded own captions."""
     t2v = text_to_video.long().to(text_embeds.device)
     if t2v.numel() and (int(t2v.min()) < 0 or int(t2v.max()) >= n_video):
-        raise ValueError(f"text_to_video must index the {n_video} videos, got values in [{int(t2v.min())}, {int(t2v.max())}]")
+        raise ValueError(
+            f"text_to_video must index the {n_video} videos, got values in [{int(t2v.min())}, {int(t2v.max())}] "
+            "(pairing='reference' reads each text's own video from the test labels: a text whose video is not in the "
+            "gallery, -1, cannot be scored)"
+        )
     pos = caption_positions(t2v, n_video)
     most = int(pos.max()) + 1 if pos.numel() else 1
     if most > max_captions:

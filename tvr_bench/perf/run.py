@@ -63,6 +63,7 @@ TARGETS = {
     "drl_memory_vs_reference_loop": 1.0,  # DRL blocked peak memory at most the reference loop's
     "train_overhead": 0.05,  # Lightning at most 5% slower per step than a plain loop
     **SEARCH_TARGETS,  # issue 20: search costs (tvr_bench/perf/search_bench.py)
+    "postproc_seconds": 2.0,  # each post-processing option at MSVD scale (issue 19; perf/postproc_bench.py)
 }
 
 
@@ -892,10 +893,15 @@ def render_markdown(result: dict[str, Any]) -> str:
         from tvr_bench.perf.search_bench import render as render_search
 
         lines += render_search(sec["search"])
+    if "postproc" in sec:
+        from tvr_bench.perf.postproc_bench import render as render_postproc
+
+        lines += render_postproc(sec["postproc"])
     return "\n".join(lines)
 
 
-SECTIONS = ("data", "data-memory", "eval", "metrics", "train", "features", "intervals", "precision", "train-order", "search")
+SECTIONS = ("data", "data-memory", "eval", "metrics", "train", "features", "intervals", "precision", "train-order", "search",
+            "postproc")
 
 
 def _bench_features(work: Path, quick: bool, accelerator: str) -> dict[str, Any]:
@@ -968,6 +974,7 @@ def perf_main(argv: list[str]) -> int:
         "train-order": lambda: __import__("tvr_bench.perf.train_order_bench", fromlist=["x"]).bench_train_order(Path(args.work_dir), args.quick),
         "search": lambda: __import__("tvr_bench.perf.search_bench", fromlist=["x"]).bench_search(
             Path(args.work_dir), out.parent, args.quick, [m.strip() for m in args.search_methods.split(",") if m.strip()] or None),
+        "postproc": lambda: __import__("tvr_bench.perf.postproc_bench", fromlist=["x"]).bench_postproc(args.quick),
     }
     for name in sections:
         t0 = time.perf_counter()
