@@ -38,6 +38,7 @@ TOOL_COMMANDS: dict[str, str] = {
     "compare": "tvr_bench.compare:compare_main",
     "perf": "tvr_bench.perf.run:perf_main",
     "features": "tvr_bench.features.cli:features_main",
+    "pretrain": "tvr_bench.pretrain:pretrain_main",
 }
 
 

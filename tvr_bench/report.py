@@ -47,7 +47,7 @@ RETRIEVAL_KEYS = tuple(f"{d}/{m}" for d in DIRECTIONS for m in METRICS)
 #: flat-row fields that describe a run rather than measure it (never averaged)
 IDENTITY_FIELDS = ("method", "dataset", "backbone", "frames", "words", "seed", "git_commit", "timestamp", "device",
                    "profile", "features", "selection", "pairing", "eps_mode", "optimizer", "variant", "test_set",
-                   "test_videos", "protocol_videos")
+                   "test_videos", "protocol_videos", "training")
 #: significance level of the "not significantly different from the best" grouping
 ALPHA = 0.05
 BEST_MARK = "★"
@@ -511,6 +511,9 @@ def to_markdown(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]]
                     for g in aggregated if any(k.startswith("dsl/") for k in g["stats"])]
         out += ["## With dual softmax at inference (DSL)", "",
                 f"({BEST_MARK}/{TIED_MARK} refer to the plain ranking above.)", "", _md_table(header, dsl_rows), ""]
+    from tvr_bench.report_diagnostics import diagnostics_markdown
+
+    out += diagnostics_markdown(aggregated)  # by caption type and temporal probes, when any row has them
     eff_header = ["method", "dataset", "backbone", "seeds", "params (M)", "trainable (M)", "train time (s)",
                   "train pairs/s", "eval time (s)", "eval ms/query", "texts", "videos", "device", "commit"]
     eff_rows = []
@@ -742,6 +745,11 @@ def build_leaderboard(runs_dir: str | Path = "runs", expected_dir: str | Path | 
         "md": atomic_write(out / "leaderboard.md", to_markdown(aggregated, expected, n_files=len(results))),
         "png": plot_leaderboard(aggregated, expected, out / "leaderboard.png"),
     }
+    from tvr_bench.report_diagnostics import PLOT_FILE, plot_diagnostics
+
+    diagnostics_png = plot_diagnostics(aggregated, out / PLOT_FILE)
+    if diagnostics_png is not None:
+        paths["diagnostics_png"] = diagnostics_png
     return {"paths": paths, "aggregated": aggregated, "expected": expected, "n_results": len(results)}
 
 

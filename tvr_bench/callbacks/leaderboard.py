@@ -399,6 +399,10 @@ class LeaderboardWriter(L.Callback):
             "protocol": protocol,
         }
         result.update(self.intervals(evaluator))
+        # by caption type (synthetic) and temporal probes (`--evaluator.probes`): tvr_bench/diagnostics.py, probes.py
+        for key, attr in (("diagnostics", "last_diagnostics"), ("probes", "last_probes")):
+            if getattr(evaluator, attr, None):
+                result[key] = getattr(evaluator, attr)
         return _json_safe(result)
 
     def protocol(self, trainer: Any, pl_module: Any, evaluator: Any) -> dict[str, Any]:
@@ -426,6 +430,10 @@ class LeaderboardWriter(L.Callback):
         defaults = _init_defaults(type(pl_module))
         labelled = {"profile": self.profile, "features": features}
         labelled.update({k: get(k) for k in ("pairing", "eps_mode") if get(k) is not None and get(k) != defaults.get(k)})
+        # no training step reached these weights (a test without fit or checkpoint): the backbone's zero-shot row
+        trained = bool((self.fit_stats or {}).get("steps")) or bool(getattr(trainer, "ckpt_path", None))
+        if not trained:
+            labelled["training"] = "zero-shot"
         return {
             "test_split": test_split,
             "test_videos": test_videos,
@@ -438,6 +446,7 @@ class LeaderboardWriter(L.Callback):
             "eps_mode": get("eps_mode"),
             "features": features,
             "optimizer": get("optimizer") or "adamw",
+            "training": "fine-tuned" if trained else "zero-shot",
             # the row label and file-name part: non-default profile/features, and pairing/eps_mode when they
             # differ from the method's defaults (a named alternative such as T-MASS `pairing: query`)
             "variant": variant_label(labelled),
