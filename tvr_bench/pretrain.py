@@ -56,14 +56,14 @@ class PretrainConfig:
     """Every setting of the stage (recorded in `pretrain.json`; a change rebuilds the weights)."""
 
     preset: str = "tiny"
-    steps: int = 300
-    batch_size: int = 256
+    steps: int = 200
+    batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.2
     warmup_ratio: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
-    max_words: int = 32
+    max_words: int = 16
     seed: int = 0
     image_size: int = 64
 
@@ -172,8 +172,9 @@ def pretrain_clip(frames: torch.Tensor, labels: list[FrameLabel], config: Pretra
     caption_rng = random.Random(config.seed)
     names = [t[0] for t in TEMPLATES]
     weights = [t[2] for t in TEMPLATES]
+    # fused: one kernel over all tensors (the 6.3 M-entry token table dominated the step: 50 ms -> 6 ms on one core)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
-                                  eps=config.eps)
+                                  eps=config.eps, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_lambda("cosine", config.steps, config.warmup_ratio))
     curve: list[dict[str, float]] = []
     start = time.perf_counter()

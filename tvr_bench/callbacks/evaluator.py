@@ -154,7 +154,7 @@ class RetrievalEvaluator(L.Callback):
     """Collects eval features, scores all pairs exactly once and logs R@1/5/10, MdR, MnR both ways."""
 
     def __init__(self, dsl: bool = False, print_table: bool = True, device: str = "auto", save_scores: str | None = None,
-                 bootstrap_resamples: int = 10_000, probes: list[str] | None = None):
+                 bootstrap_resamples: int = 10_000, probes: list[str] | str | None = None):
         """`save_scores`: a file path; after each test, rank 0 saves the score matrix and the key order there.
         `bootstrap_resamples`: after a test, rank 0 computes the 95% bootstrap interval over test queries of every
         metric (tvr_bench/stats.py) and prints it in the table (0: none).
@@ -396,8 +396,6 @@ class RetrievalEvaluator(L.Callback):
             probe = PerQuery.from_results(per_query_results(
                 sim, t2v, video_keys, caption_keys, ranks=probe_ranks, caption_types=self.last_per_query.get("caption_type")))
             entry.update(_probe_statistics(plain, probe, resamples))
-            logs.update({f"probe/{name}/types/{g}/t2v/R@1": e["metrics"]["t2v/R@1"]
-                         for g, e in (entry.get("caption_types") or {}).items()})
             out[name] = entry
         self.last_probes = {
             "probes": out,
