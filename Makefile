@@ -45,7 +45,7 @@ SYNTH_BACKBONE := data/synthetic-default/tiny-pretrained
 $(SYNTH_BACKBONE)/config.json: tvr_bench/pretrain.py | $(VENV)/.installed
 	$(TVR) pretrain --size default --out $(SYNTH_BACKBONE) && touch $@
 
-bench: check-names install $(if $(filter synthetic,$(DATA)),$(SYNTH_BACKBONE)/config.json)
+bench: check-names install $(if $(filter synthetic,$(DATA)),$(if $(filter scratch,$(PROFILE)),,$(SYNTH_BACKBONE)/config.json))
 	@for seed in $(SEEDS); do \
 	  echo "== $(METHOD) on $(DATA), seed $$seed =="; \
 	  $(TVR) bench $(RECIPES) $(foreach f,$(RECIPE_EXTRA) $(PROFILE_LAYERS),--config $(f)) \
