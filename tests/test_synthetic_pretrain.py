@@ -130,3 +130,17 @@ def test_command_refuses_bad_settings_and_a_set_that_is_not_synthetic(tmp_path: 
     assert "--steps" in capsys.readouterr().err
     (tmp_path / "train").mkdir()
     assert pretrain_main(["--root", str(tmp_path), "--size", "tiny", "--no-progress", "--out", str(tmp_path / "o")]) != 0
+
+
+def test_a_missing_pretrained_backbone_names_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from tvr_bench.cli import EXIT_CONFIG, main
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)  # no data/synthetic-default/tiny-pretrained here
+    configs = [a for c in ("base", "methods/clip4clip", "data/synthetic") for a in ("--config", str(repo / "recipes" / f"{c}.yaml"))]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *configs])
+    assert exit_info.value.code == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "tiny-pretrained' does not exist" in err and "tvr-bench pretrain --size default" in err

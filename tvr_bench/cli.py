@@ -58,6 +58,8 @@ SUBCOMMAND_SUMMARIES: dict[str, str] = {
     "compare": "Tell whether two runs on the same test set really differ: paired intervals, p-values and a verdict.",
     "perf": "Measure speed and memory against baselines of the same run and write a JSON and Markdown report.",
     "features": "Encode a prepared dataset once with a frozen CLIP into cached features, to train heads fast.",
+    "pretrain": "Pretrain the tiny CLIP on single frames of the synthetic training videos: the synthetic recipes' "
+                "backbone.",
 }
 
 
@@ -72,6 +74,9 @@ def cli_description() -> str:
         "recipes/data/<dataset>.yaml (or `make bench METHOD=<method> DATA=<dataset>`)."
     )
 
+
+#: The folder name of the pretrained synthetic backbone (`tvr-bench pretrain`, recipes/data/synthetic.yaml).
+PRETRAINED_SYNTHETIC = "tiny-pretrained"
 
 #: Data init args a method's ``DATA_PROTOCOL`` fills when the data config leaves them unset.
 PROTOCOL_KEYS: tuple[str, ...] = ("sampling", "train_stream", "augment")
@@ -156,7 +161,10 @@ def missing_weights_message(config: Any) -> str | None:
         return None
     from tvr_bench.backbones.clip import weights_problem
 
-    return weights_problem(backbone)
+    problem = weights_problem(backbone)
+    if problem is not None and backbone.rstrip("/").endswith(PRETRAINED_SYNTHETIC):
+        problem += " (the synthetic recipe's pretrained backbone: build it with `tvr-bench pretrain --size default` or `make bench`)"
+    return problem
 
 
 def _stop_on(weights: str | None, shards: str | None) -> None:
