@@ -94,9 +94,9 @@ def diagnostics_markdown(aggregated: list[dict[str, Any]]) -> list[str]:
                      for t in types for m in GROUP_METRICS]
             rows.append([_label(g, several), g["dataset"], g["backbone"], ",".join(map(str, g["seeds"])) or str(g["n_runs"]),
                          *cells])
-        header = ["method", "dataset", "backbone", "seeds"] + [f"{t} {m}" for t in types for m in GROUP_METRICS]
+        header = ["method", "dataset", "backbone", "seeds"] + [f"{t} {m.split('/')[-1]}" for t in types for m in GROUP_METRICS]
         out += ["## Diagnostics by caption type", "",
-                "Text-to-video recall of each kind of caption alone (every caption still ranks all test videos): "
+                "Text-to-video recall (t2v R@1, R@5) of each kind of caption alone (every caption still ranks all test videos): "
                 "`mean ± seed std [95% bootstrap interval of the seed mean]`. Synthetic caption types "
                 "(data_cards/synthetic.md): `full` both events in order with the background, `first` / `second` one "
                 "event only, `order` both events and their order, `objects` the two objects and the background, no "
