@@ -214,3 +214,21 @@ def test_persistent_workers_refused_for_the_epoch_seeded_training_stream() -> No
 
     with pytest.raises(ValueError, match="first epoch's shuffle"):
         make_loader([], num_workers=2, num_batches=1, state=StreamState(), epoch_seeded=True, persistent_workers=True)  # type: ignore[arg-type]
+
+
+def test_every_datamodule_passes_the_loader_settings_through() -> None:
+    """A benchmark or the synthetic set accepts every loader and stream setting of the base datamodule (a method's
+    DATA_PROTOCOL `last_batch`, a remote root's `cache_dir`, ...), except what it fixes itself."""
+    import inspect
+
+    from tvr_bench.data.benchmarks.common import BenchmarkDataModule
+    from tvr_bench.data.benchmarks.synthetic import SyntheticDataModule
+    from tvr_bench.data.datamodule import RetrievalDataModule
+
+    fixed = {"self", "root", "dataset", "train_split"}
+    base = set(inspect.signature(RetrievalDataModule.__init__).parameters) - fixed
+    for cls in (BenchmarkDataModule, SyntheticDataModule):
+        missing = base - set(inspect.signature(cls.__init__).parameters)
+        assert not missing, f"{cls.__name__} does not accept {sorted(missing)}"
+    dm = SyntheticDataModule(size="tiny", last_batch="drop", cache_dir="/tmp/x", prefetch_factor=3)
+    assert (dm.hparams.last_batch, dm.hparams.cache_dir, dm.hparams.prefetch_factor) == ("drop", "/tmp/x", 3)

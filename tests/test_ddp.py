@@ -123,6 +123,7 @@ def recipe_args(recipe: str, root: Path, quiet: Path) -> list[str]:
         "--config", str(RECIPES / "base.yaml"),
         "--config", str(RECIPES / "methods" / f"{recipe}.yaml"),
         "--config", str(RECIPES / "data" / "synthetic.yaml"),
+        "--config", str(RECIPES / "profiles" / "scratch.yaml"),  # the tiny set has no pretrained backbone
         "--config", str(quiet),
         "--data.init_args.size", "tiny",
         "--data.init_args.root", str(root),

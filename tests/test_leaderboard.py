@@ -238,8 +238,8 @@ def test_writer_records_a_self_describing_result(tmp_path):
     assert result["protocol"] == {
         "test_split": "test", "test_videos": 12, "protocol_videos": None, "complete": True, "test_set": "",
         "profile": "default", "selection": "last", "pairing": None, "eps_mode": None, "grouping": None,
-        "eval_blocks": None, "padding": None, "features": "end-to-end", "optimizer": "adamw", "variant": "",
-        "scoring_options": {}, "result_class": "pairwise", "audit": {}, "postprocessing": {}}
+        "eval_blocks": None, "padding": None, "features": "end-to-end", "optimizer": "adamw", "training": "fine-tuned",
+        "variant": "", "scoring_options": {}, "result_class": "pairwise", "audit": {}, "postprocessing": {}}
     assert "## With dual softmax at inference (DSL)" in md
     assert (runs / "leaderboard.csv").is_file() and (runs / "leaderboard.png").is_file()
 
@@ -464,10 +464,11 @@ def test_pairing_labels_rows_and_file_names_only_when_not_the_method_default(tmp
                                                          datamodule=ToyDataModule())
         assert writer.last_result["protocol"]["pairing"] == pairing
     names = sorted(p.name for p in (runs / "results").glob("*.json"))
-    assert names == ["toymethod__toyset__tiny__pairing-reference-eps_mode-pair__seed0.json",
-                     "toymethod__toyset__tiny__seed0.json"]  # the default keeps the plain name
+    # test-only runs (no training step): labelled zero-shot; the method's default pairing adds nothing to the name
+    assert names == ["toymethod__toyset__tiny__pairing-reference-eps_mode-pair-training-zero-shot__seed0.json",
+                     "toymethod__toyset__tiny__training-zero-shot__seed0.json"]
     md = (runs / "leaderboard.md").read_text()
-    assert "| toymethod (pairing=reference, eps_mode=pair) |" in md and "pairing=query, eps=text |" in md
+    assert "| toymethod (pairing=reference, eps_mode=pair, training=zero-shot) |" in md and "pairing=query, eps=text |" in md
 
 
 def test_no_tie_mark_between_rows_tested_on_different_data(tmp_path):

@@ -51,7 +51,8 @@ from tvr_bench.recipes import method_recipes
 from tvr_bench.report import build_leaderboard
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ["recipes/base.yaml", "recipes/methods/clip4clip.yaml", "recipes/data/synthetic.yaml"]
+# the synthetic recipe with the random-backbone profile: the tiny test set has no pretrained backbone of its own
+CONFIGS = ["recipes/base.yaml", "recipes/methods/clip4clip.yaml", "recipes/data/synthetic.yaml", "recipes/profiles/scratch.yaml"]
 SECRET = "0123456789abcdef0123456789abcdef01234567"  # a fake W&B key: must never reach a file
 TINY_CONFIG = PrepareConfig("synthetic", num_frames=12, sampling="segment_middle", short_side=64, jpeg_quality=90, shard_size=16)
 

@@ -230,6 +230,7 @@ def test_bench_on_tiny_synthetic_writes_result_leaderboard_and_wandb_table(offli
         "--config", str(REPO / "recipes/base.yaml"),
         "--config", str(REPO / "recipes/methods/clip4clip.yaml"),
         "--config", str(_synthetic_recipe(tmp)),
+        "--config", str(REPO / "recipes/profiles/scratch.yaml"),  # the tiny set has no pretrained backbone
         "--data.init_args.size", "tiny",
         "--data.init_args.root", str(tiny_root),  # session-wide tiny set (tests/data_fixtures.py), read only
         "--data.init_args.num_workers", "0",
@@ -253,6 +254,8 @@ def test_bench_on_tiny_synthetic_writes_result_leaderboard_and_wandb_table(offli
     assert result["params"]["total"] >= result["params"]["trainable"] > 0
     [table] = _tables(run_root)
     assert dict(zip(table["columns"], table["data"][0])) == json.loads(json.dumps(flat_row(result)))
+    logged = dict(zip(table["columns"], table["data"][0]))  # recall by caption type reaches W&B too
+    assert logged["types/order/t2v/R@1"] == result["diagnostics"]["caption_types"]["order"]["metrics"]["t2v/R@1"]
     [config] = run_root.glob("tvr-bench/*/config.yaml")  # <save_dir>/<project>/<run id>/, next to checkpoints/
     assert Path(result["run_dir"]) == config.parent.relative_to(tmp) or Path(result["run_dir"]) == config.parent
     assert yaml.safe_load(config.read_text())["leaderboard"]["runs_dir"] == str(tmp / "runs")

@@ -455,5 +455,6 @@ def test_result_protocol_records_a_non_default_padding():
     for profile, padding, variant in (("default", "masked", ""), ("default", "reference", "padding=reference"),
                                       ("paper", "reference", "profile=paper, padding=reference")):  # fmt: skip
         writer = LeaderboardWriter(runs_dir="unused", enabled=False, profile=profile)
+        writer.fit_stats = {"steps": 10}  # a trained row (else `training=zero-shot` joins the variant)
         proto = writer.protocol(trainer, XCLIP(backbone="tiny", padding=padding), evaluator)
         assert proto["padding"] == padding and proto["variant"] == variant

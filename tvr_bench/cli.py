@@ -41,6 +41,7 @@ TOOL_COMMANDS: dict[str, str] = {
     "index": "tvr_bench.search.cli:index_main",
     "search": "tvr_bench.search.cli:search_main",
     "audit": "tvr_bench.audit:audit_main",
+    "pretrain": "tvr_bench.pretrain:pretrain_main",
 }
 
 
@@ -63,6 +64,8 @@ SUBCOMMAND_SUMMARIES: dict[str, str] = {
     "index": "Index a folder of your own videos (files or prepared shards) with a trained method, for search.",
     "search": "Find the videos of an index that best match a text query: table, JSON or an HTML page of frames.",
     "audit": "Audit every method's scoring (labels, other queries, gallery, order, noise) and class each number.",
+    "pretrain": "Pretrain the tiny CLIP on single frames of the synthetic training videos: the synthetic recipes' "
+                "backbone.",
 }
 
 
@@ -77,6 +80,9 @@ def cli_description() -> str:
         "recipes/data/<dataset>.yaml (or `make bench METHOD=<method> DATA=<dataset>`)."
     )
 
+
+#: The folder name of the pretrained synthetic backbone (`tvr-bench pretrain`, recipes/data/synthetic.yaml).
+PRETRAINED_SYNTHETIC = "tiny-pretrained"
 
 #: Data init args a method's ``DATA_PROTOCOL`` fills when the data config leaves them unset.
 PROTOCOL_KEYS: tuple[str, ...] = ("sampling", "train_stream", "augment", "last_batch")
@@ -174,7 +180,10 @@ def missing_weights_message(config: Any) -> str | None:
         return None
     from tvr_bench.backbones.clip import weights_problem
 
-    return weights_problem(backbone)
+    problem = weights_problem(backbone)
+    if problem is not None and backbone.rstrip("/").endswith(PRETRAINED_SYNTHETIC):
+        problem += " (the synthetic recipe's pretrained backbone: build it with `tvr-bench pretrain --size default` or `make bench`)"
+    return problem
 
 
 def _stop_on(weights: str | None, shards: str | None) -> None:

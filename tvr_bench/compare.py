@@ -112,6 +112,10 @@ def compare_runs(a: str | Path, b: str | Path, n_boot: int = DEFAULT_RESAMPLES, 
         )
     names = (f"A ({pa})", f"B ({pb})")
     metrics = paired_comparison(qa, qb, n_boot=n_boot, seed=seed, dsl=dsl, names=names)
+    from tvr_bench.diagnostics import paired_group_comparison
+
+    # t2v R@1/R@5 by caption type when both ranks files carry the types (synthetic; tvr_bench/diagnostics.py)
+    by_type = {} if dsl else paired_group_comparison(qa, qb, n_boot=n_boot, seed=seed, names=names)
     return {
         "a": {"path": str(pa), "label": _label(ra)},
         "b": {"path": str(pb), "label": _label(rb)},
@@ -122,6 +126,7 @@ def compare_runs(a: str | Path, b: str | Path, n_boot: int = DEFAULT_RESAMPLES, 
         "dsl": dsl,
         "alpha": 0.05,
         "metrics": metrics,
+        "by_caption_type": by_type,
         "notes": protocol_notes(ra, rb),
         "different_data": different,  # non-empty only under allow_different_data
     }
@@ -182,6 +187,16 @@ def _print(comparison: dict[str, Any]) -> None:
     if not console.is_terminal:
         console = Console(width=160)
     console.print(table)
+    if comparison.get("by_caption_type"):
+        by_type = Table(title="t2v by caption type (each caption type alone; paired over the same videos)")
+        for i, col in enumerate(("caption type", "metric", "A", "B", "A - B", "95% paired interval", "p (permutation)")):
+            by_type.add_column(col, justify="left" if i < 2 else "right", no_wrap=True)
+        for group, metrics in comparison["by_caption_type"].items():
+            for key, v in metrics.items():
+                by_type.add_row(group, key, f"{v['a']:.2f}", f"{v['b']:.2f}", f"{v['diff']:+.2f}",
+                                f"[{v['ci'][0]:+.2f}, {v['ci'][1]:+.2f}]",
+                                f"{v['p']:.4f}" + (" *" if v["p"] < comparison["alpha"] else ""))
+        console.print(by_type)
     console.print(verdict(comparison), soft_wrap=not console.is_terminal)
 
 

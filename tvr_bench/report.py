@@ -53,7 +53,7 @@ RETRIEVAL_KEYS = tuple(f"{d}/{m}" for d in DIRECTIONS for m in METRICS)
 #: flat-row fields that describe a run rather than measure it (never averaged)
 IDENTITY_FIELDS = ("method", "dataset", "backbone", "frames", "words", "seed", "git_commit", "timestamp", "device",
                    "profile", "features", "selection", "pairing", "eps_mode", "optimizer", "variant", "test_set",
-                   "test_videos", "protocol_videos", "result_class")
+                   "test_videos", "protocol_videos", "result_class", "training")
 #: significance level of the "not significantly different from the best" grouping
 ALPHA = 0.05
 BEST_MARK = "★"
@@ -571,6 +571,9 @@ def to_markdown(aggregated: list[dict[str, Any]], expected: list[dict[str, Any]]
     kinds = sorted({g["interval_kind"] for g in aggregated})
     out += ["Intervals: " + "; ".join(kinds) + ".", ""]
     out += postprocessing_sections(aggregated, header)
+    from tvr_bench.report_diagnostics import diagnostics_markdown
+
+    out += diagnostics_markdown(aggregated)  # by caption type and temporal probes, when any row has them
     eff_header = ["method", "dataset", "backbone", "seeds", "params (M)", "trainable (M)", "train time (s)",
                   "train pairs/s", "eval time (s)", "eval ms/query", "texts", "videos", "device", "commit"]
     eff_rows = []
@@ -852,6 +855,11 @@ def build_leaderboard(runs_dir: str | Path = "runs", expected_dir: str | Path | 
                                                               *cost_lines])),
         "png": plot_leaderboard(aggregated, expected, out / "leaderboard.png"),
     }
+    from tvr_bench.report_diagnostics import PLOT_FILE, plot_diagnostics
+
+    diagnostics_png = plot_diagnostics(aggregated, out / PLOT_FILE)
+    if diagnostics_png is not None:
+        paths["diagnostics_png"] = diagnostics_png
     return {"paths": paths, "aggregated": aggregated, "expected": expected, "n_results": len(results)}
 
 

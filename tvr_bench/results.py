@@ -33,6 +33,7 @@ __all__ = [
     "SCHEMA",
     "atomic_write",
     "canonical_backbone",
+    "diagnostic_columns",
     "flat_row",
     "load_results",
     "protocol_of",
@@ -100,9 +101,9 @@ def result_class_of(result: dict[str, Any]) -> str:
 
 
 #: the `protocol` values a result has when its JSON predates the block (or an input was not exposed)
-PROTOCOL_DEFAULTS: dict[str, Any] = {"profile": "default", "features": "end-to-end"}
+PROTOCOL_DEFAULTS: dict[str, Any] = {"profile": "default", "features": "end-to-end", "training": "fine-tuned"}
 #: protocol fields that make runs different leaderboard rows (besides method, dataset, backbone)
-VARIANT_FIELDS = ("profile", "features", "pairing", "eps_mode", "grouping", "padding")
+VARIANT_FIELDS = ("profile", "features", "pairing", "eps_mode", "grouping", "padding", "training")
 RANKS_SUFFIX = ".ranks.npz"
 
 
@@ -197,6 +198,8 @@ def flat_row(result: dict[str, Any]) -> dict[str, Any]:
     for name, block in sorted((proto.get("postprocessing") or {}).items()):
         row[f"{name}/result_class"] = block.get("result_class") or UNAUDITED
     row["variant"] = variant_of(result)
+    row["training"] = proto.get("training")
+    row.update(diagnostic_columns(result))
     row["test_videos"] = proto.get("test_videos")
     row["protocol_videos"] = proto.get("protocol_videos")
     row["test_set"] = test_set_label(proto.get("test_videos"), proto.get("protocol_videos"))
@@ -218,6 +221,30 @@ def flat_row(result: dict[str, Any]) -> dict[str, Any]:
             "device": (result.get("device") or {}).get("name"),
         }
     )
+    return row
+
+
+def diagnostic_columns(result: dict[str, Any]) -> dict[str, float]:
+    """Flat columns of a result's diagnostics: `types/<type>/t2v/R@k` (with `_ci_lo/_ci_hi`) by caption type, and
+    `probe/<name>/t2v/R@1` with `probe/<name>/drop/t2v/R@1` (plain - probe, with its paired interval) per probe."""
+    row: dict[str, float] = {}
+    for group, entry in (((result.get("diagnostics") or {}).get("caption_types")) or {}).items():
+        for key, value in (entry.get("metrics") or {}).items():
+            row[f"types/{group}/{key}"] = float(value)
+        for key, (lo, hi) in (entry.get("intervals") or {}).items():
+            row[f"types/{group}/{key}_ci_lo"], row[f"types/{group}/{key}_ci_hi"] = float(lo), float(hi)
+    for name, entry in (((result.get("probes") or {}).get("probes")) or {}).items():
+        for key in ("t2v/R@1", "v2t/R@1"):
+            if key in (entry.get("metrics") or {}):
+                row[f"probe/{name}/{key}"] = float(entry["metrics"][key])
+            drop = (entry.get("drop") or {}).get(key) or {}
+            if "value" in drop:
+                row[f"probe/{name}/drop/{key}"] = float(drop["value"])
+            if drop.get("ci"):
+                row[f"probe/{name}/drop/{key}_ci_lo"], row[f"probe/{name}/drop/{key}_ci_hi"] = map(float, drop["ci"])
+        for group, e in (entry.get("caption_types") or {}).items():
+            if "t2v/R@1" in (e.get("metrics") or {}):
+                row[f"probe/{name}/types/{group}/t2v/R@1"] = float(e["metrics"]["t2v/R@1"])
     return row
 
 

@@ -113,7 +113,9 @@ class Direction:
 class PerQuery:
     """Per-query ranks of one run: t2v (per caption, keyed by caption key and its video key) and v2t (per video).
 
-    `dsl` holds the same two rank arrays after dual softmax when the run computed them.
+    `dsl` holds the same two rank arrays after dual softmax when the run computed them. `t2v_group` names the
+    kind of each text query when the test set defines one (the synthetic captions' type: full, first, second,
+    order, objects; tvr_bench/diagnostics.py), else None.
     """
 
     t2v_rank: np.ndarray
@@ -123,6 +125,7 @@ class PerQuery:
     v2t_key: np.ndarray
     dsl_t2v_rank: np.ndarray | None = None
     dsl_v2t_rank: np.ndarray | None = None
+    t2v_group: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.t2v_rank = np.asarray(self.t2v_rank, dtype=np.int64)
@@ -138,6 +141,10 @@ class PerQuery:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, np.asarray(value, dtype=np.int64))
+        if self.t2v_group is not None:
+            self.t2v_group = np.asarray(self.t2v_group, dtype=str)
+            if self.t2v_group.shape != self.t2v_rank.shape:
+                raise ValueError("t2v_group must have one entry per t2v query")
 
     @classmethod
     def from_results(cls, per_query: dict[str, Any]) -> PerQuery:
@@ -152,6 +159,7 @@ class PerQuery:
             v2t_key=video_keys[np.asarray(per_query["v2t_video"])],
             dsl_t2v_rank=as_np("dsl_t2v_rank"),
             dsl_v2t_rank=as_np("dsl_v2t_rank"),
+            t2v_group=as_np("caption_type"),
         )
 
     def units(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -174,6 +182,7 @@ class PerQuery:
             self.t2v_rank[t], self.t2v_key[t], self.t2v_video[t], self.v2t_rank[v], self.v2t_key[v],
             None if self.dsl_t2v_rank is None else self.dsl_t2v_rank[t],
             None if self.dsl_v2t_rank is None else self.dsl_v2t_rank[v],
+            None if self.t2v_group is None else self.t2v_group[t],
         )
 
     def save(self, path: str | Any) -> None:
@@ -185,6 +194,8 @@ class PerQuery:
         for name in ("dsl_t2v_rank", "dsl_v2t_rank"):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name).astype(np.int32)
+        if self.t2v_group is not None:
+            arrays["t2v_group"] = self.t2v_group
         if hasattr(path, "write"):
             np.savez_compressed(path, **arrays)
             return

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 
 from tvr_bench.metrics import metrics_from_ranks, query_ranks
+from tvr_bench.probes import PROBES, check_probes, probe_frames
 
 Features = dict[str, Tensor]
 
@@ -181,10 +182,12 @@ def eval_scores(method: Any, text: Features, video: Features, text_to_video: Ten
 @torch.no_grad()
 def per_query_results(sim: Tensor, text_to_video: Tensor, video_keys: list[str], caption_keys: list[str],
                       dsl_sim: Tensor | None = None, top_k: int = 5, ranks: dict[str, Tensor] | None = None,
-                      dsl_ranks: dict[str, Tensor] | None = None) -> dict[str, Any]:
+                      dsl_ranks: dict[str, Tensor] | None = None,
+                      caption_types: list[str] | None = None) -> dict[str, Any]:
     """Per-query ranks (t2v per caption, v2t per captioned video, DSL too when given) with their keys, and the
     top-k videos (column, score) of every text: what the leaderboard saves and the qualitative page shows.
-    `ranks` / `dsl_ranks`: the `query_ranks` of `sim` / `dsl_sim` when already computed."""
+    `ranks` / `dsl_ranks`: the `query_ranks` of `sim` / `dsl_sim` when already computed. `caption_types`: the kind
+    of each caption (synthetic: full, first, ...) when the test set defines one (tvr_bench/diagnostics.py)."""
     ranks = query_ranks(sim, text_to_video) if ranks is None else ranks
     k = min(top_k, sim.shape[1])
     top = torch.topk(sim.float().nan_to_num(nan=float("-inf")), k, dim=1)
@@ -201,6 +204,8 @@ def per_query_results(sim: Tensor, text_to_video: Tensor, video_keys: list[str],
     if dsl_sim is not None:
         dsl = query_ranks(dsl_sim, text_to_video) if dsl_ranks is None else dsl_ranks
         out.update(dsl_t2v_rank=dsl["t2v"].cpu(), dsl_v2t_rank=dsl["v2t"].cpu())
+    if caption_types is not None:
+        out["caption_type"] = list(caption_types)
     return out
 
 
@@ -237,7 +242,7 @@ class RetrievalEvaluator(L.Callback):
                  bootstrap_resamples: int = 10_000, postprocess: list[str] | None = None, query_bank: int = 5000,
                  qbnorm_beta: float = 20.0, qbnorm_k: int = 1, sinkhorn_iters: int = 4,
                  sinkhorn_temperature: float = 0.01, audit: bool = True, both_scorings: bool = True,
-                 save_features: bool | str = False):
+                 save_features: bool | str = False, probes: list[str] | str | None = None):
         """`save_scores`: a file path; after each test, rank 0 saves the score matrix and the key order there.
         `bootstrap_resamples`: after a test, rank 0 computes the 95% bootstrap interval over test queries of every
         metric (tvr_bench/stats.py) and prints it in the table (0: none).
@@ -252,7 +257,10 @@ class RetrievalEvaluator(L.Callback):
         label-dependent or transductive, score the same test features a second time with the method's default
         value of the options that make it so (T-MASS `pairing: query`) and report that honest number first.
         `save_features`: keep the assembled test features for `tvr-bench audit --run` (true: `<run dir>/{FEATURES_FILE}`,
-        or a file path)."""
+        or a file path).
+        `probes`: temporal probes of the test (`reversed`, `shuffled`, `middle` or `all`; tvr_bench/probes.py): the
+        test set is scored again with every video's frames reordered or frozen, each probe at the cost of one
+        more encoding of the test videos; `last_probes` holds each probe's metrics and its paired drop."""
         super().__init__()
         from tvr_bench.postprocessing import postprocessing
 
@@ -275,6 +283,13 @@ class RetrievalEvaluator(L.Callback):
         self.last_post: dict[str, dict[str, Any]] = {}
         self.last_score_seconds: float = 0.0
         self._start_checked = False
+        self.probes = check_probes(probes)
+        #: after a test with probes: {"probes": {name: {"metrics", "drop", ...}}, "cost": {...}} (rank 0: with intervals)
+        self.last_probes: dict[str, Any] | None = None
+        #: after a test on a set whose captions have types: {"caption_types": {type: {"queries", "metrics", "intervals"}}}
+        self.last_diagnostics: dict[str, Any] | None = None
+        self._probe_chunks: dict[str, list[dict[str, Any]]] = {}
+        self._probe_encode_seconds = 0.0
         self.bootstrap_resamples = bootstrap_resamples
         #: after a test on rank 0: `{"metrics": {key: [lo, hi]}, "dsl_metrics": ..., "resamples": n, ...}` or None
         self.last_intervals: dict[str, Any] | None = None
@@ -356,14 +371,29 @@ class RetrievalEvaluator(L.Callback):
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Start a fresh collection."""
         self._reset()
+        self._probe_chunks, self._probe_encode_seconds = {}, 0.0
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         """Keep the features of one validation batch."""
         self._collect(outputs)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        """Keep the features of one test batch."""
+        """Keep the features of one test batch (and, with `probes`, of its videos under each probe)."""
         self._collect(outputs)
+        if self.probes:
+            self._collect_probes(pl_module, batch)
+
+    @torch.no_grad()
+    def _collect_probes(self, pl_module: Any, batch: dict[str, Any]) -> None:
+        """Encode the batch's videos once more per probe (frames reordered or frozen, tvr_bench/probes.py)."""
+        start = time.perf_counter()
+        keys = list(batch["video_key"])
+        for name in self.probes:
+            frames = probe_frames(batch["frames"], batch["frame_mask"], name, keys)
+            feats = pl_module.encode_video(frames, batch["frame_mask"])
+            cpu = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in feats.items()}
+            self._probe_chunks.setdefault(name, []).append({"video": cpu, "video_key": keys})
+        self._probe_encode_seconds += time.perf_counter() - start
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Score and log `val/...` metrics (skipped during the sanity check)."""
@@ -377,6 +407,7 @@ class RetrievalEvaluator(L.Callback):
         metrics = self._evaluate(trainer, pl_module, "test")
         if self.print_table and getattr(trainer, "is_global_zero", True):
             self._print(pl_module, metrics)
+            self._print_diagnostics()
 
     # ------------------------------------------------------------------ evaluation
     def assemble(self) -> tuple[Features, Features, list[str], list[str], Tensor]:
@@ -513,8 +544,9 @@ class RetrievalEvaluator(L.Callback):
         for name, r in post_ranks.items():
             if name != "dsl":
                 metrics.update({f"{name}/{k}": v for k, v in _directions(metrics_from_ranks(r), name).items()})
+        caption_types = self._caption_types(trainer, caption_keys) if stage == "test" else None
         self.last_per_query = (
-            per_query_results(sim, t2v, video_keys, caption_keys, dsl_sim, self.top_k, ranks, dsl_ranks)
+            per_query_results(sim, t2v, video_keys, caption_keys, dsl_sim, self.top_k, ranks, dsl_ranks, caption_types)
             if stage == "test" else None
         )
         self.last_intervals = None
@@ -531,6 +563,10 @@ class RetrievalEvaluator(L.Callback):
         if stage == "test":
             self._test_extras(trainer, pl_module, text, video, t2v, video_keys, caption_keys, names, bank, post_ranks,
                               metrics)
+        self.last_diagnostics = self.last_probes = None
+        extra_logs: dict[str, float] = {}
+        if self.last_per_query is not None:  # diagnostics by caption type and temporal probes (logged, not in metrics)
+            extra_logs = self._diagnose(trainer, pl_module, text, t2v, video_keys, caption_keys, ranks)
         if was_training:
             pl_module.train()
         self.last_eval_seconds = time.perf_counter() - start
@@ -538,6 +574,8 @@ class RetrievalEvaluator(L.Callback):
         self.last_metrics = dict(metrics)
         for key, value in metrics.items():
             pl_module.log(f"{stage}/{key}", value, prog_bar=key == "t2v/R@1", sync_dist=False, rank_zero_only=False)
+        for key, value in extra_logs.items():
+            pl_module.log(f"{stage}/{key}", value, sync_dist=False, rank_zero_only=False)
         pl_module.log(f"{stage}/eval_seconds", self.last_eval_seconds, sync_dist=False)
         return metrics
 
@@ -598,6 +636,93 @@ class RetrievalEvaluator(L.Callback):
                                "metrics": honest, "per_query": per_query, "intervals": intervals,
                                "score_seconds": seconds, "first_score_seconds": self.last_score_seconds}
         metrics.update({f"honest/{k}": v for k, v in honest.items()})
+    # ------------------------------------------------------------------ diagnostics and probes (test only)
+    @staticmethod
+    def _caption_types(trainer: Any, caption_keys: list[str]) -> list[str] | None:
+        """The kind of every caption when the datamodule defines one (`caption_types(split)`: key -> type)."""
+        datamodule = getattr(trainer, "datamodule", None)
+        lookup = getattr(datamodule, "caption_types", None)
+        if not callable(lookup):
+            return None
+        mapping = lookup(getattr(datamodule, "test_split", "test"))
+        if not mapping:
+            return None
+        types = [mapping.get(key) for key in caption_keys]
+        return None if any(t is None for t in types) else [str(t) for t in types]
+
+    def _diagnose(self, trainer: Any, pl_module: Any, raw_text: Features, t2v: Tensor, video_keys: list[str],
+                  caption_keys: list[str], ranks: dict[str, Tensor]) -> dict[str, float]:
+        """Metrics by caption type and the temporal probes of a test; returns the scalars to log
+        (`types/<type>/t2v/R@k`, `probe/<name>/...`) and sets `last_diagnostics` / `last_probes`."""
+        from tvr_bench.diagnostics import group_metrics
+        from tvr_bench.stats import PerQuery
+
+        logs: dict[str, float] = {}
+        resamples = self.bootstrap_resamples if trainer.is_global_zero else 0
+        plain = PerQuery.from_results(self.last_per_query)
+        if plain.t2v_group is not None:
+            by_type = group_metrics([plain], resamples)
+            self.last_diagnostics = {"caption_types": by_type}
+            logs.update({f"types/{g}/{k}": v for g, e in by_type.items() for k, v in e["metrics"].items()})
+        if not self.probes:
+            return logs
+        start = time.perf_counter()
+        gathered = {name: [c for rank in _gather_objects(self._probe_chunks.get(name, [])) for c in rank]
+                    for name in self.probes}
+        self._probe_chunks = {}
+        encode_seconds = sum(_gather_objects(self._probe_encode_seconds))
+        base = metrics_from_ranks(ranks)
+        out: dict[str, Any] = {}
+        for name in self.probes:
+            video = _select_by_key(gathered[name], video_keys)
+            sim = self.score(pl_module, raw_text, video, t2v)
+            probe_ranks = query_ranks(sim, t2v)
+            probe_metrics = metrics_from_ranks(probe_ranks)
+            entry: dict[str, Any] = {"what": PROBES[name], "metrics": probe_metrics,
+                                     "drop": {k: {"value": base[k] - probe_metrics[k]} for k in probe_metrics}}
+            logs.update({f"probe/{name}/{k}": v for k, v in probe_metrics.items() if k.endswith("R@1")})
+            logs.update({f"probe/{name}/drop/{k}": v["value"] for k, v in entry["drop"].items() if k.endswith("R@1")})
+            probe = PerQuery.from_results(per_query_results(
+                sim, t2v, video_keys, caption_keys, ranks=probe_ranks, caption_types=self.last_per_query.get("caption_type")))
+            entry.update(_probe_statistics(plain, probe, resamples))
+            out[name] = entry
+        self.last_probes = {
+            "probes": out,
+            "cost": {"video_encodings_per_probe": 1, "encode_seconds": encode_seconds,
+                     "score_and_statistics_seconds": time.perf_counter() - start},
+        }
+        return logs
+
+    @rank_zero_only
+    def _print_diagnostics(self) -> None:
+        """Tables of t2v recall by caption type and of the temporal probes, when the test computed them."""
+        from rich.console import Console
+        from rich.table import Table
+
+        def cell(value: float, bounds: list[float] | None = None) -> str:
+            return f"{value:.1f}" + (f" [{bounds[0]:.1f}, {bounds[1]:.1f}]" if bounds else "")
+
+        console = Console() if Console().width >= 120 else Console(width=120)
+        by_type = (self.last_diagnostics or {}).get("caption_types") or {}
+        if by_type:
+            table = Table(title="t2v by caption type (95% bootstrap intervals)")
+            for col in ("caption type", "queries", "R@1", "R@5"):
+                table.add_column(col, justify="left" if col == "caption type" else "right")
+            for group, e in by_type.items():
+                iv = e.get("intervals") or {}
+                table.add_row(group, str(e["queries"]), cell(e["metrics"]["t2v/R@1"], iv.get("t2v/R@1")),
+                              cell(e["metrics"]["t2v/R@5"], iv.get("t2v/R@5")))
+            console.print(table)
+        probes = (self.last_probes or {}).get("probes") or {}
+        if probes:
+            table = Table(title="temporal probes: t2v R@1 and its drop from the plain test (95% paired interval, p)")
+            for col in ("probe", "t2v R@1", "drop", "p", "v2t R@1"):
+                table.add_column(col, justify="left" if col == "probe" else "right")
+            for name, e in probes.items():
+                drop = e["drop"]["t2v/R@1"]
+                table.add_row(name, f"{e['metrics']['t2v/R@1']:.1f}", cell(drop["value"], drop.get("ci")),
+                              f"{drop['p']:.4f}" if "p" in drop else "–", f"{e['metrics']['v2t/R@1']:.1f}")
+            console.print(table)
 
     @rank_zero_only
     def _print(self, pl_module: Any, metrics: dict[str, float]) -> None:
@@ -692,6 +817,44 @@ def scoring_warning(method: Any, verdict: str, companion: dict[str, Any] | None 
                f", {companion['result_class']}) is reported first"
     return (f"{name}'s scoring{f' ({changed})' if changed else ''} is {verdict}: {what}; it is never ranked beside "
             f"plain retrieval (docs/leaderboard.md, 'What counts as a retrieval result'){tail}")
+
+
+def _select_by_key(chunks: list[dict[str, Any]], video_keys: list[str]) -> Features:
+    """The features of `video_keys`, in that order, from gathered chunks (duplicates dropped: first kept)."""
+    rows: dict[str, int] = {}
+    offset = 0
+    for chunk in chunks:
+        for i, key in enumerate(chunk["video_key"]):
+            rows.setdefault(key, offset + i)
+        offset += len(chunk["video_key"])
+    missing = [k for k in video_keys if k not in rows]
+    if missing:
+        raise RuntimeError(f"temporal probe: no probe features for {len(missing)} test video(s), e.g. {missing[0]!r}")
+    feats = concat_features([c["video"] for c in chunks])
+    return select_features(feats, torch.tensor([rows[k] for k in video_keys], dtype=torch.long))
+
+
+def _probe_statistics(plain: Any, probe: Any, resamples: int) -> dict[str, Any]:
+    """The probe's metrics by caption type and, with `resamples`, its own 95% intervals and the paired comparison
+    with the plain test (drop = plain - probe, its 95% paired-bootstrap interval and permutation p-value,
+    tvr_bench/stats.py), overall and by caption type. `plain` and `probe` are PerQuery rank sets."""
+    from tvr_bench.diagnostics import group_metrics, paired_group_comparison
+    from tvr_bench.stats import bootstrap_intervals, paired_comparison
+
+    out: dict[str, Any] = {}
+    if probe.t2v_group is not None:
+        out["caption_types"] = group_metrics([probe], resamples)
+    if resamples <= 0:
+        return out
+    paired = paired_comparison(plain, probe, n_boot=resamples, names=("plain", "probe"))
+    out["intervals"] = bootstrap_intervals([probe.directions()], resamples)
+    out["drop"] = {k: {"value": v["diff"], "ci": v["ci"], "p": v["p"]} for k, v in paired.items()}
+    if probe.t2v_group is not None:
+        out["drop_by_caption_type"] = {
+            g: {k: {"value": v["diff"], "ci": v["ci"], "p": v["p"]} for k, v in metrics.items()}
+            for g, metrics in paired_group_comparison(plain, probe, resamples, names=("plain", "probe")).items()
+        }
+    return out
 
 
 def _caption_order(caption_key: str) -> tuple[int, str]:

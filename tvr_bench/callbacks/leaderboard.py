@@ -452,6 +452,10 @@ class LeaderboardWriter(L.Callback):
         post_intervals = {n: b["intervals"] for n, b in post_blocks.items() if b.get("intervals")}
         if post_intervals and result.get("intervals"):
             result["intervals"]["post_metrics"] = post_intervals
+        # by caption type (synthetic) and temporal probes (`--evaluator.probes`): tvr_bench/diagnostics.py, probes.py
+        for key, attr in (("diagnostics", "last_diagnostics"), ("probes", "last_probes")):
+            if getattr(evaluator, attr, None):
+                result[key] = getattr(evaluator, attr)
         return _json_safe(result)
 
     def protocol(self, trainer: Any, pl_module: Any, evaluator: Any) -> dict[str, Any]:
@@ -481,6 +485,10 @@ class LeaderboardWriter(L.Callback):
         defaults = _init_defaults(type(pl_module))
         labelled = {"profile": self.profile, "features": features}
         labelled.update({k: get(k) for k in ("pairing", "eps_mode", "grouping", "padding") if get(k) is not None and get(k) != defaults.get(k)})
+        # no training step reached these weights (a test without fit or checkpoint): the backbone's zero-shot row
+        trained = bool((self.fit_stats or {}).get("steps")) or bool(getattr(trainer, "ckpt_path", None))
+        if not trained:
+            labelled["training"] = "zero-shot"
         blocks = getattr(evaluator, "last_eval_blocks", None)  # items scored together (EMCL `grouping: reference`)
         extra = {k: v for k, v in options.items() if k not in labelled and k not in ("pairing", "eps_mode", "grouping")
                  and v != defaults.get(k)}  # other methods' scoring options, labelled the same way
@@ -504,6 +512,7 @@ class LeaderboardWriter(L.Callback):
             "padding": get("padding"),  # X-CLIP: 'masked' (the paper) or 'reference' (the code)
             "features": features,
             "optimizer": get("optimizer") or "adamw",
+            "training": "fine-tuned" if trained else "zero-shot",
             # the row label and file-name part: non-default profile/features, and pairing/eps_mode (any scoring
             # option) when they differ from the method's defaults (a named alternative such as T-MASS `pairing: query`)
             "variant": variant,

@@ -97,7 +97,11 @@ class RetrievalModule(L.LightningModule):
         eval_memory_mb: float = 1024.0,
         logit_scale_max: float = MAX_LOGIT_SCALE,
         optimizer: str = "adamw",
+        lr_scale: float = 1.0,
     ):
+        """`lr_scale` multiplies both learning rates (`lr` and `backbone_lr`), keeping the ratio the method's reference
+        sets: the synthetic recipe's one factor that carries the references' rates for a pretrained ViT-B/32 over to
+        the small pretrained synthetic backbone (data_cards/synthetic.md, "Fine-tuning recipe")."""
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"model optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -118,6 +122,8 @@ class RetrievalModule(L.LightningModule):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if lr <= 0 or backbone_lr < 0:
             raise ValueError(f"learning rates must be positive (lr={lr}, backbone_lr={backbone_lr})")
+        if not lr_scale > 0:
+            raise ValueError(f"lr_scale must be positive, got {lr_scale}")
         self.save_hyperparameters()
         self.backbone = CLIPBackbone(backbone, freeze=freeze, gradient_checkpointing=gradient_checkpointing)
 
@@ -320,6 +326,11 @@ class RetrievalModule(L.LightningModule):
         return self._eval_step(batch)
 
     # ------------------------------------------------------------------ optimisation
+    def group_lr(self, part: str) -> float:
+        """The learning rate of the `backbone` or `head` group: `backbone_lr` or `lr`, times `lr_scale`."""
+        hp = self.hparams
+        return (hp.backbone_lr if part == "backbone" else hp.lr) * float(hp.get("lr_scale", 1.0))
+
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: backbone vs head learning rate, without weight decay on norms and biases."""
         hp = self.hparams
@@ -337,7 +348,7 @@ class RetrievalModule(L.LightningModule):
             out.append(
                 {
                     "params": params,
-                    "lr": hp.backbone_lr if part == "backbone" else hp.lr,
+                    "lr": self.group_lr(part),
                     "weight_decay": 0.0 if no_decay else hp.weight_decay,
                     "name": f"{part}{'_no_decay' if no_decay else ''}",
                 }
@@ -362,7 +373,7 @@ class RetrievalModule(L.LightningModule):
         return [
             {
                 "params": params,
-                "lr": hp.backbone_lr if part == "backbone" else hp.lr,
+                "lr": self.group_lr(part),
                 "weight_decay": 0.0 if no_decay else hp.weight_decay,
                 "name": f"{part}{'_no_decay' if no_decay else ''}",
             }
@@ -385,12 +396,13 @@ class RetrievalModule(L.LightningModule):
             kind = type(self).REFERENCE_OPTIMIZER
             if kind == "bertadam":
                 optimizer: torch.optim.Optimizer = BertAdam(
-                    self.reference_param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps,
+                    self.reference_param_groups(), lr=self.group_lr("head"), betas=tuple(hp.betas), eps=hp.adam_eps,
                     max_grad_norm=REFERENCE_CLIP_NORM,
                 )
                 schedule = schedule_lambda("cosine_overall", total, hp.warmup_ratio)
             else:
-                optimizer = LegacyAdamW(self.reference_param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps)
+                optimizer = LegacyAdamW(self.reference_param_groups(), lr=self.group_lr("head"), betas=tuple(hp.betas),
+                                        eps=hp.adam_eps)
                 schedule = schedule_lambda("cosine", total, hp.warmup_ratio)
         else:
             optimizer = torch.optim.AdamW(self.param_groups(), betas=tuple(hp.betas), eps=hp.adam_eps)
