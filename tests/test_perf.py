@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tvr_bench.perf.run import PerfSizes, bench_metrics, decode_per_item, make_clips, perf_main, prepare_clip_shards
+from tvr_bench.perf.harness import PerfSizes, make_clips
+from tvr_bench.perf.run import bench_metrics, decode_per_item, perf_main, prepare_clip_shards
 
 
 @pytest.fixture(scope="module")

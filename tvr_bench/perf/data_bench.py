@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tvr_bench.perf.harness import TARGETS, in_fresh_process, make_clips
+
 GIB = 2**30
 MIB = 2**20
 
@@ -156,15 +158,11 @@ def measure_loader_memory(root: str, num_frames: int, workers: int, batch_size: 
 
 def memory_target_gib(num_frames: int) -> float:
     """Peak PSS per rank allowed with 8 workers and the defaults (issue 23): 2 GiB up to 12 frames, 3 GiB beyond."""
-    from tvr_bench.perf.run import TARGETS
-
     return TARGETS["data_memory_gib_per_rank"] if num_frames <= 12 else TARGETS["data_memory_gib_per_rank_64_frames"]
 
 
 def bench_data_memory(work: Path, sizes: Any, frames: tuple[int, ...] = (12, 64), workers: int = 8, batch_size: int = 16) -> dict[str, Any]:
     """Peak memory (PSS summed over the process and its workers) of the training DataModule at each frame count."""
-    from tvr_bench.perf.run import _in_fresh_process, make_clips
-
     tag = f"{sizes.clips}x{sizes.clip_width}x{sizes.clip_height}@{sizes.clip_fps}x{sizes.clip_seconds}s"
     clips = make_clips(work / f"clips-{tag}", sizes)
     out: dict[str, Any] = {"runs": {}, "targets_met": {}, "targets_gib": {}}
@@ -173,7 +171,7 @@ def bench_data_memory(work: Path, sizes: Any, frames: tuple[int, ...] = (12, 64)
         per_frame = _jpeg_bytes_per_frame(clips, root, f)
         videos = 4 * workers * batch_size  # more than the 3 batches per worker iterated
         prepare_train_shards(clips, root, f, videos)
-        run = _in_fresh_process(measure_loader_memory, str(root), f, workers, batch_size, 3 * workers)
+        run = in_fresh_process(measure_loader_memory, str(root), f, workers, batch_size, 3 * workers)
         run.update(videos=videos, jpeg_kib_per_frame=per_frame / 1024)
         out["runs"][f"{f}_frames"] = run
         out["targets_gib"][f"{f}_frames"] = memory_target_gib(f)

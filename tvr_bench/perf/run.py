@@ -24,14 +24,8 @@ import argparse
 import copy
 import dataclasses
 import json
-import os
-import platform
-import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -39,163 +33,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tvr_bench.perf.harness import (FULL, QUICK, SCHEMA, TARGETS, PerfSizes, _fmt, _mark, in_fresh_process, load_average,
+                                    machine_info, make_clips, median)
 from tvr_bench.perf.memory import peak_rss_bytes, reset_peak_rss
+from tvr_bench.perf.postproc_bench import TARGET_SECONDS as POSTPROC_TARGET_SECONDS
 from tvr_bench.perf.search_bench import TARGETS as SEARCH_TARGETS
 
-SCHEMA = "tvr-bench/perf/v1"
-
-#: Targets of issue 8 (ratios; see docs/scaling.md).
-TARGETS = {
-    "data_vs_per_item_decoder": 20.0,  # at least 20x the per-item mp4 decoder
-    "data_vs_jpeg_ceiling": 0.8,  # at least 0.8 of the bare JPEG-decode ceiling (issue 15 item 1; was 0.5)
-    "data_2_vs_1_worker": 1.7,  # 2 workers at least 1.7x the 1-worker rate (issue 15 item 1)
-    "data_memory_gib_per_rank": 2.0,  # training DataModule with 8 workers under 2 GiB per rank at 12 frames (issues 12, 23)
-    "data_memory_gib_per_rank_64_frames": 3.0,  # ... and under 3 GiB at 64 frames (issue 23)
-    "train_order_first_decile_vs_uniform": 0.9,  # train-order section (issue 23): videos seen in the first 10 % of batches
-    "train_order_spread": 0.95,  # within-batch spread of video ids (uniform = 1)
-    "train_order_abs_correlation": 0.1,  # |r| of consecutive batches' mean video id
-    "train_order_distinct_per_128": 127,  # distinct videos in every batch of 128
-    "eval_max_abs_diff": 1e-5,
-    "eval_memory_ratio": 1 / 8,  # blocked peak memory at most 1/8 of the one-shot peak
-    "eval_speed_ratio": 1.0,  # blocked no slower than one-shot
-    "eval_fast_vs_one_shot": 50.0,  # X-Pool and T-MASS fast scorers at least 50x the one-shot math (issue 15 item 2)
-    "drl_work_ratio": 1.3,  # DRL token-wise scoring within 1.3x of its work at the same run's product rate
-    "drl_memory_vs_reference_loop": 1.0,  # DRL blocked peak memory at most the reference loop's
-    "train_overhead": 0.05,  # Lightning at most 5% slower per step than a plain loop
-    **SEARCH_TARGETS,  # issue 20: search costs (tvr_bench/perf/search_bench.py)
-    "postproc_seconds": 2.0,  # each post-processing option at MSVD scale (issue 19; perf/postproc_bench.py)
-}
-
-
-@dataclass(frozen=True)
-class PerfSizes:
-    """Sizes of one perf run (`full` is the issue's definition, `quick` a smoke version)."""
-
-    clips: int = 8
-    clip_width: int = 640
-    clip_height: int = 360
-    clip_fps: int = 30
-    clip_seconds: int = 15
-    copies: int = 16
-    data_rounds: int = 3
-    eval_n: int = 1000
-    eval_repeats: int = 2
-    tmass_repeats: int = 1  # its one-shot oracle takes minutes at N = 1000: 1 warm-up + 1 timed run
-    drl_reference_loop: bool = False
-    metrics_n: int = 1000
-    metrics_repeats: int = 5
-    train_batch: int = 16
-    train_steps: int = 24
-    train_warmup: int = 3
-
-
-FULL = PerfSizes()
-QUICK = PerfSizes(
-    clips=4, clip_width=480, clip_height=270, clip_fps=30, clip_seconds=12, copies=8, data_rounds=2, eval_n=250,
-    eval_repeats=1, tmass_repeats=1, metrics_n=1000, metrics_repeats=3, train_batch=8, train_steps=8,
-    train_warmup=2,
-)  # fmt: skip
-
-
-# ================================================================================================ helpers
-def _cpu_name() -> str:
-    """The CPU model name (Linux /proc/cpuinfo), else platform.processor()."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU, cores, torch threads, accelerator and versions of this machine."""
-    import lightning
-
-    info: dict[str, Any] = {
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "platform": platform.platform(),
-        "cuda": torch.cuda.is_available(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_count"] = torch.cuda.device_count()
-    try:
-        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
-    return info
-
-
-def _load() -> list[float] | None:
-    """1, 5 and 15 minute load averages (None where unavailable)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    """Run `fn(*args)` in a new spawned process (its own peak RSS) and return its result."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
-
-
-def _median(xs: list[float]) -> float:
-    """Median of a non-empty list."""
-    return float(statistics.median(xs))
+#: Every target in the report: the shared table (perf/harness.py), then those the search (issue 20) and
+#: post-processing (issue 19) sections own.
+REPORT_TARGETS = {**TARGETS, **SEARCH_TARGETS, "postproc_seconds": POSTPROC_TARGET_SECONDS}
 
 
 # ================================================================================================ data
-def make_clips(out_dir: Path, sizes: PerfSizes, seed: int = 0) -> list[Path]:
-    """Encode `sizes.clips` H.264 mp4s unless they exist: a scrolling smooth texture under a gradient, three
-    moving textured boxes and mild sensor noise, x264 `veryfast` CRF 23 with its default GOP (web-like)."""
-    import av
-    from PIL import Image
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    w, h, fps = sizes.clip_width, sizes.clip_height, sizes.clip_fps
-    n_frames = fps * sizes.clip_seconds
-    paths = []
-    for i in range(sizes.clips):
-        path = out_dir / f"clip{i:03d}.mp4"
-        paths.append(path)
-        if path.is_file():
-            continue
-        rng = np.random.default_rng([seed, i])
-        coarse = (rng.random((h // 16 + 3, (w + 2 * n_frames) // 16 + 3, 3)) * 255).astype(np.uint8)
-        size = (coarse.shape[1] * 16, coarse.shape[0] * 16)
-        texture = np.asarray(Image.fromarray(coarse).resize(size, Image.BICUBIC), dtype=np.float32)[:h]
-        ramp = np.linspace(0, 200, w, dtype=np.float32)[None, :, None] * rng.uniform(0.2, 1.0, 3).astype(np.float32)
-        noise = [rng.normal(0, 2.5, (h, w, 1)).astype(np.float32) for _ in range(8)]
-        bw, bh = w // 5, h // 4
-        boxes = [(rng.uniform(0, w - bw), rng.uniform(0, h - bh), rng.uniform(-4, 4), rng.uniform(-3, 3),
-                  rng.uniform(0, 255, 3).astype(np.float32)) for _ in range(3)]  # fmt: skip
-        tmp = path.with_name(path.stem + ".tmp.mp4")
-        with av.open(str(tmp), "w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            stream.options = {"preset": "veryfast", "crf": "23"}
-            for f in range(n_frames):
-                img = 0.7 * texture[:, 2 * f : 2 * f + w] + 0.3 * ramp + noise[f % 8]
-                for x0, y0, dx, dy, colour in boxes:
-                    x, y = int((x0 + dx * f) % (w - bw)), int((y0 + dy * f) % (h - bh))
-                    img[y : y + bh, x : x + bw] = colour - 40 + 0.3 * texture[y : y + bh, x : x + bw]
-                frame = av.VideoFrame.from_ndarray(np.clip(img, 0, 255).astype(np.uint8), format="rgb24")
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-        os.replace(tmp, path)
-    return paths
-
-
 def prepare_clip_shards(clips: list[Path], root: Path, copies: int) -> Path:
     """Prepare the clips into shards (fps1_uniform, 12 frames, short side 224, the suite's defaults), then a
     `test` split holding `copies` copies of each sample under new keys (more clips per pass, same frames)."""
@@ -318,7 +167,7 @@ def bench_data(work: Path, sizes: PerfSizes) -> dict[str, Any]:
         runs["datamodule_1_worker"].append(datamodule(1))
         runs["datamodule_2_workers"].append(datamodule(2))
         runs["datamodule_train_0_workers"].append(train_loader())
-    rate = {k: _median(v) for k, v in runs.items()}
+    rate = {k: median(v) for k, v in runs.items()}
     dm0, dm1, dm2 = rate["datamodule_0_workers"], rate["datamodule_1_worker"], rate["datamodule_2_workers"]
     ratios = {
         "datamodule_vs_per_item": dm0 / rate["per_item_decoder"],
@@ -419,7 +268,7 @@ def _cosine_bench(class_path: str, n: int, d: int, budget_mb: float, repeats: in
                 fns[name]()
                 times[name].append(time.perf_counter() - t0)
     for name in fns:
-        out[name].update(seconds=_median(times[name]), seconds_all=[round(x, 5) for x in times[name]], threads=torch.get_num_threads())
+        out[name].update(seconds=median(times[name]), seconds_all=[round(x, 5) for x in times[name]], threads=torch.get_num_threads())
     out["max_abs_diff"] = float((sims["blocked"] - sims["one_shot"]).abs().max())
     return out
 
@@ -427,7 +276,7 @@ def _cosine_bench(class_path: str, n: int, d: int, budget_mb: float, repeats: in
 def bench_cosine(class_path: str, n: int, d: int, repeats: int, budget_mb: float = 1024.0, seed: int = 0) -> dict[str, Any]:
     """Blocked (evaluator) vs one-shot cosine scores of one method, in a fresh process."""
     out: dict[str, Any] = {"n_text": n, "n_video": n, "d": d, "budget_mb": budget_mb, "repeats": repeats}
-    out.update(_in_fresh_process(_cosine_bench, class_path, n, d, budget_mb, repeats, seed))
+    out.update(in_fresh_process(_cosine_bench, class_path, n, d, budget_mb, repeats, seed))
     return out
 
 
@@ -536,7 +385,7 @@ def bench_eval(sizes: PerfSizes, methods: list[str]) -> dict[str, Any]:
                    "variant in a fresh process. product_seconds: one [1000, 512] x [512, 12000] float32 product, timed in "
                    "every scorer process before and after its scorer (median).")
     products = [r["product_seconds"] for r in out["raw"].values() if r.get("product_seconds")]
-    out["product_seconds"] = _median(products) if products else None
+    out["product_seconds"] = median(products) if products else None
     return out
 
 
@@ -577,9 +426,9 @@ def bench_metrics(n: int, repeats: int, seed: int = 0) -> dict[str, Any]:
                 for d in ("t2v", "v2t") for k in (1, 5, 10))  # fmt: skip
     return {
         "n": n,
-        "ours_seconds": _median(times["ours"]),
-        "torchmetrics_seconds": _median(times["torchmetrics"]),
-        "speedup": _median(times["torchmetrics"]) / _median(times["ours"]),
+        "ours_seconds": median(times["ours"]),
+        "torchmetrics_seconds": median(times["torchmetrics"]),
+        "speedup": median(times["torchmetrics"]) / median(times["ours"]),
         "seconds_all": {k: [round(x, 4) for x in v] for k, v in times.items()},
         "recall_max_abs_diff_percent": agree,
         "note": "ours: R@1/5/10, MdR, MnR in both directions (10 numbers); torchmetrics: R@1/5/10 and MRR in both "
@@ -701,7 +550,7 @@ def bench_train(sizes: PerfSizes, accelerator: str = "auto", seed: int = 0) -> d
     lightning = [b - a - p for a, b, p in zip(s, s[1:], clock.plain)][sizes.train_warmup :]
     plain = clock.plain[sizes.train_warmup :]
     ratios = [a / b for a, b in zip(lightning, plain)]
-    overhead = _median(ratios) - 1.0
+    overhead = median(ratios) - 1.0
     return {
         "model": "CLIP4Clip meanP, tiny CLIP preset (random init), all parameters trained",
         "device": clock.device,
@@ -710,10 +559,10 @@ def bench_train(sizes: PerfSizes, accelerator: str = "auto", seed: int = 0) -> d
         "image_size": 64,
         "timed_steps": sizes.train_steps,
         "warmup_steps": sizes.train_warmup,
-        "lightning_steps_per_s": 1.0 / _median(lightning),
-        "plain_steps_per_s": 1.0 / _median(plain),
+        "lightning_steps_per_s": 1.0 / median(lightning),
+        "plain_steps_per_s": 1.0 / median(plain),
         "overhead": overhead,
-        "overhead_of_medians": _median(lightning) / _median(plain) - 1.0,
+        "overhead_of_medians": median(lightning) / median(plain) - 1.0,
         "pair_ratios": [round(x, 4) for x in ratios],
         "step_seconds_all": {"lightning": [round(x, 4) for x in lightning], "plain": [round(x, 4) for x in plain]},
         "fit_wall_seconds": round(wall, 2),
@@ -725,21 +574,6 @@ def bench_train(sizes: PerfSizes, accelerator: str = "auto", seed: int = 0) -> d
                 "backward, clip, AdamW, scheduler, temperature clamp, plus its loop, hooks and 3 self.log calls); "
                 "plain step = the same work in a bare loop. Warm-up steps dropped.",
     }  # fmt: skip
-
-
-# ================================================================================================ report
-def _fmt(x: float | None, digits: int = 2) -> str:
-    """A number for the Markdown table."""
-    if x is None:
-        return "n/a"
-    if abs(x) >= 100:
-        return f"{x:.0f}"
-    return f"{x:.{digits}f}"
-
-
-def _mark(ok: bool | None) -> str:
-    """✓ / ✗ for a target."""
-    return "n/a" if ok is None else ("✓" if ok else "✗")
 
 
 def _floor_lines(e: dict[str, Any]) -> list[str]:
@@ -956,8 +790,8 @@ def perf_main(argv: list[str]) -> int:
         "quick": args.quick,
         "sizes": dataclasses.asdict(sizes),
         "machine": machine_info(),
-        "targets": TARGETS,
-        "load_start": _load(),
+        "targets": REPORT_TARGETS,
+        "load_start": load_average(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "sections": {},
         "section_seconds": {},
@@ -982,7 +816,7 @@ def perf_main(argv: list[str]) -> int:
         result["sections"][name] = runners[name]()
         result["section_seconds"][name] = round(time.perf_counter() - t0, 1)
         print(f"[perf] {name} done in {result['section_seconds'][name]} s", file=sys.stderr, flush=True)
-    result["load_end"] = _load()
+    result["load_end"] = load_average()
     result["seconds"] = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")
