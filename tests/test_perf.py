@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tvr_bench.perf.data_bench import decode_per_item, prepare_clip_shards
 from tvr_bench.perf.harness import PerfSizes, make_clips
-from tvr_bench.perf.run import bench_metrics, decode_per_item, perf_main, prepare_clip_shards
+from tvr_bench.perf.run import bench_metrics, perf_main
 
 
 @pytest.fixture(scope="module")

@@ -460,7 +460,7 @@ def indexing_costs(work: str, clips: list[str], checkpoints: dict[str, str], cop
 
     import torch
 
-    from tvr_bench.perf.run import decode_per_item
+    from tvr_bench.perf.data_bench import decode_per_item
     from tvr_bench.search.indexer import DEFAULT_WORKERS, build_index, encode_clips
     from tvr_bench.search.model import load_model
     from tvr_bench.search.sources import decode_file
