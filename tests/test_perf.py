@@ -10,7 +10,8 @@ import torch
 
 from tvr_bench.perf.data_bench import decode_per_item, prepare_clip_shards
 from tvr_bench.perf.harness import PerfSizes, make_clips
-from tvr_bench.perf.run import bench_metrics, perf_main
+from tvr_bench.perf.metrics_bench import bench_metrics
+from tvr_bench.perf.run import perf_main
 
 
 @pytest.fixture(scope="module")
