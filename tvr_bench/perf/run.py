@@ -1,18 +1,10 @@
 """`tvr-bench perf`: the suite's performance figures, each measured side by side with its baseline.
 
-Sections (all in one run, on one machine; see docs/scaling.md for the figures and how to read them):
-
-* **data**: clips/s of the shard DataModule (12 stored JPEGs per clip, 224 px) vs decoding the same mp4
-  files per item the reference way (PyAV decode, 1 fps frames, resize, crop, normalise, pick 12) vs the
-  bare JPEG-decode ceiling of the very frames the shards store. Rounds interleave the three.
-* **eval**: for every method's scorer at N x N (default 1000; D 512, 12 frames, 32 words for DRL, M 20 for
-  T-MASS), time and peak memory of the blocked scorer vs the one-shot scorer of the same math, and the
-  max |difference|; each scorer runs in its own fresh process (peak RSS growth over its inputs).
-  X-Pool / T-MASS / EMCL come from `tvr_bench.perf.eval_scorers`, DRL from `tvr_bench.perf.drl_scorer`, TS2-Net from `tvr_bench.perf.ts2net_scorer`,
-  X-CLIP from `tvr_bench.perf.xclip_scorer` (32 words; its one-shot math beyond N = 250 on 128 texts, scaled).
-* **metrics**: `tvr_bench.metrics.retrieval_metrics` vs torchmetrics' retrieval metrics on one matrix.
-* **train**: steps/s of the Lightning module (Trainer.fit) vs a plain PyTorch loop over the same model
-  and the same in-memory batches, interleaved step by step (median of the paired step-time ratios).
+Sections (all in one run, on one machine; see docs/scaling.md for the figures and how to read them), each in its own
+module with a `bench_<name>(...) -> dict` and a `render(section) -> list[str]` (Markdown lines): `data` and
+`data-memory` (data_bench.py), `eval` (eval_bench.py), `metrics` (metrics_bench.py), `train` (train_bench.py),
+`features`, `intervals`, `precision`, `train-order`, `search`, `postproc` (<name>_bench.py). What they share lives in
+harness.py. This module holds only the registry (`SECTIONS`: each section's runner and renderer) and the command.
 
 The machine is noisy (../shared/anchors/perf.md): every ratio compares figures from the same run, and
 the load average at start and end is recorded with them.
@@ -25,25 +17,76 @@ import dataclasses
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tvr_bench.perf.data_bench import bench_data, bench_data_memory
-from tvr_bench.perf.data_bench import render as render_data
-from tvr_bench.perf.data_bench import render_memory as render_data_memory
-from tvr_bench.perf.eval_bench import EVAL_METHODS, bench_eval
-from tvr_bench.perf.eval_bench import render as render_eval
-from tvr_bench.perf.harness import FULL, QUICK, SCHEMA, TARGETS, load_average, machine_info
-from tvr_bench.perf.metrics_bench import bench_metrics
-from tvr_bench.perf.metrics_bench import render as render_metrics
-from tvr_bench.perf.postproc_bench import TARGET_SECONDS as POSTPROC_TARGET_SECONDS
-from tvr_bench.perf.search_bench import TARGETS as SEARCH_TARGETS
-from tvr_bench.perf.train_bench import bench_train
-from tvr_bench.perf.train_bench import render as render_train
+from tvr_bench.perf import (data_bench, eval_bench, features_bench, intervals_bench, metrics_bench, postproc_bench,
+                            precision_bench, search_bench, train_bench, train_order_bench)
+from tvr_bench.perf.harness import FULL, QUICK, SCHEMA, TARGETS, PerfSizes, load_average, machine_info
 
 #: Every target in the report: the shared table (perf/harness.py), then those the search (issue 20) and
 #: post-processing (issue 19) sections own.
-REPORT_TARGETS = {**TARGETS, **SEARCH_TARGETS, "postproc_seconds": POSTPROC_TARGET_SECONDS}
+REPORT_TARGETS = {**TARGETS, **search_bench.TARGETS, "postproc_seconds": postproc_bench.TARGET_SECONDS}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a section runner reads: the parsed command line, the run's sizes and the report so far."""
+
+    args: argparse.Namespace
+    sizes: PerfSizes
+    result: dict[str, Any]
+
+    @property
+    def work(self) -> Path:
+        """The folder of generated clips and shards (reused across runs)."""
+        return Path(self.args.work_dir)
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section of the report: its runner (-> the section's JSON) and its renderer (-> Markdown lines)."""
+
+    run: Callable[[RunOptions], dict[str, Any]]
+    render: Callable[[dict[str, Any]], list[str]]
+
+
+def _names(text: str) -> list[str]:
+    """The names of a comma-separated list, stripped, empty ones dropped."""
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _bench_features(o: RunOptions) -> dict[str, Any]:
+    """Section `features`: head training on cached frozen features vs encoding frames (perf/features_bench.py)."""
+    sizes = {"steps": 6, "warmup": 2, "rounds": 1} if o.args.quick else {"steps": 12, "warmup": 3, "rounds": 2}
+    return features_bench.bench_features(o.work, accelerator=o.args.accelerator, **sizes)
+
+
+def _bench_precision(o: RunOptions) -> dict[str, Any]:
+    """Section `precision`: train steps/s at 32-true vs bf16-mixed on CUDA ('no CUDA' otherwise) and the workers that
+    feed one H100, at the per-core DataModule rate of this run's data section (1 worker, else 0 workers)."""
+    rates = o.result["sections"].get("data", {}).get("clips_per_s", {})
+    source = "1 worker" if rates.get("datamodule_1_worker") else "0 workers"
+    per_core = rates.get("datamodule_1_worker") or rates.get("datamodule_0_workers")
+    return precision_bench.bench_precision(o.args.quick, per_core, source)
+
+
+#: The sections, in the report's order: name -> runner and renderer.
+SECTIONS: dict[str, Section] = {
+    "data": Section(lambda o: data_bench.bench_data(o.work, o.sizes), data_bench.render),
+    "data-memory": Section(lambda o: data_bench.bench_data_memory(o.work, o.sizes), data_bench.render_memory),
+    "eval": Section(lambda o: eval_bench.bench_eval(o.sizes, _names(o.args.methods)), eval_bench.render),
+    "metrics": Section(lambda o: metrics_bench.bench_metrics(o.sizes.metrics_n, o.sizes.metrics_repeats), metrics_bench.render),
+    "train": Section(lambda o: train_bench.bench_train(o.sizes, o.args.accelerator), train_bench.render),
+    "features": Section(_bench_features, features_bench.render),
+    "intervals": Section(lambda o: intervals_bench.bench_intervals(o.args.quick), intervals_bench.render),
+    "precision": Section(_bench_precision, precision_bench.render),
+    "train-order": Section(lambda o: train_order_bench.bench_train_order(o.work, o.args.quick), train_order_bench.render),
+    "search": Section(lambda o: search_bench.bench_search(o.work, Path(o.args.out).parent, o.args.quick,
+                                                          _names(o.args.search_methods) or None), search_bench.render),
+    "postproc": Section(lambda o: postproc_bench.bench_postproc(o.args.quick), postproc_bench.render),
+}
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -59,65 +102,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         "Every ratio compares figures measured side by side in this run.",
         "",
     ]
-    sec = result["sections"]
-    if "data" in sec:
-        lines += render_data(sec["data"])
-    if "data-memory" in sec:
-        lines += render_data_memory(sec["data-memory"])
-    if "eval" in sec:
-        lines += render_eval(sec["eval"])
-    if "metrics" in sec:
-        lines += render_metrics(sec["metrics"])
-    if "train" in sec:
-        lines += render_train(sec["train"])
-    if "features" in sec:
-        from tvr_bench.perf.features_bench import render as render_features
-
-        lines += render_features(sec["features"])
-    if "intervals" in sec:
-        from tvr_bench.perf.intervals_bench import render as render_intervals
-
-        lines += render_intervals(sec["intervals"])
-    if "precision" in sec:
-        from tvr_bench.perf.precision_bench import render as render_precision
-
-        lines += render_precision(sec["precision"])
-    if "train-order" in sec:
-        from tvr_bench.perf.train_order_bench import render as render_train_order
-
-        lines += render_train_order(sec["train-order"])
-    if "search" in sec:
-        from tvr_bench.perf.search_bench import render as render_search
-
-        lines += render_search(sec["search"])
-    if "postproc" in sec:
-        from tvr_bench.perf.postproc_bench import render as render_postproc
-
-        lines += render_postproc(sec["postproc"])
+    for name, section in SECTIONS.items():
+        if name in result["sections"]:
+            lines += section.render(result["sections"][name])
     return "\n".join(lines)
-
-
-SECTIONS = ("data", "data-memory", "eval", "metrics", "train", "features", "intervals", "precision", "train-order", "search",
-            "postproc")
-
-
-def _bench_features(work: Path, quick: bool, accelerator: str) -> dict[str, Any]:
-    """Section `features`: head training on cached frozen features vs encoding frames (perf/features_bench.py)."""
-    from tvr_bench.perf.features_bench import bench_features
-
-    sizes = {"steps": 6, "warmup": 2, "rounds": 1} if quick else {"steps": 12, "warmup": 3, "rounds": 2}
-    return bench_features(work, accelerator=accelerator, **sizes)
-
-
-def _bench_precision(result: dict[str, Any], quick: bool) -> dict[str, Any]:
-    """Section `precision`: train steps/s at 32-true vs bf16-mixed on CUDA ('no CUDA' otherwise) and the workers that
-    feed one H100, at the per-core DataModule rate of this run's data section (1 worker, else 0 workers)."""
-    from tvr_bench.perf.precision_bench import bench_precision
-
-    rates = result["sections"].get("data", {}).get("clips_per_s", {})
-    source = "1 worker" if rates.get("datamodule_1_worker") else "0 workers"
-    per_core = rates.get("datamodule_1_worker") or rates.get("datamodule_0_workers")
-    return bench_precision(quick, per_core, source)
 
 
 def perf_main(argv: list[str]) -> int:
@@ -127,7 +115,7 @@ def perf_main(argv: list[str]) -> int:
     parser.add_argument("--md", default=None, help="Markdown summary path (default: --out with .md)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (N = 250, fewer clips and rounds): a smoke run")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
-    parser.add_argument("--methods", default=",".join(EVAL_METHODS), help="eval section: comma-separated methods")
+    parser.add_argument("--methods", default=",".join(eval_bench.EVAL_METHODS), help="eval section: comma-separated methods")
     parser.add_argument("--work-dir", default="runs/perf-data", help="generated clips and shards (reused across runs)")
     parser.add_argument("--accelerator", default="auto", help="training section: Lightning accelerator (auto picks a GPU)")
     parser.add_argument("--search-methods", default="", help="search section: comma-separated recipes (default: all built-in)")
@@ -156,24 +144,11 @@ def perf_main(argv: list[str]) -> int:
         "sections": {},
         "section_seconds": {},
     }
-    runners: dict[str, Callable[[], dict[str, Any]]] = {
-        "data": lambda: bench_data(Path(args.work_dir), sizes),
-        "data-memory": lambda: bench_data_memory(Path(args.work_dir), sizes),
-        "eval": lambda: bench_eval(sizes, [m.strip() for m in args.methods.split(",") if m.strip()]),
-        "metrics": lambda: bench_metrics(sizes.metrics_n, sizes.metrics_repeats),
-        "train": lambda: bench_train(sizes, args.accelerator),
-        "features": lambda: _bench_features(Path(args.work_dir), args.quick, args.accelerator),
-        "intervals": lambda: __import__("tvr_bench.perf.intervals_bench", fromlist=["x"]).bench_intervals(args.quick),
-        "precision": lambda: _bench_precision(result, args.quick),
-        "train-order": lambda: __import__("tvr_bench.perf.train_order_bench", fromlist=["x"]).bench_train_order(Path(args.work_dir), args.quick),
-        "search": lambda: __import__("tvr_bench.perf.search_bench", fromlist=["x"]).bench_search(
-            Path(args.work_dir), out.parent, args.quick, [m.strip() for m in args.search_methods.split(",") if m.strip()] or None),
-        "postproc": lambda: __import__("tvr_bench.perf.postproc_bench", fromlist=["x"]).bench_postproc(args.quick),
-    }
+    options = RunOptions(args, sizes, result)
     for name in sections:
         t0 = time.perf_counter()
         print(f"[perf] {name} ...", file=sys.stderr, flush=True)
-        result["sections"][name] = runners[name]()
+        result["sections"][name] = SECTIONS[name].run(options)
         result["section_seconds"][name] = round(time.perf_counter() - t0, 1)
         print(f"[perf] {name} done in {result['section_seconds'][name]} s", file=sys.stderr, flush=True)
     result["load_end"] = load_average()
