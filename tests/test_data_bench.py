@@ -8,7 +8,8 @@ from pathlib import Path
 
 from tests.data_fixtures import tiny_root  # noqa: F401 - pytest fixture
 from tvr_bench.perf.data_bench import measure_loader_memory, process_tree, tree_memory
-from tvr_bench.perf.run import TARGETS, render_markdown
+from tvr_bench.perf.harness import TARGETS
+from tvr_bench.perf.run import render_markdown
 
 
 def test_process_tree_and_memory_count_children() -> None:

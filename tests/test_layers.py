@@ -76,3 +76,27 @@ def test_methods_import_no_data_module() -> None:
     bad = [f"{path.relative_to(REPO)}:{line} imports {name}" for path in files for line, name in _imported_names(path)
            if any(name == u or name.startswith(u + ".") for u in upper)]
     assert not bad, bad
+
+
+def _perf_imports(path: Path) -> list[tuple[int, str]]:
+    """`_imported_names` of a tvr_bench/perf file, with its relative imports (`from .run import x`) resolved."""
+    found = _imported_names(path)
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = ".".join(["tvr_bench", "perf"][: 3 - node.level] + ([node.module] if node.module else []))
+            found += [(node.lineno, base)] + [(node.lineno, f"{base}.{a.name}") for a in node.names]
+    return found
+
+
+def test_perf_modules_point_one_way() -> None:
+    """perf/run.py is the registry and the command: no other perf module imports it (a lazy import in a function
+    included), and perf/harness.py, what every section shares, imports no perf module but perf/memory.py."""
+    files = {p.name: p for p in sorted((REPO / "tvr_bench" / "perf").glob("*.py"))}
+    assert {"run.py", "harness.py", "data_bench.py", "eval_bench.py", "metrics_bench.py", "train_bench.py"} <= set(files)
+    to_run = [f"{name}:{line} imports {module}" for name, path in files.items() if name != "run.py"
+              for line, module in _perf_imports(path) if module == "tvr_bench.perf.run" or module.startswith("tvr_bench.perf.run.")]
+    assert not to_run, to_run
+    memory = "tvr_bench.perf.memory"
+    from_harness = [f"harness.py:{line} imports {module}" for line, module in _perf_imports(files["harness.py"])
+                    if module.startswith("tvr_bench.perf.") and not (module == memory or module.startswith(memory + "."))]
+    assert not from_harness, from_harness

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tvr_bench.perf.run import PerfSizes, bench_metrics, decode_per_item, make_clips, perf_main, prepare_clip_shards
+from tvr_bench.perf.data_bench import decode_per_item, prepare_clip_shards
+from tvr_bench.perf.harness import PerfSizes, make_clips
+from tvr_bench.perf.metrics_bench import bench_metrics
+from tvr_bench.perf.run import perf_main
 
 
 @pytest.fixture(scope="module")
@@ -137,14 +140,14 @@ def test_train_order_section_rows_on_known_orders(tmp_path: Path) -> None:
 def test_xclip_scorer_bench_agrees_and_reports_its_floor() -> None:
     """The X-CLIP eval-section benchmark (two spawned processes): blocked == one-shot on the rows the one-shot ran,
     the scaled one-shot is marked, and the summary and report lines name the work ratio."""
-    import tvr_bench.perf.run as run
+    import tvr_bench.perf.eval_bench as eval_bench
     from tvr_bench.perf.xclip_scorer import bench_xclip
 
     raw = bench_xclip(n=40, words=8, frames=4, d=16, repeats=1, budget_mb=64.0, one_shot_rows=10)
     assert raw["max_abs_diff"] <= 1e-5 and raw["blocked_within_budget"]
     assert raw["one_shot"]["rows_run"] == 10 and raw["one_shot"]["estimated_from_rows"]
     assert raw["one_shot"]["seconds"] == pytest.approx(4 * raw["one_shot"]["seconds_measured"])
-    summary = run._eval_summary("xclip", raw, "blocked")
+    summary = eval_bench._eval_summary("xclip", raw, "blocked")
     assert summary["targets_met"]["equal"] and summary["one_shot_estimated_from_rows"] == 10
-    lines = run._floor_lines({"product_seconds": raw["product_seconds"], "summary": {"xclip": summary}})
+    lines = eval_bench._floor_lines({"product_seconds": raw["product_seconds"], "summary": {"xclip": summary}})
     assert any(line.startswith("- xclip: blocked scorer") and "first 10 texts" in line for line in lines)

@@ -424,7 +424,7 @@ def test_leaderboard_shows_search_costs_beside_accuracy(tmp_path: Path) -> None:
 def test_perf_search_section_end_to_end(tmp_path: Path) -> None:
     """The `search` section at toy sizes: every figure and target is there and the Markdown renders, for one two-tower
     and one two-stage method (the full section runs in `make perf`)."""
-    from tvr_bench.perf.run import PerfSizes
+    from tvr_bench.perf.harness import PerfSizes
     from tvr_bench.perf.search_bench import SearchSizes, bench_search, leaderboard_costs, render
 
     sizes = SearchSizes(galleries=(200, 600), first_stage=3000, queries=2, batch=16, batch_repeats=1, rerank=50,

@@ -1,4 +1,10 @@
-"""Peak memory of the training DataModule (issues 12 and 23): `tvr-bench perf --sections data-memory`.
+"""The data sections of `tvr-bench perf`: `data` (loader speed) and `data-memory` (the training loader's peak memory).
+
+**data**: clips/s of the shard DataModule (12 stored JPEGs per clip, 224 px) vs decoding the same mp4
+files per item the reference way (PyAV decode, 1 fps frames, resize, crop, normalise, pick 12) vs the
+bare JPEG-decode ceiling of the very frames the shards store. Rounds interleave the three.
+
+**data-memory**: peak memory of the training DataModule (issues 12 and 23): `tvr-bench perf --sections data-memory`.
 
 A training loader with 8 workers holds, per rank: the main process (with the epoch's order and the offsets
 index: a few MB at MSR-VTT size); in every worker the JPEG bytes and the uint8 buffer of the batch it is
@@ -20,6 +26,12 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tvr_bench.perf.harness import TARGETS, PerfSizes, _fmt, _mark, in_fresh_process, make_clips, median
 
 GIB = 2**30
 MIB = 2**20
@@ -156,15 +168,11 @@ def measure_loader_memory(root: str, num_frames: int, workers: int, batch_size: 
 
 def memory_target_gib(num_frames: int) -> float:
     """Peak PSS per rank allowed with 8 workers and the defaults (issue 23): 2 GiB up to 12 frames, 3 GiB beyond."""
-    from tvr_bench.perf.run import TARGETS
-
     return TARGETS["data_memory_gib_per_rank"] if num_frames <= 12 else TARGETS["data_memory_gib_per_rank_64_frames"]
 
 
 def bench_data_memory(work: Path, sizes: Any, frames: tuple[int, ...] = (12, 64), workers: int = 8, batch_size: int = 16) -> dict[str, Any]:
     """Peak memory (PSS summed over the process and its workers) of the training DataModule at each frame count."""
-    from tvr_bench.perf.run import _in_fresh_process, make_clips
-
     tag = f"{sizes.clips}x{sizes.clip_width}x{sizes.clip_height}@{sizes.clip_fps}x{sizes.clip_seconds}s"
     clips = make_clips(work / f"clips-{tag}", sizes)
     out: dict[str, Any] = {"runs": {}, "targets_met": {}, "targets_gib": {}}
@@ -173,7 +181,7 @@ def bench_data_memory(work: Path, sizes: Any, frames: tuple[int, ...] = (12, 64)
         per_frame = _jpeg_bytes_per_frame(clips, root, f)
         videos = 4 * workers * batch_size  # more than the 3 batches per worker iterated
         prepare_train_shards(clips, root, f, videos)
-        run = _in_fresh_process(measure_loader_memory, str(root), f, workers, batch_size, 3 * workers)
+        run = in_fresh_process(measure_loader_memory, str(root), f, workers, batch_size, 3 * workers)
         run.update(videos=videos, jpeg_kib_per_frame=per_frame / 1024)
         out["runs"][f"{f}_frames"] = run
         out["targets_gib"][f"{f}_frames"] = memory_target_gib(f)
@@ -194,3 +202,205 @@ def _jpeg_bytes_per_frame(clips: list[Path], root: Path, num_frames: int) -> flo
     prepare_train_shards(clips, root, num_frames, len(clips))
     index = read_index(root / "source" / "clips")
     return sum(s["bytes"] for s in index["shards"]) / max(1, index["num_samples"] * num_frames)
+
+
+# ================================================================================================ data
+def prepare_clip_shards(clips: list[Path], root: Path, copies: int) -> Path:
+    """Prepare the clips into shards (fps1_uniform, 12 frames, short side 224, the suite's defaults), then a
+    `test` split holding `copies` copies of each sample under new keys (more clips per pass, same frames)."""
+    return replicated_split(clips, root, "test", num_frames=12, sampling="fps1_uniform", videos=copies * len(clips),
+                            per_shard=max(1, len(clips)))
+
+
+def _clip_transform(image: Any, size: int) -> np.ndarray:
+    """CLIP's eval transform of one PIL frame: short side to `size` (bicubic), centre crop -> uint8 [H, W, 3]."""
+    from tvr_bench.data.video import resize_short_side
+
+    image = resize_short_side(image, size)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)).convert("RGB"))
+
+
+def decode_per_item(path: Path, num_frames: int = 12, size: int = 224, seek: bool = True) -> Tensor:
+    """Per-item decoding the reference loaders' way -> normalised float [F, 3, size, size].
+
+    One frame per second (CLIP4Clip's `RawVideoExtractorCV2` at `framerate=1`): with `seek` (the reference),
+    a seek to each second's frame (`CAP_PROP_POS_FRAMES`: back to the previous key frame, decode forward);
+    without, one sequential decode pass (cheaper than the reference). Every 1-fps frame is resized,
+    centre-cropped and normalised, then `num_frames` are picked uniformly.
+    """
+    import av
+
+    from tvr_bench.data.frames import fps1_uniform, uniform_pick
+    from tvr_bench.data.transforms import normalize
+
+    kept = []
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate)
+        wanted = fps1_uniform(stream.frames, fps, 10**9)  # every 1-fps frame
+        if seek:
+            tb, start = stream.time_base, stream.start_time or 0
+            for index in wanted:
+                target = start + int(round(index / fps / tb))
+                container.seek(target, stream=stream, backward=True, any_frame=False)
+                for frame in container.decode(stream):
+                    if frame.pts is not None and frame.pts >= target:
+                        kept.append(_clip_transform(frame.to_image(), size))
+                        break
+        else:
+            want, last = set(wanted), max(wanted)
+            for i, frame in enumerate(container.decode(stream)):
+                if i in want:
+                    kept.append(_clip_transform(frame.to_image(), size))
+                if i >= last:
+                    break
+    clip = normalize(torch.from_numpy(np.ascontiguousarray(np.stack(kept).transpose(0, 3, 1, 2))))
+    return clip[uniform_pick(len(kept), num_frames)]
+
+
+def _stored_jpegs(root: Path) -> list[list[bytes]]:
+    """The JPEG bytes of every sample of the `test` split, read into memory."""
+    from tvr_bench.data.shards import iter_shard, parse_sample, read_index
+
+    out = []
+    for entry in read_index(root / "test")["shards"]:
+        for raw in iter_shard(root / "test" / entry["file"]):
+            out.append(parse_sample(raw)[1])
+    return out
+
+
+def bench_data(work: Path, sizes: PerfSizes) -> dict[str, Any]:
+    """Clips/s: shard DataModule (0 and 2 workers) vs per-item mp4 decoding vs the bare JPEG-decode ceiling."""
+    from tvr_bench.data.datamodule import RetrievalDataModule
+    from tvr_bench.data.transforms import decode_jpeg
+
+    start = time.perf_counter()
+    tag = f"{sizes.clips}x{sizes.clip_width}x{sizes.clip_height}@{sizes.clip_fps}x{sizes.clip_seconds}s"
+    clips = make_clips(work / f"clips-{tag}", sizes)
+    root = prepare_clip_shards(clips, work / f"shards-{tag}-x{sizes.copies}", sizes.copies)
+    setup_seconds = time.perf_counter() - start
+    jpegs = _stored_jpegs(root)
+
+    def datamodule(workers: int) -> float:
+        dm = RetrievalDataModule(root=str(root), dataset="perf", num_frames=12, image_size=224,
+                                 eval_batch_size=16, num_workers=workers)  # fmt: skip
+        t0 = time.perf_counter()
+        n = sum(len(batch["video_key"]) for batch in dm.test_dataloader())
+        assert n == len(jpegs), f"the DataModule yielded {n} clips, the split holds {len(jpegs)}"
+        return n / (time.perf_counter() - t0)
+
+    def train_loader() -> float:
+        """The training loader (0 workers) over the same samples: global order, reads by offset (issue 23)."""
+        dm = RetrievalDataModule(root=str(root), dataset="perf", num_frames=12, image_size=224, batch_size=16,
+                                 num_workers=0, train_split="test", val_split=None, train_stream="videos",
+                                 last_batch="keep")  # fmt: skip
+        t0 = time.perf_counter()
+        n = sum(len(batch["video_key"]) for batch in dm.train_dataloader())
+        assert n == len(jpegs), f"the training loader yielded {n} clips, the split holds {len(jpegs)}"
+        return n / (time.perf_counter() - t0)
+
+    def per_item(seek: bool) -> float:
+        t0 = time.perf_counter()
+        for path in clips:
+            out = decode_per_item(path, seek=seek)
+            assert out.shape == (12, 3, 224, 224), out.shape
+        return len(clips) / (time.perf_counter() - t0)
+
+    def ceiling() -> float:
+        t0 = time.perf_counter()
+        for frames in jpegs:
+            for data in frames:
+                decode_jpeg(data)
+        return len(jpegs) / (time.perf_counter() - t0)
+
+    names = ("per_item_decoder", "per_item_sequential", "jpeg_ceiling", "datamodule_0_workers", "datamodule_1_worker",
+             "datamodule_2_workers", "datamodule_train_0_workers")  # fmt: skip
+    runs: dict[str, list[float]] = {k: [] for k in names}
+    for _ in range(sizes.data_rounds):
+        runs["per_item_decoder"].append(per_item(seek=True))
+        runs["per_item_sequential"].append(per_item(seek=False))
+        runs["jpeg_ceiling"].append(ceiling())
+        runs["datamodule_0_workers"].append(datamodule(0))
+        runs["datamodule_1_worker"].append(datamodule(1))
+        runs["datamodule_2_workers"].append(datamodule(2))
+        runs["datamodule_train_0_workers"].append(train_loader())
+    rate = {k: median(v) for k, v in runs.items()}
+    dm0, dm1, dm2 = rate["datamodule_0_workers"], rate["datamodule_1_worker"], rate["datamodule_2_workers"]
+    ratios = {
+        "datamodule_vs_per_item": dm0 / rate["per_item_decoder"],
+        "datamodule_vs_per_item_sequential": dm0 / rate["per_item_sequential"],
+        "datamodule_vs_ceiling": dm0 / rate["jpeg_ceiling"],
+        "datamodule_2w_vs_per_item": dm2 / rate["per_item_decoder"],
+        "datamodule_2w_vs_ceiling": dm2 / rate["jpeg_ceiling"],
+        "datamodule_2w_vs_1w": dm2 / dm1,
+        "datamodule_train_vs_ceiling": rate["datamodule_train_0_workers"] / rate["jpeg_ceiling"],
+    }
+    return {
+        "clips_per_s": rate,
+        "clips_per_s_all": {k: [round(x, 2) for x in v] for k, v in runs.items()},
+        "ratios": ratios,
+        "targets_met": {
+            "vs_per_item_decoder": ratios["datamodule_vs_per_item"] >= TARGETS["data_vs_per_item_decoder"],
+            "vs_jpeg_ceiling": ratios["datamodule_vs_ceiling"] >= TARGETS["data_vs_jpeg_ceiling"],
+            "2_vs_1_worker": ratios["datamodule_2w_vs_1w"] >= TARGETS["data_2_vs_1_worker"],
+        },
+        "setup": {"clips": len(clips), "samples_in_split": len(jpegs), "copies": sizes.copies,
+                  "clip": tag, "setup_seconds": round(setup_seconds, 1), "work_dir": str(root)},  # fmt: skip
+        "note": "median clips/s over interleaved rounds, every figure from one process (DataModule also with 2 "
+                "workers). per_item_decoder: the reference loaders' way (CLIP4Clip RawVideoExtractorCV2, "
+                "framerate 1): PyAV seek to each second's frame and decode forward from the key frame before it, "
+                "PIL bicubic resize + centre crop of every 1-fps frame, normalise, pick 12 uniformly. "
+                "per_item_sequential: the same with one sequential decode pass instead of seeks (cheaper than the "
+                "reference). datamodule: RetrievalDataModule test loader over shards of the same clips (12 JPEGs "
+                "at short side 224, fps1_uniform, q95; each clip stored `copies` times), batches of 16 uint8 "
+                "[12,3,224,224] clips (normalised on the device by on_after_batch_transfer, not timed here), incl. tar "
+                "reading and worker start-up; 0, 1 and 2 workers. datamodule_train_0_workers: the training loader "
+                "over the same split (videos stream, the epoch's order computed, each sample read by its byte "
+                "offset). jpeg_ceiling: PIL decode of the "
+                "same stored JPEGs from memory (no crop, no normalisation).",
+    }  # fmt: skip
+
+
+def render(d: dict[str, Any]) -> list[str]:
+    """Markdown lines of the data section."""
+    r, c = d["ratios"], d["clips_per_s"]
+    return [
+        f"## Data ({d['setup']['clip']} mp4 clips → 12 frames at 224 px)",
+        "",
+        "| loader | clips/s | ratio |",
+        "|---|---|---|",
+        f"| per-item mp4 decoder, reference way (seek per 1-fps frame) | {_fmt(c['per_item_decoder'])} | 1 |",
+        f"| per-item mp4 decoder, one sequential pass | {_fmt(c['per_item_sequential'])} | "
+        f"{_fmt(c['per_item_sequential'] / c['per_item_decoder'], 1)}× |",
+        f"| **shard DataModule, 0 workers** | {_fmt(c['datamodule_0_workers'])} | **{_fmt(r['datamodule_vs_per_item'], 1)}×** "
+        f"({_fmt(r['datamodule_vs_per_item_sequential'], 1)}× the sequential pass) |",
+        f"| shard DataModule, 1 worker | {_fmt(c.get('datamodule_1_worker'))} | "
+        f"{_fmt(c['datamodule_1_worker'] / c['per_item_decoder'], 1) if 'datamodule_1_worker' in c else '–'}× |",
+        f"| shard DataModule, 2 workers | {_fmt(c['datamodule_2_workers'])} | {_fmt(r['datamodule_2w_vs_per_item'], 1)}×; "
+        f"**{_fmt(r.get('datamodule_2w_vs_1w'))}×** the 1-worker rate |",
+        f"| training loader, 0 workers (global order, reads by offset) | {_fmt(c.get('datamodule_train_0_workers'))} | "
+        f"{_fmt(r.get('datamodule_train_vs_ceiling'))} of the ceiling |",
+        f"| bare JPEG-decode ceiling (same frames, from memory) | {_fmt(c['jpeg_ceiling'])} | "
+        f"{_fmt(c['jpeg_ceiling'] / c['per_item_decoder'], 1)}×; DataModule (0 workers) = **{_fmt(r['datamodule_vs_ceiling'])}** of it |",
+        "",
+        f"Targets: ≥ 20× the per-item decoder {_mark(d['targets_met']['vs_per_item_decoder'])}; "
+        f"≥ {TARGETS['data_vs_jpeg_ceiling']} of the ceiling {_mark(d['targets_met']['vs_jpeg_ceiling'])}; "
+        f"2 workers ≥ {TARGETS['data_2_vs_1_worker']}× 1 worker {_mark(d['targets_met'].get('2_vs_1_worker'))} "
+        f"(a 2-core machine shared with other jobs cannot show 2× unless idle: see the load average).",
+        "",
+    ]
+
+
+def render_memory(m: dict[str, Any]) -> list[str]:
+    """Markdown lines of the data-memory section."""
+    lines = ["## Data memory (training DataModule, 8 workers, per rank)", "",
+             "| frames | batch | peak PSS GiB | summed RSS GiB | uint8 batch MiB | batches in flight | target |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in m["runs"].items():
+        target = m.get("targets_gib", {}).get(name, TARGETS["data_memory_gib_per_rank"])
+        lines.append(f"| {r['frames']} | {r['batch_size']} | {_fmt(r['peak_pss_gib'])} | {_fmt(r['peak_rss_sum_gib'])} | "
+                     f"{_fmt(r['uint8_batch_mib'], 0)} | ≤ {r.get('batches_in_flight_max', '?')} | ≤ {_fmt(target, 0)} GiB "
+                     f"{_mark(m['targets_met'][name])} |")  # fmt: skip
+    return lines + ["", m["note"], ""]
+

@@ -1,18 +1,10 @@
 """`tvr-bench perf`: the suite's performance figures, each measured side by side with its baseline.
 
-Sections (all in one run, on one machine; see docs/scaling.md for the figures and how to read them):
-
-* **data**: clips/s of the shard DataModule (12 stored JPEGs per clip, 224 px) vs decoding the same mp4
-  files per item the reference way (PyAV decode, 1 fps frames, resize, crop, normalise, pick 12) vs the
-  bare JPEG-decode ceiling of the very frames the shards store. Rounds interleave the three.
-* **eval**: for every method's scorer at N x N (default 1000; D 512, 12 frames, 32 words for DRL, M 20 for
-  T-MASS), time and peak memory of the blocked scorer vs the one-shot scorer of the same math, and the
-  max |difference|; each scorer runs in its own fresh process (peak RSS growth over its inputs).
-  X-Pool / T-MASS / EMCL come from `tvr_bench.perf.eval_scorers`, DRL from `tvr_bench.perf.drl_scorer`, TS2-Net from `tvr_bench.perf.ts2net_scorer`,
-  X-CLIP from `tvr_bench.perf.xclip_scorer` (32 words; its one-shot math beyond N = 250 on 128 texts, scaled).
-* **metrics**: `tvr_bench.metrics.retrieval_metrics` vs torchmetrics' retrieval metrics on one matrix.
-* **train**: steps/s of the Lightning module (Trainer.fit) vs a plain PyTorch loop over the same model
-  and the same in-memory batches, interleaved step by step (median of the paired step-time ratios).
+Sections (all in one run, on one machine; see docs/scaling.md for the figures and how to read them), each in its own
+module with a `bench_<name>(...) -> dict` and a `render(section) -> list[str]` (Markdown lines): `data` and
+`data-memory` (data_bench.py), `eval` (eval_bench.py), `metrics` (metrics_bench.py), `train` (train_bench.py),
+`features`, `intervals`, `precision`, `train-order`, `search`, `postproc` (<name>_bench.py). What they share lives in
+harness.py. This module holds only the registry (`SECTIONS`: each section's runner and renderer) and the command.
 
 The machine is noisy (../shared/anchors/perf.md): every ratio compares figures from the same run, and
 the load average at start and end is recorded with them.
@@ -21,761 +13,80 @@ the load average at start and end is recorded with them.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
-import os
-import platform
-import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import numpy as np
-import torch
-from torch import Tensor
+from tvr_bench.perf import (data_bench, eval_bench, features_bench, intervals_bench, metrics_bench, postproc_bench,
+                            precision_bench, search_bench, train_bench, train_order_bench)
+from tvr_bench.perf.harness import FULL, QUICK, SCHEMA, TARGETS, PerfSizes, load_average, machine_info
 
-from tvr_bench.perf.memory import peak_rss_bytes, reset_peak_rss
-from tvr_bench.perf.search_bench import TARGETS as SEARCH_TARGETS
-
-SCHEMA = "tvr-bench/perf/v1"
-
-#: Targets of issue 8 (ratios; see docs/scaling.md).
-TARGETS = {
-    "data_vs_per_item_decoder": 20.0,  # at least 20x the per-item mp4 decoder
-    "data_vs_jpeg_ceiling": 0.8,  # at least 0.8 of the bare JPEG-decode ceiling (issue 15 item 1; was 0.5)
-    "data_2_vs_1_worker": 1.7,  # 2 workers at least 1.7x the 1-worker rate (issue 15 item 1)
-    "data_memory_gib_per_rank": 2.0,  # training DataModule with 8 workers under 2 GiB per rank at 12 frames (issues 12, 23)
-    "data_memory_gib_per_rank_64_frames": 3.0,  # ... and under 3 GiB at 64 frames (issue 23)
-    "train_order_first_decile_vs_uniform": 0.9,  # train-order section (issue 23): videos seen in the first 10 % of batches
-    "train_order_spread": 0.95,  # within-batch spread of video ids (uniform = 1)
-    "train_order_abs_correlation": 0.1,  # |r| of consecutive batches' mean video id
-    "train_order_distinct_per_128": 127,  # distinct videos in every batch of 128
-    "eval_max_abs_diff": 1e-5,
-    "eval_memory_ratio": 1 / 8,  # blocked peak memory at most 1/8 of the one-shot peak
-    "eval_speed_ratio": 1.0,  # blocked no slower than one-shot
-    "eval_fast_vs_one_shot": 50.0,  # X-Pool and T-MASS fast scorers at least 50x the one-shot math (issue 15 item 2)
-    "drl_work_ratio": 1.3,  # DRL token-wise scoring within 1.3x of its work at the same run's product rate
-    "drl_memory_vs_reference_loop": 1.0,  # DRL blocked peak memory at most the reference loop's
-    "train_overhead": 0.05,  # Lightning at most 5% slower per step than a plain loop
-    **SEARCH_TARGETS,  # issue 20: search costs (tvr_bench/perf/search_bench.py)
-    "postproc_seconds": 2.0,  # each post-processing option at MSVD scale (issue 19; perf/postproc_bench.py)
-}
+#: Every target in the report: the shared table (perf/harness.py), then those the search (issue 20) and
+#: post-processing (issue 19) sections own.
+REPORT_TARGETS = {**TARGETS, **search_bench.TARGETS, "postproc_seconds": postproc_bench.TARGET_SECONDS}
 
 
 @dataclass(frozen=True)
-class PerfSizes:
-    """Sizes of one perf run (`full` is the issue's definition, `quick` a smoke version)."""
-
-    clips: int = 8
-    clip_width: int = 640
-    clip_height: int = 360
-    clip_fps: int = 30
-    clip_seconds: int = 15
-    copies: int = 16
-    data_rounds: int = 3
-    eval_n: int = 1000
-    eval_repeats: int = 2
-    tmass_repeats: int = 1  # its one-shot oracle takes minutes at N = 1000: 1 warm-up + 1 timed run
-    drl_reference_loop: bool = False
-    metrics_n: int = 1000
-    metrics_repeats: int = 5
-    train_batch: int = 16
-    train_steps: int = 24
-    train_warmup: int = 3
-
-
-FULL = PerfSizes()
-QUICK = PerfSizes(
-    clips=4, clip_width=480, clip_height=270, clip_fps=30, clip_seconds=12, copies=8, data_rounds=2, eval_n=250,
-    eval_repeats=1, tmass_repeats=1, metrics_n=1000, metrics_repeats=3, train_batch=8, train_steps=8,
-    train_warmup=2,
-)  # fmt: skip
-
-
-# ================================================================================================ helpers
-def _cpu_name() -> str:
-    """The CPU model name (Linux /proc/cpuinfo), else platform.processor()."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU, cores, torch threads, accelerator and versions of this machine."""
-    import lightning
-
-    info: dict[str, Any] = {
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "platform": platform.platform(),
-        "cuda": torch.cuda.is_available(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_count"] = torch.cuda.device_count()
-    try:
-        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
-    return info
-
-
-def _load() -> list[float] | None:
-    """1, 5 and 15 minute load averages (None where unavailable)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    """Run `fn(*args)` in a new spawned process (its own peak RSS) and return its result."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
-
-
-def _median(xs: list[float]) -> float:
-    """Median of a non-empty list."""
-    return float(statistics.median(xs))
-
-
-# ================================================================================================ data
-def make_clips(out_dir: Path, sizes: PerfSizes, seed: int = 0) -> list[Path]:
-    """Encode `sizes.clips` H.264 mp4s unless they exist: a scrolling smooth texture under a gradient, three
-    moving textured boxes and mild sensor noise, x264 `veryfast` CRF 23 with its default GOP (web-like)."""
-    import av
-    from PIL import Image
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    w, h, fps = sizes.clip_width, sizes.clip_height, sizes.clip_fps
-    n_frames = fps * sizes.clip_seconds
-    paths = []
-    for i in range(sizes.clips):
-        path = out_dir / f"clip{i:03d}.mp4"
-        paths.append(path)
-        if path.is_file():
-            continue
-        rng = np.random.default_rng([seed, i])
-        coarse = (rng.random((h // 16 + 3, (w + 2 * n_frames) // 16 + 3, 3)) * 255).astype(np.uint8)
-        size = (coarse.shape[1] * 16, coarse.shape[0] * 16)
-        texture = np.asarray(Image.fromarray(coarse).resize(size, Image.BICUBIC), dtype=np.float32)[:h]
-        ramp = np.linspace(0, 200, w, dtype=np.float32)[None, :, None] * rng.uniform(0.2, 1.0, 3).astype(np.float32)
-        noise = [rng.normal(0, 2.5, (h, w, 1)).astype(np.float32) for _ in range(8)]
-        bw, bh = w // 5, h // 4
-        boxes = [(rng.uniform(0, w - bw), rng.uniform(0, h - bh), rng.uniform(-4, 4), rng.uniform(-3, 3),
-                  rng.uniform(0, 255, 3).astype(np.float32)) for _ in range(3)]  # fmt: skip
-        tmp = path.with_name(path.stem + ".tmp.mp4")
-        with av.open(str(tmp), "w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            stream.options = {"preset": "veryfast", "crf": "23"}
-            for f in range(n_frames):
-                img = 0.7 * texture[:, 2 * f : 2 * f + w] + 0.3 * ramp + noise[f % 8]
-                for x0, y0, dx, dy, colour in boxes:
-                    x, y = int((x0 + dx * f) % (w - bw)), int((y0 + dy * f) % (h - bh))
-                    img[y : y + bh, x : x + bw] = colour - 40 + 0.3 * texture[y : y + bh, x : x + bw]
-                frame = av.VideoFrame.from_ndarray(np.clip(img, 0, 255).astype(np.uint8), format="rgb24")
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-        os.replace(tmp, path)
-    return paths
-
-
-def prepare_clip_shards(clips: list[Path], root: Path, copies: int) -> Path:
-    """Prepare the clips into shards (fps1_uniform, 12 frames, short side 224, the suite's defaults), then a
-    `test` split holding `copies` copies of each sample under new keys (more clips per pass, same frames)."""
-    from tvr_bench.perf.data_bench import replicated_split
-
-    return replicated_split(clips, root, "test", num_frames=12, sampling="fps1_uniform", videos=copies * len(clips),
-                            per_shard=max(1, len(clips)))
-
-
-def _clip_transform(image: Any, size: int) -> np.ndarray:
-    """CLIP's eval transform of one PIL frame: short side to `size` (bicubic), centre crop -> uint8 [H, W, 3]."""
-    from tvr_bench.data.video import resize_short_side
-
-    image = resize_short_side(image, size)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)).convert("RGB"))
-
-
-def decode_per_item(path: Path, num_frames: int = 12, size: int = 224, seek: bool = True) -> Tensor:
-    """Per-item decoding the reference loaders' way -> normalised float [F, 3, size, size].
-
-    One frame per second (CLIP4Clip's `RawVideoExtractorCV2` at `framerate=1`): with `seek` (the reference),
-    a seek to each second's frame (`CAP_PROP_POS_FRAMES`: back to the previous key frame, decode forward);
-    without, one sequential decode pass (cheaper than the reference). Every 1-fps frame is resized,
-    centre-cropped and normalised, then `num_frames` are picked uniformly.
-    """
-    import av
-
-    from tvr_bench.data.frames import fps1_uniform, uniform_pick
-    from tvr_bench.data.transforms import normalize
-
-    kept = []
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        fps = float(stream.average_rate)
-        wanted = fps1_uniform(stream.frames, fps, 10**9)  # every 1-fps frame
-        if seek:
-            tb, start = stream.time_base, stream.start_time or 0
-            for index in wanted:
-                target = start + int(round(index / fps / tb))
-                container.seek(target, stream=stream, backward=True, any_frame=False)
-                for frame in container.decode(stream):
-                    if frame.pts is not None and frame.pts >= target:
-                        kept.append(_clip_transform(frame.to_image(), size))
-                        break
-        else:
-            want, last = set(wanted), max(wanted)
-            for i, frame in enumerate(container.decode(stream)):
-                if i in want:
-                    kept.append(_clip_transform(frame.to_image(), size))
-                if i >= last:
-                    break
-    clip = normalize(torch.from_numpy(np.ascontiguousarray(np.stack(kept).transpose(0, 3, 1, 2))))
-    return clip[uniform_pick(len(kept), num_frames)]
-
-
-def _stored_jpegs(root: Path) -> list[list[bytes]]:
-    """The JPEG bytes of every sample of the `test` split, read into memory."""
-    from tvr_bench.data.shards import iter_shard, parse_sample, read_index
-
-    out = []
-    for entry in read_index(root / "test")["shards"]:
-        for raw in iter_shard(root / "test" / entry["file"]):
-            out.append(parse_sample(raw)[1])
-    return out
-
-
-def bench_data(work: Path, sizes: PerfSizes) -> dict[str, Any]:
-    """Clips/s: shard DataModule (0 and 2 workers) vs per-item mp4 decoding vs the bare JPEG-decode ceiling."""
-    from tvr_bench.data.datamodule import RetrievalDataModule
-    from tvr_bench.data.transforms import decode_jpeg
-
-    start = time.perf_counter()
-    tag = f"{sizes.clips}x{sizes.clip_width}x{sizes.clip_height}@{sizes.clip_fps}x{sizes.clip_seconds}s"
-    clips = make_clips(work / f"clips-{tag}", sizes)
-    root = prepare_clip_shards(clips, work / f"shards-{tag}-x{sizes.copies}", sizes.copies)
-    setup_seconds = time.perf_counter() - start
-    jpegs = _stored_jpegs(root)
-
-    def datamodule(workers: int) -> float:
-        dm = RetrievalDataModule(root=str(root), dataset="perf", num_frames=12, image_size=224,
-                                 eval_batch_size=16, num_workers=workers)  # fmt: skip
-        t0 = time.perf_counter()
-        n = sum(len(batch["video_key"]) for batch in dm.test_dataloader())
-        assert n == len(jpegs), f"the DataModule yielded {n} clips, the split holds {len(jpegs)}"
-        return n / (time.perf_counter() - t0)
-
-    def train_loader() -> float:
-        """The training loader (0 workers) over the same samples: global order, reads by offset (issue 23)."""
-        dm = RetrievalDataModule(root=str(root), dataset="perf", num_frames=12, image_size=224, batch_size=16,
-                                 num_workers=0, train_split="test", val_split=None, train_stream="videos",
-                                 last_batch="keep")  # fmt: skip
-        t0 = time.perf_counter()
-        n = sum(len(batch["video_key"]) for batch in dm.train_dataloader())
-        assert n == len(jpegs), f"the training loader yielded {n} clips, the split holds {len(jpegs)}"
-        return n / (time.perf_counter() - t0)
-
-    def per_item(seek: bool) -> float:
-        t0 = time.perf_counter()
-        for path in clips:
-            out = decode_per_item(path, seek=seek)
-            assert out.shape == (12, 3, 224, 224), out.shape
-        return len(clips) / (time.perf_counter() - t0)
-
-    def ceiling() -> float:
-        t0 = time.perf_counter()
-        for frames in jpegs:
-            for data in frames:
-                decode_jpeg(data)
-        return len(jpegs) / (time.perf_counter() - t0)
-
-    names = ("per_item_decoder", "per_item_sequential", "jpeg_ceiling", "datamodule_0_workers", "datamodule_1_worker",
-             "datamodule_2_workers", "datamodule_train_0_workers")  # fmt: skip
-    runs: dict[str, list[float]] = {k: [] for k in names}
-    for _ in range(sizes.data_rounds):
-        runs["per_item_decoder"].append(per_item(seek=True))
-        runs["per_item_sequential"].append(per_item(seek=False))
-        runs["jpeg_ceiling"].append(ceiling())
-        runs["datamodule_0_workers"].append(datamodule(0))
-        runs["datamodule_1_worker"].append(datamodule(1))
-        runs["datamodule_2_workers"].append(datamodule(2))
-        runs["datamodule_train_0_workers"].append(train_loader())
-    rate = {k: _median(v) for k, v in runs.items()}
-    dm0, dm1, dm2 = rate["datamodule_0_workers"], rate["datamodule_1_worker"], rate["datamodule_2_workers"]
-    ratios = {
-        "datamodule_vs_per_item": dm0 / rate["per_item_decoder"],
-        "datamodule_vs_per_item_sequential": dm0 / rate["per_item_sequential"],
-        "datamodule_vs_ceiling": dm0 / rate["jpeg_ceiling"],
-        "datamodule_2w_vs_per_item": dm2 / rate["per_item_decoder"],
-        "datamodule_2w_vs_ceiling": dm2 / rate["jpeg_ceiling"],
-        "datamodule_2w_vs_1w": dm2 / dm1,
-        "datamodule_train_vs_ceiling": rate["datamodule_train_0_workers"] / rate["jpeg_ceiling"],
-    }
-    return {
-        "clips_per_s": rate,
-        "clips_per_s_all": {k: [round(x, 2) for x in v] for k, v in runs.items()},
-        "ratios": ratios,
-        "targets_met": {
-            "vs_per_item_decoder": ratios["datamodule_vs_per_item"] >= TARGETS["data_vs_per_item_decoder"],
-            "vs_jpeg_ceiling": ratios["datamodule_vs_ceiling"] >= TARGETS["data_vs_jpeg_ceiling"],
-            "2_vs_1_worker": ratios["datamodule_2w_vs_1w"] >= TARGETS["data_2_vs_1_worker"],
-        },
-        "setup": {"clips": len(clips), "samples_in_split": len(jpegs), "copies": sizes.copies,
-                  "clip": tag, "setup_seconds": round(setup_seconds, 1), "work_dir": str(root)},  # fmt: skip
-        "note": "median clips/s over interleaved rounds, every figure from one process (DataModule also with 2 "
-                "workers). per_item_decoder: the reference loaders' way (CLIP4Clip RawVideoExtractorCV2, "
-                "framerate 1): PyAV seek to each second's frame and decode forward from the key frame before it, "
-                "PIL bicubic resize + centre crop of every 1-fps frame, normalise, pick 12 uniformly. "
-                "per_item_sequential: the same with one sequential decode pass instead of seeks (cheaper than the "
-                "reference). datamodule: RetrievalDataModule test loader over shards of the same clips (12 JPEGs "
-                "at short side 224, fps1_uniform, q95; each clip stored `copies` times), batches of 16 uint8 "
-                "[12,3,224,224] clips (normalised on the device by on_after_batch_transfer, not timed here), incl. tar "
-                "reading and worker start-up; 0, 1 and 2 workers. datamodule_train_0_workers: the training loader "
-                "over the same split (videos stream, the epoch's order computed, each sample read by its byte "
-                "offset). jpeg_ceiling: PIL decode of the "
-                "same stored JPEGs from memory (no crop, no normalisation).",
-    }  # fmt: skip
-
-
-def _bench_data_memory(work: Path, sizes: PerfSizes) -> dict[str, Any]:
-    """Peak memory of the training DataModule at 12 and 64 frames with 8 workers (tvr_bench/perf/data_bench.py)."""
-    from tvr_bench.perf.data_bench import bench_data_memory
-
-    return bench_data_memory(work, sizes)
-
-
-def _data_memory_markdown(m: dict[str, Any]) -> list[str]:
-    """Markdown lines of the data-memory section."""
-    lines = ["## Data memory (training DataModule, 8 workers, per rank)", "",
-             "| frames | batch | peak PSS GiB | summed RSS GiB | uint8 batch MiB | batches in flight | target |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name, r in m["runs"].items():
-        target = m.get("targets_gib", {}).get(name, TARGETS["data_memory_gib_per_rank"])
-        lines.append(f"| {r['frames']} | {r['batch_size']} | {_fmt(r['peak_pss_gib'])} | {_fmt(r['peak_rss_sum_gib'])} | "
-                     f"{_fmt(r['uint8_batch_mib'], 0)} | ≤ {r.get('batches_in_flight_max', '?')} | ≤ {_fmt(target, 0)} GiB "
-                     f"{_mark(m['targets_met'][name])} |")  # fmt: skip
-    return lines + ["", m["note"], ""]
-
-
-# ================================================================================================ eval
-class _MethodScorer:
-    """Calls a method class's own `similarity` / `pair_cost_bytes` (methods whose scorer needs no state)."""
-
-    def __init__(self, cls: type) -> None:
-        self.cls = cls
-
-    def similarity(self, text: dict[str, Tensor], video: dict[str, Tensor]) -> Tensor:
-        """The method's score of a text slice x video slice."""
-        return self.cls.similarity(self, text, video)
-
-    def pair_cost_bytes(self, text: dict[str, Tensor], video: dict[str, Tensor]) -> int:
-        """The method's per-pair memory estimate."""
-        return self.cls.pair_cost_bytes(self, text, video)
-
-
-def _cosine_bench(class_path: str, n: int, d: int, budget_mb: float, repeats: int, seed: int) -> dict[str, Any]:
-    """Blocked (evaluator path) vs one-shot (one matmul) cosine scores of one method, in this process: memory
-    of each from a reset high-water mark, then both timed in alternation (the scores are a few ms)."""
-    import importlib
-
-    from tvr_bench.callbacks.evaluator import blocked_similarity
-
-    module_name, _, cls_name = class_path.rpartition(".")
-    scorer = _MethodScorer(getattr(importlib.import_module(module_name), cls_name))
-    g = torch.Generator().manual_seed(seed)
-    video = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
-    text = torch.nn.functional.normalize(video + 0.8 * torch.randn(n, d, generator=g), dim=-1)
-    t, v = {"embeds": text, "index": torch.arange(n)}, {"embeds": video, "index": torch.arange(n)}
-    fns = {"blocked": lambda: blocked_similarity(scorer, t, v, budget_mb), "one_shot": lambda: scorer.similarity(t, v)}
-    out: dict[str, Any] = {}
-    sims = {}
-    with torch.no_grad():
-        for name, fn in fns.items():
-            base = reset_peak_rss()
-            sims[name] = fn()
-            out[name] = {"peak_extra_mib": max(0, peak_rss_bytes() - base) / 2**20, "peak_rss_mib": peak_rss_bytes() / 2**20}
-        times: dict[str, list[float]] = {name: [] for name in fns}
-        for i in range(repeats):
-            for name in (("blocked", "one_shot") if i % 2 == 0 else ("one_shot", "blocked")):
-                t0 = time.perf_counter()
-                fns[name]()
-                times[name].append(time.perf_counter() - t0)
-    for name in fns:
-        out[name].update(seconds=_median(times[name]), seconds_all=[round(x, 5) for x in times[name]], threads=torch.get_num_threads())
-    out["max_abs_diff"] = float((sims["blocked"] - sims["one_shot"]).abs().max())
-    return out
-
-
-def bench_cosine(class_path: str, n: int, d: int, repeats: int, budget_mb: float = 1024.0, seed: int = 0) -> dict[str, Any]:
-    """Blocked (evaluator) vs one-shot cosine scores of one method, in a fresh process."""
-    out: dict[str, Any] = {"n_text": n, "n_video": n, "d": d, "budget_mb": budget_mb, "repeats": repeats}
-    out.update(_in_fresh_process(_cosine_bench, class_path, n, d, budget_mb, repeats, seed))
-    return out
-
-
-def _eval_summary(name: str, raw: dict[str, Any], blocked_key: str, blocking_applies: bool = True) -> dict[str, Any]:
-    """Common figures of one scorer benchmark: seconds, peak MiB, ratios, max |diff|, targets (memory and
-    speed are n/a for a cosine scorer: its one block is the one-shot computation itself), and the distance to
-    the floor where measured (X-Pool/T-MASS: time in [1000, 512] x [512, 12000] products; DRL: time / work)."""
-    b, o = raw[blocked_key], raw["one_shot"]
-    diff = raw.get("max_abs_diff", b.get("max_abs_diff_vs_one_shot"))
-    speed = o["seconds"] / b["seconds"]
-    memory = b["peak_extra_mib"] / max(o["peak_extra_mib"], 1e-9)
-    out = {
-        "method": name,
-        "blocked_seconds": b["seconds"],
-        "one_shot_seconds": o["seconds"],
-        "blocked_peak_mib": b["peak_extra_mib"],
-        "one_shot_peak_mib": o["peak_extra_mib"],
-        "speedup": speed,
-        "memory_ratio": memory,
-        "max_abs_diff": diff,
-        "product_seconds": raw.get("product_seconds"),
-        "targets_met": {
-            "equal": diff is not None and diff <= TARGETS["eval_max_abs_diff"],
-            "memory": memory <= TARGETS["eval_memory_ratio"] if blocking_applies else None,
-            "speed": speed >= TARGETS["eval_speed_ratio"] if blocking_applies else None,
-        },
-    }
-    if name in ("xpool", "tmass"):
-        out["blocked_in_products"] = raw.get("fast_in_products")
-        out["speedup_in_own_products"] = raw.get("speedup_in_own_products")
-        out["targets_met"]["fast_vs_one_shot"] = speed >= TARGETS["eval_fast_vs_one_shot"]
-    if name == "emcl":  # the pairwise grouping at pair_n x pair_n (its one-shot does not fit at n x n)
-        out.update({k: raw.get(k) for k in ("pair_n", "pair_max_abs_diff", "pair_speedup_blocked_vs_one_shot", "pair_memory_ratio",
-                                            "pair_seconds_per_million_pairs")})  # fmt: skip
-        out["targets_met"]["pair_equal"] = raw["pair_max_abs_diff"] <= TARGETS["eval_max_abs_diff"]
-    if name == "xclip":
-        out["work_ratio"] = raw.get("work_ratio")
-        out["one_shot_estimated_from_rows"] = raw["one_shot"].get("rows_run")
-    if name == "drl":
-        out["work_macs"] = raw.get("work_macs")
-        out["work_floor_seconds"] = raw.get("work_floor_seconds")
-        out["scoring_seconds"] = b.get("scoring_seconds")
-        out["work_ratio"] = raw.get("work_ratio")
-        out["targets_met"]["work_ratio"] = raw["work_ratio"] <= TARGETS["drl_work_ratio"] if "work_ratio" in raw else None
-        if "reference_loop" in raw:
-            ref = raw["reference_loop"]
-            out["reference_loop_peak_mib"] = ref["peak_extra_mib"]
-            out["memory_vs_reference_loop"] = raw.get("memory_vs_reference_loop")
-            out["targets_met"]["memory_vs_reference_loop"] = raw["memory_vs_reference_loop"] <= TARGETS["drl_memory_vs_reference_loop"]
-    return out
-
-
-def bench_eval(sizes: PerfSizes, methods: list[str]) -> dict[str, Any]:
-    """Blocked vs one-shot scorer of every method at N x N (each variant in its own process)."""
-    n, reps = sizes.eval_n, sizes.eval_repeats
-    out: dict[str, Any] = {"n": n, "d": 512, "frames": 12, "words_drl": 32, "trials_tmass": 20, "summary": {}, "raw": {}}
-    for name in methods:
-        t0 = time.perf_counter()
-        if name in ("clip4clip", "mascot"):
-            path = {"clip4clip": "tvr_bench.methods.clip4clip.CLIP4Clip", "mascot": "tvr_bench.methods.mascot.MASCOT"}[name]
-            raw, key = bench_cosine(path, n, 512, 20), "blocked"
-        elif name == "xpool":
-            from tvr_bench.perf.eval_scorers import bench_xpool
-
-            raw, key = bench_xpool(n=n, d=512, frames=12, repeats=reps), "fast"
-        elif name == "tmass":
-            from tvr_bench.perf.eval_scorers import bench_tmass
-
-            raw, key = bench_tmass(n=n, d=512, frames=12, trials=20, repeats=sizes.tmass_repeats, fast_repeats=max(reps, 3)), "fast"
-        elif name == "ts2net":
-            from tvr_bench.perf.ts2net_scorer import bench_ts2net
-
-            raw, key = bench_ts2net(n=n, frames=12, d=512, repeats=max(reps, 1)), "blocked"
-        elif name == "emcl":
-            from tvr_bench.perf.eval_scorers import bench_emcl
-
-            raw, key = bench_emcl(n=n, d=512, frames=12, repeats=1), "blocked"
-        elif name == "drl":
-            from tvr_bench.perf.drl_scorer import bench_drl
-
-            # the reference loop's peak memory is reached in its first row of 32 x 32 blocks: by default only its first
-            # 128 texts run (time scaled to all rows, marked as an estimate); --drl-reference-loop runs all of it
-            rows = None if sizes.drl_reference_loop else 128
-            raw, key = bench_drl(n=n, words=32, frames=12, d=512, repeats=max(reps, 1), budget_mb=1024.0,
-                                 variants=("blocked", "one_shot", "reference_loop"), reference_rows=rows), "blocked"  # fmt: skip
-        elif name == "xclip":
-            from tvr_bench.perf.xclip_scorer import bench_xclip
-
-            # the one-shot math holds several [rows, 32, N, 12] float copies (about 8 GiB at N = 1000): beyond N = 250 it
-            # runs on the first 128 texts against every video, its time and memory scaled to all rows (marked estimates)
-            raw, key = bench_xclip(n=n, words=32, frames=12, d=512, repeats=max(reps, 1), budget_mb=1024.0,
-                                   one_shot_rows=None if n <= 250 else 128), "blocked"  # fmt: skip
-        else:
-            raise ValueError(f"unknown method {name!r}")
-        raw["wall_seconds"] = time.perf_counter() - t0
-        out["raw"][name] = raw
-        out["summary"][name] = _eval_summary(name, raw, key, blocking_applies=name not in ("clip4clip", "mascot"))
-    out["note"] = ("clip4clip (meanP and seqTransf) and mascot score by a cosine of pooled embeddings: the blocked "
-                   "path is the evaluator's `blocked_similarity`; the [N, N] matrix is the whole cost, so memory "
-                   "and time are equal by construction (one block = the one-shot call; memory and speed targets n/a). xpool/tmass: `fast` folded scorer under a "
-                   "512 MiB budget (cache-sized steps) vs the reference math materialising [N, N, D]; drl: length-sorted blocked WTI "
-                   "in cache-sized 2 MiB chunks (WTI_CHUNK_BYTES, chosen from the work) under the module's 1 GiB default budget "
-                   "vs one [N, L, N, F] tensor and vs the reference's 32 x 32 loop; ts2net: the module's scorer through the "
-                   "evaluator (cache-sized chunks) vs [N, N, F] at once (tvr_bench/perf/ts2net_scorer.py); emcl: its reference "
-                   "32 x 32 blocks through the evaluator vs every block batched ([N, N, D] twice). peak = RSS growth over the inputs, each "
-                   "variant in a fresh process. product_seconds: one [1000, 512] x [512, 12000] float32 product, timed in "
-                   "every scorer process before and after its scorer (median).")
-    products = [r["product_seconds"] for r in out["raw"].values() if r.get("product_seconds")]
-    out["product_seconds"] = _median(products) if products else None
-    return out
-
-
-# ================================================================================================ metrics
-def bench_metrics(n: int, repeats: int, seed: int = 0) -> dict[str, Any]:
-    """`retrieval_metrics` (10 metrics, both directions) vs torchmetrics R@1/5/10 + MRR (both directions)."""
-    import torchmetrics.retrieval as tmr
-
-    from tvr_bench.metrics import retrieval_metrics
-
-    g = torch.Generator().manual_seed(seed)
-    sim = torch.rand(n, n, generator=g) + 0.5 * torch.eye(n)  # positive scores: torchmetrics counts <= 0 as a miss
-    t2v = torch.arange(n)
-    target = torch.eye(n, dtype=torch.bool)
-    indexes = torch.arange(n)[:, None].expand(n, n)
-    tm = {f"R@{k}": tmr.RetrievalRecall(top_k=k) for k in (1, 5, 10)}
-    tm["MRR"] = tmr.RetrievalMRR()
-
-    def ours() -> dict[str, float]:
-        return retrieval_metrics(sim, t2v)
-
-    def theirs() -> dict[str, float]:
-        out = {}
-        for direction, s in (("t2v", sim), ("v2t", sim.t())):
-            for name, metric in tm.items():
-                out[f"{direction}/{name}"] = float(metric(s.flatten(), target.flatten(), indexes=indexes.flatten()))
-        return out
-
-    times: dict[str, list[float]] = {"ours": [], "torchmetrics": []}
-    results: dict[str, dict[str, float]] = {}
-    for i in range(repeats + 1):
-        for name, fn in (("ours", ours), ("torchmetrics", theirs)):
-            t0 = time.perf_counter()
-            results[name] = fn()
-            if i:
-                times[name].append(time.perf_counter() - t0)
-    agree = max(abs(results["ours"][f"{d}/R@{k}"] - 100 * results["torchmetrics"][f"{d}/R@{k}"])
-                for d in ("t2v", "v2t") for k in (1, 5, 10))  # fmt: skip
-    return {
-        "n": n,
-        "ours_seconds": _median(times["ours"]),
-        "torchmetrics_seconds": _median(times["torchmetrics"]),
-        "speedup": _median(times["torchmetrics"]) / _median(times["ours"]),
-        "seconds_all": {k: [round(x, 4) for x in v] for k, v in times.items()},
-        "recall_max_abs_diff_percent": agree,
-        "note": "ours: R@1/5/10, MdR, MnR in both directions (10 numbers); torchmetrics: R@1/5/10 and MRR in both "
-                "directions (8 numbers; it has no median/mean rank). Median after 1 warm-up.",
-    }  # fmt: skip
-
-
-# ================================================================================================ train
-class _Batches:
-    """A sized iterable over a fixed list of batches (Lightning treats a plain list as several loaders)."""
-
-    def __init__(self, batches: list[dict[str, Any]]) -> None:
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.batches)
-
-
-def _train_batches(n: int, batch_size: int, image_size: int = 64, frames: int = 12, seed: int = 0) -> list[dict[str, Any]]:
-    """`n` synthetic training batches in the DataModule's format (normalised frames, captions, keys)."""
-    g = torch.Generator().manual_seed(seed)
-    words = "a the red blue green square circle moves left right up down then before after slowly quickly".split()
-    rng = np.random.default_rng(seed)
-    out = []
-    for b in range(n):
-        out.append({
-            "frames": torch.randn(batch_size, frames, 3, image_size, image_size, generator=g),
-            "frame_mask": torch.ones(batch_size, frames, dtype=torch.bool),
-            "captions": [" ".join(rng.choice(words, size=int(rng.integers(5, 14)))) for _ in range(batch_size)],
-            "video_key": [f"b{b}-{i}" for i in range(batch_size)],
-        })  # fmt: skip
-    return out
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued GPU work (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def bench_train(sizes: PerfSizes, accelerator: str = "auto", seed: int = 0) -> dict[str, Any]:
-    """Step time of Trainer.fit vs a plain PyTorch loop, interleaved step by step: two copies of one CLIP4Clip
-    (tiny) init see the same batches; after each Lightning step, a callback runs the plain loop's step."""
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback
-
-    from tvr_bench.functional.losses import clamp_logit_scale_
-    from tvr_bench.methods.clip4clip import CLIP4Clip
-
-    torch.manual_seed(seed)
-    template = CLIP4Clip(backbone="tiny", freeze="none", lr=5e-4, backbone_lr=5e-4)
-    steps = sizes.train_warmup + sizes.train_steps
-    batches = _train_batches(steps, sizes.train_batch, seed=seed)
-
-    class PlainLoop:
-        """The plain PyTorch training loop, one step per call, on its own copy of the model."""
-
-        def __init__(self, device: torch.device) -> None:
-            self.device = device
-            self.model = copy.deepcopy(template).to(device).train()
-            conf = self.model.configure_optimizers()
-            self.opt, self.sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
-
-        def step(self, batch: dict[str, Any]) -> None:
-            model = self.model
-            frames, mask = batch["frames"].to(self.device), batch["frame_mask"].to(self.device)
-            with torch.enable_grad():
-                text = model.encode_text(**model.tokenize(batch["captions"]))
-                video = model.encode_video(frames, mask)
-                loss, _ = model.training_loss(text, video)
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                self.opt.step()
-                self.sched.step()
-                clamp_logit_scale_(model.backbone.logit_scale, model.hparams.logit_scale_max)
-
-    class PairedClock(Callback):
-        """Times every Lightning step (between consecutive step starts, minus the plain step run in between)
-        and runs + times the plain loop's step on the same batch right after it."""
-
-        def __init__(self) -> None:
-            self.starts: list[float] = []
-            self.plain: list[float] = []
-            self.loop: PlainLoop | None = None
-            self.device = "cpu"
-
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            _sync(pl_module.device)
-            self.starts.append(time.perf_counter())
-
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            if self.loop is None:
-                self.loop = PlainLoop(pl_module.device)
-                self.device = str(pl_module.device)
-            _sync(pl_module.device)
-            t0 = time.perf_counter()
-            self.loop.step(batches[batch_idx])
-            _sync(pl_module.device)
-            self.plain.append(time.perf_counter() - t0)
-
-        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-            _sync(pl_module.device)
-            self.starts.append(time.perf_counter())
-
-    clock = PairedClock()
-    trainer = L.Trainer(
-        accelerator=accelerator, devices=1, max_steps=steps, max_epochs=1, precision="32-true",
-        gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[clock],
-    )  # fmt: skip
-    t0 = time.perf_counter()
-    trainer.fit(copy.deepcopy(template), train_dataloaders=_Batches(batches))
-    wall = time.perf_counter() - t0
-    s = clock.starts
-    lightning = [b - a - p for a, b, p in zip(s, s[1:], clock.plain)][sizes.train_warmup :]
-    plain = clock.plain[sizes.train_warmup :]
-    ratios = [a / b for a, b in zip(lightning, plain)]
-    overhead = _median(ratios) - 1.0
-    return {
-        "model": "CLIP4Clip meanP, tiny CLIP preset (random init), all parameters trained",
-        "device": clock.device,
-        "batch_size": sizes.train_batch,
-        "frames": 12,
-        "image_size": 64,
-        "timed_steps": sizes.train_steps,
-        "warmup_steps": sizes.train_warmup,
-        "lightning_steps_per_s": 1.0 / _median(lightning),
-        "plain_steps_per_s": 1.0 / _median(plain),
-        "overhead": overhead,
-        "overhead_of_medians": _median(lightning) / _median(plain) - 1.0,
-        "pair_ratios": [round(x, 4) for x in ratios],
-        "step_seconds_all": {"lightning": [round(x, 4) for x in lightning], "plain": [round(x, 4) for x in plain]},
-        "fit_wall_seconds": round(wall, 2),
-        "targets_met": {"overhead": overhead <= TARGETS["train_overhead"]},
-        "note": "overhead = median over steps of (Lightning step / plain step of the same batch) - 1. One Trainer.fit; "
-                "after each of its steps a callback runs the plain loop's step on the same batch with a second "
-                "copy of the same initial model, so both see the same phase of a noisy machine. Lightning step = "
-                "time between consecutive step starts minus the plain step run in between (data fetch, forward, "
-                "backward, clip, AdamW, scheduler, temperature clamp, plus its loop, hooks and 3 self.log calls); "
-                "plain step = the same work in a bare loop. Warm-up steps dropped.",
-    }  # fmt: skip
-
-
-# ================================================================================================ report
-def _fmt(x: float | None, digits: int = 2) -> str:
-    """A number for the Markdown table."""
-    if x is None:
-        return "n/a"
-    if abs(x) >= 100:
-        return f"{x:.0f}"
-    return f"{x:.{digits}f}"
-
-
-def _mark(ok: bool | None) -> str:
-    """✓ / ✗ for a target."""
-    return "n/a" if ok is None else ("✓" if ok else "✗")
-
-
-def _floor_lines(e: dict[str, Any]) -> list[str]:
-    """Markdown lines: the scorers' distance to their floor (same-run product time, work ratio, memory)."""
-    if not e.get("product_seconds"):
-        return []
-    summ = e["summary"]
-    lines = [f"Floor unit: one [1000, 512] × [512, 12000] float32 product = **{e['product_seconds'] * 1000:.0f} ms** in this run "
-             "(timed in every scorer's process).", ""]  # fmt: skip
-    for name in ("xpool", "tmass"):
-        s = summ.get(name)
-        if s and s.get("blocked_in_products") is not None:
-            lines.append(
-                f"- {name}: fast scorer {s['blocked_seconds']:.3f} s = {s['blocked_in_products']:.1f} products; "
-                f"{s['speedup']:.1f}× the one-shot math (target ≥ {TARGETS['eval_fast_vs_one_shot']:.0f}× "
-                f"{_mark(s['targets_met']['fast_vs_one_shot'])}), max |diff| {s['max_abs_diff']:.1e} (≤ 1e-5 {_mark(s['targets_met']['equal'])})."
-            )
-            if s.get("speedup_in_own_products") is not None:
-                lines[-1] += (f" Each side in its own process's product units: {s['speedup_in_own_products']:.1f}× (steadier when a "
-                              "neighbour slows one process and not the other).")  # fmt: skip
-    s = summ.get("drl")
-    if s and s.get("work_ratio") is not None:
-        line = (f"- drl: token-wise scoring {s['scoring_seconds']:.3f} s for {s['work_macs'] / 1e9:.0f} G multiply-adds "
-                f"(real tokens × real frames × D) = {s['work_floor_seconds']:.3f} s at the product rate: "
-                f"**{s['work_ratio']:.2f}×** its work (target ≤ {TARGETS['drl_work_ratio']} {_mark(s['targets_met']['work_ratio'])})")  # fmt: skip
-        if s.get("memory_vs_reference_loop") is not None:
-            line += (f"; peak {s['blocked_peak_mib']:.0f} MiB vs the reference loop's {s['reference_loop_peak_mib']:.0f} MiB "
-                     f"on the same inputs ({_mark(s['targets_met']['memory_vs_reference_loop'])})")  # fmt: skip
-        lines.append(line + ".")
-    s = summ.get("xclip")
-    if s and s.get("work_ratio") is not None:
-        rows = s.get("one_shot_estimated_from_rows")
-        lines.append(f"- xclip: blocked scorer {s['blocked_seconds']:.3f} s = **{s['work_ratio']:.2f}×** its word-frame products "
-                     f"(real tokens × real frames × D) at the product rate; {s['speedup']:.1f}× the one-shot math"
-                     + (f" (one-shot time and memory scaled from its first {rows} texts)" if rows else "") + ".")  # fmt: skip
-    return lines + [""]
+class RunOptions:
+    """What a section runner reads: the parsed command line, the run's sizes and the report so far."""
+
+    args: argparse.Namespace
+    sizes: PerfSizes
+    result: dict[str, Any]
+
+    @property
+    def work(self) -> Path:
+        """The folder of generated clips and shards (reused across runs)."""
+        return Path(self.args.work_dir)
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section of the report: its runner (-> the section's JSON) and its renderer (-> Markdown lines)."""
+
+    run: Callable[[RunOptions], dict[str, Any]]
+    render: Callable[[dict[str, Any]], list[str]]
+
+
+def _names(text: str) -> list[str]:
+    """The names of a comma-separated list, stripped, empty ones dropped."""
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _bench_features(o: RunOptions) -> dict[str, Any]:
+    """Section `features`: head training on cached frozen features vs encoding frames (perf/features_bench.py)."""
+    sizes = {"steps": 6, "warmup": 2, "rounds": 1} if o.args.quick else {"steps": 12, "warmup": 3, "rounds": 2}
+    return features_bench.bench_features(o.work, accelerator=o.args.accelerator, **sizes)
+
+
+def _bench_precision(o: RunOptions) -> dict[str, Any]:
+    """Section `precision`: train steps/s at 32-true vs bf16-mixed on CUDA ('no CUDA' otherwise) and the workers that
+    feed one H100, at the per-core DataModule rate of this run's data section (1 worker, else 0 workers)."""
+    rates = o.result["sections"].get("data", {}).get("clips_per_s", {})
+    source = "1 worker" if rates.get("datamodule_1_worker") else "0 workers"
+    per_core = rates.get("datamodule_1_worker") or rates.get("datamodule_0_workers")
+    return precision_bench.bench_precision(o.args.quick, per_core, source)
+
+
+#: The sections, in the report's order: name -> runner and renderer.
+SECTIONS: dict[str, Section] = {
+    "data": Section(lambda o: data_bench.bench_data(o.work, o.sizes), data_bench.render),
+    "data-memory": Section(lambda o: data_bench.bench_data_memory(o.work, o.sizes), data_bench.render_memory),
+    "eval": Section(lambda o: eval_bench.bench_eval(o.sizes, _names(o.args.methods)), eval_bench.render),
+    "metrics": Section(lambda o: metrics_bench.bench_metrics(o.sizes.metrics_n, o.sizes.metrics_repeats), metrics_bench.render),
+    "train": Section(lambda o: train_bench.bench_train(o.sizes, o.args.accelerator), train_bench.render),
+    "features": Section(_bench_features, features_bench.render),
+    "intervals": Section(lambda o: intervals_bench.bench_intervals(o.args.quick), intervals_bench.render),
+    "precision": Section(_bench_precision, precision_bench.render),
+    "train-order": Section(lambda o: train_order_bench.bench_train_order(o.work, o.args.quick), train_order_bench.render),
+    "search": Section(lambda o: search_bench.bench_search(o.work, Path(o.args.out).parent, o.args.quick,
+                                                          _names(o.args.search_methods) or None), search_bench.render),
+    "postproc": Section(lambda o: postproc_bench.bench_postproc(o.args.quick), postproc_bench.render),
+}
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -791,139 +102,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         "Every ratio compares figures measured side by side in this run.",
         "",
     ]
-    sec = result["sections"]
-    if "data" in sec:
-        d = sec["data"]
-        r, c = d["ratios"], d["clips_per_s"]
-        lines += [
-            f"## Data ({d['setup']['clip']} mp4 clips → 12 frames at 224 px)",
-            "",
-            "| loader | clips/s | ratio |",
-            "|---|---|---|",
-            f"| per-item mp4 decoder, reference way (seek per 1-fps frame) | {_fmt(c['per_item_decoder'])} | 1 |",
-            f"| per-item mp4 decoder, one sequential pass | {_fmt(c['per_item_sequential'])} | "
-            f"{_fmt(c['per_item_sequential'] / c['per_item_decoder'], 1)}× |",
-            f"| **shard DataModule, 0 workers** | {_fmt(c['datamodule_0_workers'])} | **{_fmt(r['datamodule_vs_per_item'], 1)}×** "
-            f"({_fmt(r['datamodule_vs_per_item_sequential'], 1)}× the sequential pass) |",
-            f"| shard DataModule, 1 worker | {_fmt(c.get('datamodule_1_worker'))} | "
-            f"{_fmt(c['datamodule_1_worker'] / c['per_item_decoder'], 1) if 'datamodule_1_worker' in c else '–'}× |",
-            f"| shard DataModule, 2 workers | {_fmt(c['datamodule_2_workers'])} | {_fmt(r['datamodule_2w_vs_per_item'], 1)}×; "
-            f"**{_fmt(r.get('datamodule_2w_vs_1w'))}×** the 1-worker rate |",
-            f"| training loader, 0 workers (global order, reads by offset) | {_fmt(c.get('datamodule_train_0_workers'))} | "
-            f"{_fmt(r.get('datamodule_train_vs_ceiling'))} of the ceiling |",
-            f"| bare JPEG-decode ceiling (same frames, from memory) | {_fmt(c['jpeg_ceiling'])} | "
-            f"{_fmt(c['jpeg_ceiling'] / c['per_item_decoder'], 1)}×; DataModule (0 workers) = **{_fmt(r['datamodule_vs_ceiling'])}** of it |",
-            "",
-            f"Targets: ≥ 20× the per-item decoder {_mark(d['targets_met']['vs_per_item_decoder'])}; "
-            f"≥ {TARGETS['data_vs_jpeg_ceiling']} of the ceiling {_mark(d['targets_met']['vs_jpeg_ceiling'])}; "
-            f"2 workers ≥ {TARGETS['data_2_vs_1_worker']}× 1 worker {_mark(d['targets_met'].get('2_vs_1_worker'))} "
-            f"(a 2-core machine shared with other jobs cannot show 2× unless idle: see the load average).",
-            "",
-        ]
-    if "data-memory" in sec:
-        lines += _data_memory_markdown(sec["data-memory"])
-    if "eval" in sec:
-        e = sec["eval"]
-        lines += [
-            f"## Evaluation scorers ({e['n']} × {e['n']}, D 512, 12 frames; DRL 32 words; T-MASS M = 20)",
-            "",
-            "| method | blocked s | one-shot s | speed-up | blocked MiB | one-shot MiB | memory ratio | max abs diff | targets (equal / ≤ 1/8 mem / no slower) |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for name, s in e["summary"].items():
-            t = s["targets_met"]
-            lines.append(
-                f"| {name} | {_fmt(s['blocked_seconds'], 3)} | {_fmt(s['one_shot_seconds'], 3)} | {_fmt(s['speedup'])}× | "
-                f"{_fmt(s['blocked_peak_mib'], 1)} | {_fmt(s['one_shot_peak_mib'], 1)} | {_fmt(s['memory_ratio'], 3)} | "
-                f"{s['max_abs_diff']:.1e} | {_mark(t['equal'])} {_mark(t['memory'])} {_mark(t['speed'])} |"
-            )
-        drl = e["raw"].get("drl", {})
-        if "reference_loop" in drl:
-            lines += ["", f"DRL reference-style loop (32 × 32 blocks, weights recomputed per block): "
-                          f"{_fmt(drl['reference_loop']['seconds'], 2)} s = "
-                          f"{_fmt(drl['reference_loop']['seconds'] / drl['blocked']['seconds'], 1)}× the blocked scorer"
-                          f"{' (estimated from its first ' + str(drl['reference_loop']['rows_run']) + ' texts)' if drl['reference_loop'].get('rows_run') else ''}."]  # fmt: skip
-        em = e["summary"].get("emcl")
-        if em:
-            lines += ["", f"EMCL: the row is its reference grouping (EM over each 32 × 32 block, through the evaluator, vs every block "
-                          f"batched at once). Pairwise grouping (EM on each pair alone) at {em['pair_n']} × {em['pair_n']}: "
-                          f"{_fmt(em['pair_speedup_blocked_vs_one_shot'])}× the all-pairs one-shot at {_fmt(em['pair_memory_ratio'], 3)} of its "
-                          f"memory, max |diff| {em['pair_max_abs_diff']:.1e} ({_mark(em['targets_met']['pair_equal'])}); "
-                          f"{_fmt(em['pair_seconds_per_million_pairs'], 1)} s per million pairs."]  # fmt: skip
-        lines += ["", "CLIP4Clip (meanP, seqTransf) and MASCOT score by one cosine per pair: blocking changes nothing "
-                      "there (the [N, N] matrix is the whole cost); the memory and speed targets apply to X-Pool, T-MASS, DRL, TS2-Net.", ""]  # fmt: skip
-        lines += _floor_lines(e)
-    if "metrics" in sec:
-        x = sec["metrics"]
-        lines += [
-            f"## Metrics ({x['n']} × {x['n']})",
-            "",
-            f"`retrieval_metrics` (R@1/5/10, MdR, MnR, both directions) {x['ours_seconds'] * 1000:.1f} ms vs "
-            f"torchmetrics (R@1/5/10 + MRR, both directions) {x['torchmetrics_seconds'] * 1000:.1f} ms: "
-            f"**{_fmt(x['speedup'], 1)}× faster**; recalls agree within {x['recall_max_abs_diff_percent']:.1e} points.",
-            "",
-        ]
-    if "train" in sec:
-        t = sec["train"]
-        lines += [
-            f"## Training loop ({t['model']}, batch {t['batch_size']} × 12 frames at 64 px, {t['device']})",
-            "",
-            f"Lightning {t['lightning_steps_per_s']:.2f} steps/s vs plain PyTorch {t['plain_steps_per_s']:.2f} steps/s "
-            f"(median steps, interleaved step by step); overhead (median of the {len(t['pair_ratios'])} paired steps): "
-            f"**{100 * t['overhead']:+.1f} %** (target ≤ 5 % {_mark(t['targets_met']['overhead'])}).",
-            "",
-        ]
-    if "features" in sec:
-        from tvr_bench.perf.features_bench import render as render_features
-
-        lines += render_features(sec["features"])
-    if "intervals" in sec:
-        from tvr_bench.perf.intervals_bench import render as render_intervals
-
-        lines += render_intervals(sec["intervals"])
-    if "precision" in sec:
-        from tvr_bench.perf.precision_bench import render as render_precision
-
-        lines += render_precision(sec["precision"])
-    if "train-order" in sec:
-        from tvr_bench.perf.train_order_bench import render as render_train_order
-
-        lines += render_train_order(sec["train-order"])
-    if "search" in sec:
-        from tvr_bench.perf.search_bench import render as render_search
-
-        lines += render_search(sec["search"])
-    if "postproc" in sec:
-        from tvr_bench.perf.postproc_bench import render as render_postproc
-
-        lines += render_postproc(sec["postproc"])
+    for name, section in SECTIONS.items():
+        if name in result["sections"]:
+            lines += section.render(result["sections"][name])
     return "\n".join(lines)
-
-
-SECTIONS = ("data", "data-memory", "eval", "metrics", "train", "features", "intervals", "precision", "train-order", "search",
-            "postproc")
-
-
-def _bench_features(work: Path, quick: bool, accelerator: str) -> dict[str, Any]:
-    """Section `features`: head training on cached frozen features vs encoding frames (perf/features_bench.py)."""
-    from tvr_bench.perf.features_bench import bench_features
-
-    sizes = {"steps": 6, "warmup": 2, "rounds": 1} if quick else {"steps": 12, "warmup": 3, "rounds": 2}
-    return bench_features(work, accelerator=accelerator, **sizes)
-
-
-def _bench_precision(result: dict[str, Any], quick: bool) -> dict[str, Any]:
-    """Section `precision`: train steps/s at 32-true vs bf16-mixed on CUDA ('no CUDA' otherwise) and the workers that
-    feed one H100, at the per-core DataModule rate of this run's data section (1 worker, else 0 workers)."""
-    from tvr_bench.perf.precision_bench import bench_precision
-
-    rates = result["sections"].get("data", {}).get("clips_per_s", {})
-    source = "1 worker" if rates.get("datamodule_1_worker") else "0 workers"
-    per_core = rates.get("datamodule_1_worker") or rates.get("datamodule_0_workers")
-    return bench_precision(quick, per_core, source)
-
-
-EVAL_METHODS = ("clip4clip", "mascot", "xpool", "tmass", "drl", "ts2net", "emcl", "xclip")
 
 
 def perf_main(argv: list[str]) -> int:
@@ -933,7 +115,7 @@ def perf_main(argv: list[str]) -> int:
     parser.add_argument("--md", default=None, help="Markdown summary path (default: --out with .md)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (N = 250, fewer clips and rounds): a smoke run")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
-    parser.add_argument("--methods", default=",".join(EVAL_METHODS), help="eval section: comma-separated methods")
+    parser.add_argument("--methods", default=",".join(eval_bench.EVAL_METHODS), help="eval section: comma-separated methods")
     parser.add_argument("--work-dir", default="runs/perf-data", help="generated clips and shards (reused across runs)")
     parser.add_argument("--accelerator", default="auto", help="training section: Lightning accelerator (auto picks a GPU)")
     parser.add_argument("--search-methods", default="", help="search section: comma-separated recipes (default: all built-in)")
@@ -956,33 +138,20 @@ def perf_main(argv: list[str]) -> int:
         "quick": args.quick,
         "sizes": dataclasses.asdict(sizes),
         "machine": machine_info(),
-        "targets": TARGETS,
-        "load_start": _load(),
+        "targets": REPORT_TARGETS,
+        "load_start": load_average(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "sections": {},
         "section_seconds": {},
     }
-    runners: dict[str, Callable[[], dict[str, Any]]] = {
-        "data": lambda: bench_data(Path(args.work_dir), sizes),
-        "data-memory": lambda: _bench_data_memory(Path(args.work_dir), sizes),
-        "eval": lambda: bench_eval(sizes, [m.strip() for m in args.methods.split(",") if m.strip()]),
-        "metrics": lambda: bench_metrics(sizes.metrics_n, sizes.metrics_repeats),
-        "train": lambda: bench_train(sizes, args.accelerator),
-        "features": lambda: _bench_features(Path(args.work_dir), args.quick, args.accelerator),
-        "intervals": lambda: __import__("tvr_bench.perf.intervals_bench", fromlist=["x"]).bench_intervals(args.quick),
-        "precision": lambda: _bench_precision(result, args.quick),
-        "train-order": lambda: __import__("tvr_bench.perf.train_order_bench", fromlist=["x"]).bench_train_order(Path(args.work_dir), args.quick),
-        "search": lambda: __import__("tvr_bench.perf.search_bench", fromlist=["x"]).bench_search(
-            Path(args.work_dir), out.parent, args.quick, [m.strip() for m in args.search_methods.split(",") if m.strip()] or None),
-        "postproc": lambda: __import__("tvr_bench.perf.postproc_bench", fromlist=["x"]).bench_postproc(args.quick),
-    }
+    options = RunOptions(args, sizes, result)
     for name in sections:
         t0 = time.perf_counter()
         print(f"[perf] {name} ...", file=sys.stderr, flush=True)
-        result["sections"][name] = runners[name]()
+        result["sections"][name] = SECTIONS[name].run(options)
         result["section_seconds"][name] = round(time.perf_counter() - t0, 1)
         print(f"[perf] {name} done in {result['section_seconds'][name]} s", file=sys.stderr, flush=True)
-    result["load_end"] = _load()
+    result["load_end"] = load_average()
     result["seconds"] = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str) + "\n", encoding="utf-8")

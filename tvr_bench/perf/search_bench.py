@@ -460,7 +460,7 @@ def indexing_costs(work: str, clips: list[str], checkpoints: dict[str, str], cop
 
     import torch
 
-    from tvr_bench.perf.run import decode_per_item
+    from tvr_bench.perf.data_bench import decode_per_item
     from tvr_bench.search.indexer import DEFAULT_WORKERS, build_index, encode_clips
     from tvr_bench.search.model import load_model
     from tvr_bench.search.sources import decode_file
@@ -565,7 +565,7 @@ def bench_search(work: Path, runs_dir: Path, quick: bool = False, methods: list[
                  sizes: SearchSizes | None = None, clip_sizes: Any = None) -> dict[str, Any]:
     """Section `search` of `make perf` (module docstring); `work` caches the generated data. `sizes` / `clip_sizes`
     (a `PerfSizes`) replace the full or quick sizes (tests)."""
-    from tvr_bench.perf.run import FULL, QUICK, _in_fresh_process, make_clips
+    from tvr_bench.perf.harness import FULL, QUICK, in_fresh_process, make_clips
     from tvr_bench.recipes import method_recipes
     from tvr_bench.search.model import load_model
     from tvr_bench.search.vectors import build_approximate, default_nlist, write_index
@@ -589,7 +589,7 @@ def bench_search(work: Path, runs_dir: Path, quick: bool = False, methods: list[
             folders[n] = str(assemble_index(work / "index" / f"{recipe}-n{n}", loaded, unit_gaussian(work, n), features,
                                             items_file(work, n), n))
         setup += time.perf_counter() - t0
-        costs = _in_fresh_process(method_costs, folders, asdict(sizes))
+        costs = in_fresh_process(method_costs, folders, asdict(sizes))
         per_method[loaded.method] = {"recipe": recipe, "scoring": loaded.scoring,
                                      "features": {k: list(s) for k, (s, _) in spec.items()}, "galleries": costs}
     # the vector stage at 1M: structured vectors, exact + IVF (cached), a two-tower method's index layout
@@ -606,12 +606,12 @@ def bench_search(work: Path, runs_dir: Path, quick: bool = False, methods: list[
                             n1, approx, {"type": f"IVF{nlist},SQ8", "metric": "inner_product", "nlist": nlist})
     gaussian = unit_gaussian(work, max(sizes.galleries))
     setup += time.perf_counter() - t0
-    first = _in_fresh_process(first_stage_costs, str(folder), str(gaussian), asdict(sizes))
+    first = in_fresh_process(first_stage_costs, str(folder), str(gaussian), asdict(sizes))
     # indexing throughput from mp4 files (the data section's clips)
     perf_sizes = clip_sizes or (QUICK if quick else FULL)
     tag = f"{perf_sizes.clips}x{perf_sizes.clip_width}x{perf_sizes.clip_height}@{perf_sizes.clip_fps}x{perf_sizes.clip_seconds}s"
     clips = make_clips(work.parent / f"clips-{tag}", perf_sizes)
-    indexing = _in_fresh_process(indexing_costs, str(work), [str(c) for c in clips],
+    indexing = in_fresh_process(indexing_costs, str(work), [str(c) for c in clips],
                                  {m: str(p) for m, p in checkpoints.items()}, sizes.index_copies, sizes.index_rounds,
                                  sizes.vit_b32)
     indexing["clip"] = tag

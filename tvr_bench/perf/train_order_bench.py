@@ -139,7 +139,7 @@ CONFIGS: tuple[tuple[str, int, int], ...] = (("0 workers", 0, 1), ("2 workers", 
 def bench_train_order(work: Path, quick: bool = False, videos: int | None = None,
                       configs: tuple[tuple[str, int, int], ...] = CONFIGS) -> dict[str, Any]:  # fmt: skip
     """The five rows (and distinctness) for 0, 2 and 8 workers, 2 ranks x 2 workers, and a uniform permutation."""
-    from tvr_bench.perf.run import TARGETS
+    from tvr_bench.perf.harness import TARGETS
 
     videos = videos or (900 if quick else 9000)
     t0 = time.perf_counter()
