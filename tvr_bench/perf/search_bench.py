@@ -31,13 +31,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tvr_bench.perf.harness import median
 
 GIB = 2**30
 MIB = 2**20
@@ -269,10 +270,6 @@ def index_bytes(folder: Path) -> dict[str, int]:
 
 
 # ================================================================================================ measurements
-def _median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
-
-
 def _peak_rss_gib() -> float:
     from tvr_bench.perf.memory import peak_rss_bytes
 
@@ -286,7 +283,7 @@ def _timed_searches(searcher: Any, queries: list[str], **kwargs: Any) -> dict[st
     for q in queries:
         for name, value in searcher.search(q, **kwargs).timings_ms.items():
             stages.setdefault(name, []).append(value)
-    return {"ms": _median(stages["total"]), "stages_ms": {k: round(_median(v), 3) for k, v in stages.items()},
+    return {"ms": median(stages["total"]), "stages_ms": {k: round(median(v), 3) for k, v in stages.items()},
             "queries": len(queries)}
 
 
@@ -347,7 +344,7 @@ def method_costs(folders: dict[int, str], sizes: dict[str, Any]) -> dict[str, An
                 t0 = time.perf_counter()
                 searcher.search_many(batch, k=10)
                 times.append(1000 * (time.perf_counter() - t0) / len(batch))
-            entry["batch_ms_per_query"] = _median(times)
+            entry["batch_ms_per_query"] = median(times)
             entry["peak_rss_gib"] = _peak_rss_gib()
         entry["bytes_per_video"] = index_bytes(Path(folder))["exact"] / n
         out[str(n)] = entry
@@ -416,7 +413,7 @@ def first_stage_costs(folder: str, gaussian: str, sizes: dict[str, Any], seed: i
             t0 = time.perf_counter()
             approximate_knn(ivf, vectors, queries[i : i + 1], 10, nprobe)
             times.append(1000 * (time.perf_counter() - t0))
-        sweep.append({"nprobe": nprobe, "recall_at_10": _recall(found, truth), "single_ms": _median(times)})
+        sweep.append({"nprobe": nprobe, "recall_at_10": _recall(found, truth), "single_ms": median(times)})
         if sweep[-1]["recall_at_10"] >= 0.995:
             break
     good = [s for s in sweep if s["recall_at_10"] >= TARGETS["search_approx_recall_at_10"]]
@@ -436,9 +433,9 @@ def first_stage_costs(folder: str, gaussian: str, sizes: dict[str, Any], seed: i
     bytes_ = index_bytes(Path(folder))
     return {
         "n": n, "dim": DIM, "open_s": round(open_s, 2), "exact_index": exact_kind,
-        "exact_single_ms": _median(single), "exact_single_ms_all": [round(x, 2) for x in single],
-        "floor_single_ms": _median(floor_single),
-        "exact_batch_ms_per_query": _median(batch), "floor_batch_ms_per_query": _median(floor_batch),
+        "exact_single_ms": median(single), "exact_single_ms_all": [round(x, 2) for x in single],
+        "floor_single_ms": median(floor_single),
+        "exact_batch_ms_per_query": median(batch), "floor_batch_ms_per_query": median(floor_batch),
         "batch": len(queries),
         "approximate": {"type": f"IVF{nlist},{APPROX_CODES} + exact re-scoring of {REFINE} x k", "nlist": nlist,
                         "sweep": sweep, "chosen": chosen,
@@ -507,11 +504,11 @@ def indexing_costs(work: str, clips: list[str], checkpoints: dict[str, str], cop
             baselines.append(baseline)
             encoders.append(encoder_s)
         out["methods"][loaded.method] = {
-            "sampling": protocol.sampling, "videos_per_s": _median(index_rates), "encoder_s_per_video": _median(encoders),
-            "baseline_videos_per_s": _median(baselines), "vs_decode_plus_encode": _median(ratios),
+            "sampling": protocol.sampling, "videos_per_s": median(index_rates), "encoder_s_per_video": median(encoders),
+            "baseline_videos_per_s": median(baselines), "vs_decode_plus_encode": median(ratios),
             "ratios": [round(r, 3) for r in ratios],
         }
-    out["decode_per_s"]["per_item_sequential"] = _median(sequential)
+    out["decode_per_s"]["per_item_sequential"] = median(sequential)
     if vit_b32:
         from tvr_bench.backbones.clip import CLIPBackbone
 
