@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -170,3 +171,19 @@ def test_generic_prepare_dotted_ids_segments_and_cli(tiny_raw: Path, tmp_path: P
     assert read_index(tmp_path / "cli" / "val")["num_samples"] == 16
     assert prepare_main(argv) == 1  # refuses to overwrite without --resume/--overwrite
     assert prepare_main([*argv, "--resume"]) == 0
+
+
+def test_read_tagged_json_names_the_file_and_the_problem(tmp_path: Path) -> None:
+    """The search index's and the feature store's record reader: each problem is one error naming the file."""
+    from tvr_bench.data.shards import read_tagged_json
+
+    path = tmp_path / "record.json"
+    cases = [("{not json", "unreadable JSON"), ('{"kind": "other", "format_version": 1}', "not a thing (kind 'other')"),
+             ("[1, 2]", "not a thing (kind None)"), ('{"kind": "k", "format_version": 0}', "format_version 0 (this code reads 1)")]
+    for text, message in cases:
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=re.escape(message)) as info:
+            read_tagged_json(path, "k", 1, ValueError, "thing")
+        assert str(path) in str(info.value)
+    path.write_text('{"kind": "k", "format_version": 1, "x": 2}', encoding="utf-8")
+    assert read_tagged_json(path, "k", 1, ValueError, "thing") == {"kind": "k", "format_version": 1, "x": 2}

@@ -160,6 +160,21 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_tagged_json(path: Path, kind: str, version: int, error: type[Exception], what: str) -> dict[str, Any]:
+    """A JSON record written by tvr-bench (`kind`, `format_version`), checked; each problem raises ``error``
+    naming ``path`` (unreadable, not a ``what``, another format version)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exn:
+        raise error(f"{path}: unreadable JSON ({exn})") from exn
+    if not isinstance(record, dict) or record.get("kind") != kind:
+        found = record.get("kind") if isinstance(record, dict) else None
+        raise error(f"{path}: not a {what} (kind {found!r})")
+    if record.get("format_version") != version:
+        raise error(f"{path}: format_version {record.get('format_version')} (this code reads {version})")
+    return record
+
+
 def missing_data_message(path: Path, dataset: str) -> str:
     """Error text for a missing shard directory or index, pointing to the dataset's data card."""
     return (

@@ -31,7 +31,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from tvr_bench.data.shards import ShardError, ShardFile, ShardInfo, iter_shard, read_index, write_json_atomic
+from tvr_bench.data.shards import ShardError, ShardFile, ShardInfo, iter_shard, read_index, read_tagged_json, write_json_atomic
 
 FORMAT_VERSION = 1
 STORE_FILE = "features.json"
@@ -216,15 +216,7 @@ def read_store(root: str | Path) -> dict[str, Any]:
             f"no cached features at {Path(root)} ({STORE_FILE} missing): run `tvr-bench features <dataset> "
             f"--backbone <name> --out {root}` first (docs/features.md)"
         )
-    try:
-        store = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exn:
-        raise FeatureStoreError(f"{path}: unreadable JSON ({exn})") from exn
-    if not isinstance(store, dict) or store.get("kind") != STORE_KIND:
-        raise FeatureStoreError(f"{path}: not a tvr-bench feature store (kind {store.get('kind')!r})")
-    if store.get("format_version") != FORMAT_VERSION:
-        raise FeatureStoreError(f"{path}: format_version {store.get('format_version')} (this code reads {FORMAT_VERSION})")
-    return store
+    return read_tagged_json(path, STORE_KIND, FORMAT_VERSION, FeatureStoreError, "tvr-bench feature store")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from tvr_bench.data.shards import write_json_atomic
+from tvr_bench.data.shards import read_tagged_json, write_json_atomic
 from tvr_bench.search.model import SearchSetupError
 
 KIND = "tvr-bench-search-index"
@@ -239,15 +239,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
                               f"`tvr-bench index ... --out {path} --resume`")
         raise IndexFolderError(f"no search index at {path} ({INDEX_FILE} missing): build one with `tvr-bench index SOURCE "
                           f"--ckpt RUN --out {path}`")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except ValueError as exn:
-        raise IndexFolderError(f"{meta_path}: unreadable JSON ({exn})") from exn
-    if not isinstance(meta, dict) or meta.get("kind") != KIND:
-        raise IndexFolderError(f"{meta_path}: not a tvr-bench search index")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise IndexFolderError(f"{meta_path}: format_version {meta.get('format_version')} (this code reads {FORMAT_VERSION})")
-    return meta
+    return read_tagged_json(meta_path, KIND, FORMAT_VERSION, IndexFolderError, "tvr-bench search index")
 
 
 def open_stored(path: str | Path) -> StoredIndex:
