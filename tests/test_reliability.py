@@ -852,7 +852,8 @@ def test_test_with_ckpt_path_keeps_the_scoring_option_given_on_the_command_line(
 ) -> None:
     """`tvr-bench test --ckpt_path X --model.init_args.pairing reference` scores with the reference pairing
     (Lightning alone would put back the checkpoint's `query`); without the flag the checkpoint's value holds."""
-    configs = ["recipes/base.yaml", "recipes/methods/tmass.yaml", "recipes/data/synthetic.yaml"]
+    configs = ["recipes/base.yaml", "recipes/methods/tmass.yaml", "recipes/data/synthetic.yaml",
+               "recipes/profiles/scratch.yaml"]  # the tiny set has no pretrained backbone
     tiny = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--model.init_args.trials", "2"]
     code, _, err = _run_cli(["fit", *_synthetic_cli(tiny_root, cli_env, *tiny, configs=configs)], capsys)
     assert code == 0, err[-2000:]
