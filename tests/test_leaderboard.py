@@ -537,7 +537,13 @@ def _errorbar_boxes(ax) -> list:
     return boxes
 
 
-@pytest.mark.parametrize("case", ["readme", "one-bar", "blocks"])
+#: the README's 3-seed synthetic table: ten seed means in one block, close values
+TEN_ROWS = [_plot_row(f"method{i}", t2v, [t2v - 2.3, t2v + 2.4], v2t, [v2t - 4.8, v2t + 5.0], n=3)
+            for i, (t2v, v2t) in enumerate([(21.3, 35.5), (20.5, 41.2), (19.2, 33.8), (17.1, 30.2), (16.9, 24.0),
+                                            (14.7, 23.5), (13.7, 17.3), (12.7, 18.8), (12.3, 13.7), (11.3, 13.0)])]
+
+
+@pytest.mark.parametrize("case", ["readme", "one-bar", "blocks", "ten"])
 def test_the_picture_keeps_every_text_inside_and_no_label_on_an_error_bar(case):
     """Rendered, every text (subtitle, legend, ticks, values, marks) lies inside the figure, every bar has its
     value label, none touches an error bar, and a bar that is a mean of several seeds says so."""
@@ -551,6 +557,8 @@ def test_the_picture_keeps_every_text_inside_and_no_label_on_an_error_bar(case):
         rows = README_ROWS
     elif case == "one-bar":  # the narrowest figure: the subtitle must wrap, not run off both edges
         rows = [README_ROWS[4]]
+    elif case == "ten":  # many seed means side by side: their labels must not run into each other
+        rows = TEN_ROWS
     else:
         results = [ranked_result(m, "sim", s, quality=q, noise_seed=n, n_video=60)[0]
                    for m, s, q, n in (("xpool", 0, 0.4, 1), ("xpool", 1, 0.5, 2), ("drl", 0, 3.0, 3))]
@@ -578,6 +586,9 @@ def test_the_picture_keeps_every_text_inside_and_no_label_on_an_error_bar(case):
             box = label.get_window_extent(renderer)
             touching = [w for w in whiskers if box.overlaps(w)]
             assert not touching, f"value label {label.get_text()!r} overlaps an error bar"
+        mine = sorted((t.get_window_extent(renderer) for t in labels if t.axes is ax), key=lambda b: b.x0)
+        for left, right in zip(mine, mine[1:]):
+            assert not left.overlaps(right), f"two value labels overlap: {left} and {right}"
     for g in rows:
         if g["n_runs"] > 1:
             mine = [t.get_text() for t in labels if t.get_text().startswith(f"{g['stats']['t2v/R@1']['mean']:.1f}\n")]

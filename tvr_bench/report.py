@@ -679,7 +679,8 @@ def leaderboard_figure(aggregated: list[dict[str, Any]], expected: list[dict[str
     labels = list(dict.fromkeys(_label(g) for g in aggregated))
     color = {m: f"C{i % 10}" for i, m in enumerate(labels)}
     most = max((sum(1 for g in aggregated if block_of(g) == b) for b in blocks), default=1)
-    fig = Figure(figsize=(min(24.0, max(7.0, 2.0 + 2 * len(blocks) * (0.6 + 0.45 * most))), 5.0), dpi=110)
+    # about 0.6 in per bar: a "n seeds" value label (0.4 in) and a gap, so that neighbouring labels never meet
+    fig = Figure(figsize=(min(24.0, max(7.0, 2.0 + 2 * len(blocks) * (0.6 + 0.6 * most))), 5.0), dpi=110)
     FigureCanvasAgg(fig)
     renderer = fig.canvas.get_renderer()
     axes = fig.subplots(1, 2, sharey=True)
