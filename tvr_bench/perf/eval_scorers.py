@@ -28,7 +28,6 @@ radius, R ⊙ z and 3·M·D per pair for the trials (about ten).
 from __future__ import annotations
 
 import statistics
-import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
@@ -39,7 +38,7 @@ from torch import Tensor
 from tvr_bench.functional.tmass import RadiusHead, counter_prior, tmass_similarity, tmass_similarity_reference
 from tvr_bench.functional.xpool import TextConditionedPool, xpool_similarity_fast, xpool_similarity_reference
 from tvr_bench.perf.drl_scorer import time_product
-from tvr_bench.perf.memory import peak_rss_bytes, reset_peak_rss
+from tvr_bench.perf.memory import timed_calls
 
 VARIANTS = ("fast", "one_shot")
 
@@ -60,11 +59,6 @@ def make_inputs(n_text: int, n_video: int, frames: int, d: int, heads: int, tria
     return {"pool": pool, "radius": radius, "text": text, "frames": video, "eps": eps}
 
 
-def _peak_rss_bytes() -> int:
-    """Peak resident set size of this process since start or the last reset (see tvr_bench/perf/memory.py)."""
-    return peak_rss_bytes()
-
-
 def run_variant(
     method: str, variant: str, n_text: int, n_video: int, frames: int, d: int, heads: int, trials: int,
     repeats: int, budget_mb: float, seed: int, threads: int | None,
@@ -82,15 +76,7 @@ def run_variant(
     }
     fn = fns[(method, variant)]
     product = [time_product()]
-    base = reset_peak_rss()  # high-water mark reset: import/input peaks do not hide the call's own
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            sim = fn()
-            if i:
-                times.append(time.perf_counter() - start)
-    peak = _peak_rss_bytes()
+    sim, times, base, peak = timed_calls(fn, repeats)
     product.append(time_product())
     return {
         "product_seconds": product,
@@ -217,15 +203,7 @@ def run_emcl_variant(variant: str, n: int, frames: int, d: int, bases: int, repe
         "pair_one_shot": pair_one_shot,
     }
     fn = fns[variant]
-    base = reset_peak_rss()
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            sim = fn()
-            if i:
-                times.append(time.perf_counter() - start)
-    peak = _peak_rss_bytes()
+    sim, times, base, peak = timed_calls(fn, repeats)
     return {"seconds": statistics.median(times), "seconds_all": [round(t, 3) for t in times], "peak_rss_mib": peak / 2**20,
             "peak_extra_mib": max(0, peak - base) / 2**20, "threads": torch.get_num_threads(), "sim": sim}  # fmt: skip
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 import resource
 import sys
 from pathlib import Path
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
 def peak_rss_bytes() -> int:
@@ -54,3 +57,21 @@ def reset_peak_rss() -> int:
     except OSError:
         pass
     return peak_rss_bytes()
+
+
+def timed_calls(fn: Callable[[], T], repeats: int) -> tuple[T, list[float], int, int]:
+    """Call `fn` once to warm up, then `repeats` timed times, without gradients, after `reset_peak_rss`:
+    the last result, the timed seconds, and the RSS baseline and peak around the calls."""
+    import time
+
+    import torch
+
+    base = reset_peak_rss()  # high-water mark reset: import/input peaks do not hide the call's own
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            result = fn()
+            if i:
+                times.append(time.perf_counter() - start)
+    return result, times, base, peak_rss_bytes()
